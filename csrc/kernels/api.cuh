@@ -1,0 +1,56 @@
+// The seam between host and device: Args structs and launcher declarations. This is the only kernel
+// header host code includes; kernels include it too, so both sides agree on every field.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace deep_ep {
+
+inline constexpr int kMaxNvlRanks = 8;
+
+/// What a spin-wait was waiting for when it timed out; the host turns it into the exception message.
+enum class WaitSite : int {
+    kNone = 0,
+    kBarrier = 1,           // a peer's barrier signal (peer = the rank that did not arrive)
+    kCoherenceFlag = 2,     // deep_ep.check's producer/consumer flag
+    kLowLatencyCount = 3,   // a low-latency receive count from a source rank
+    kLowLatencyFlag = 4,    // a low-latency combine arrival flag
+    kTestingWait = 5,       // tests/test_primitives.py's deliberate timeout
+};
+
+/// One per Buffer, in host-mapped pinned memory: kernels write it when a wait times out, the host reads
+/// it after each synchronisation. status != 0 also tells every other waiting thread to give up at once.
+struct DeviceErrorWord {
+    int status;    // 0: fine, 1: a wait timed out
+    int rank;      // the rank whose kernel timed out
+    int site;      // WaitSite
+    int peer;      // the peer or channel it waited on
+    int expected;  // the value it waited for
+    int observed;  // the last value it read
+};
+
+/// Passed by value into every kernel that waits on another rank.
+struct WaitContext {
+    DeviceErrorWord* error;  // device view of the host-mapped error word
+    int rank;
+    uint64_t timeout_ns;
+};
+
+/// The layout kernel: per-rank and per-expert token counts and token-to-rank membership.
+struct DispatchLayoutArgs {
+    const void* topk_idx;  // [num_tokens, num_topk], int64 or int32, -1 = no expert
+    bool topk_idx_is_int64;
+    int num_tokens;
+    int num_topk;
+    int num_experts;
+    int num_ranks;
+    int* num_tokens_per_rank;    // [num_ranks], written
+    int* num_tokens_per_expert;  // [num_experts], written
+    bool* is_token_in_rank;      // [num_tokens, num_ranks], written
+    cudaStream_t stream;
+};
+void launch_dispatch_layout(const DispatchLayoutArgs& args);
+
+}  // namespace deep_ep

@@ -1,0 +1,68 @@
+// get_dispatch_layout: which ranks and experts each token goes to, counted.
+#include "kernels/api.cuh"
+#include "runtime/errors.hpp"
+
+namespace deep_ep {
+namespace {
+
+constexpr int kLayoutThreads = 256;
+
+// One thread per token. Counts go to shared-memory histograms first, so each block adds to global memory
+// once per expert and rank instead of once per token (8 topk x 4096 tokens would serialise on atomics).
+template <typename IndexT>
+__global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
+    extern __shared__ int shared_counts[];
+    int* block_tokens_per_expert = shared_counts;
+    int* block_tokens_per_rank = shared_counts + args.num_experts;
+    for (int i = threadIdx.x; i < args.num_experts + args.num_ranks; i += blockDim.x)
+        shared_counts[i] = 0;
+    __syncthreads();
+
+    const int experts_per_rank = args.num_experts / args.num_ranks;
+    const auto* topk_idx = static_cast<const IndexT*>(args.topk_idx);
+    const int token = blockIdx.x * blockDim.x + threadIdx.x;
+    if (token < args.num_tokens) {
+        // A token is counted once per rank however many of its experts live there; ranks <= 64 fit a mask.
+        uint64_t rank_mask = 0;
+        for (int k = 0; k < args.num_topk; ++k) {
+            const int expert = static_cast<int>(topk_idx[static_cast<int64_t>(token) * args.num_topk + k]);
+            if (expert < 0)
+                continue;
+            atomicAdd(&block_tokens_per_expert[expert], 1);
+            rank_mask |= 1ull << (expert / experts_per_rank);
+        }
+        bool* row = args.is_token_in_rank + static_cast<int64_t>(token) * args.num_ranks;
+        for (int r = 0; r < args.num_ranks; ++r) {
+            const bool in_rank = (rank_mask >> r) & 1;
+            row[r] = in_rank;
+            if (in_rank)
+                atomicAdd(&block_tokens_per_rank[r], 1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
+        if (block_tokens_per_expert[i] != 0)
+            atomicAdd(&args.num_tokens_per_expert[i], block_tokens_per_expert[i]);
+    for (int i = threadIdx.x; i < args.num_ranks; i += blockDim.x)
+        if (block_tokens_per_rank[i] != 0)
+            atomicAdd(&args.num_tokens_per_rank[i], block_tokens_per_rank[i]);
+}
+
+}  // namespace
+
+void launch_dispatch_layout(const DispatchLayoutArgs& args) {
+    DEEP_EP_CHECK(args.num_ranks >= 1 && args.num_ranks <= 64, "layout supports 1..64 ranks, got " << args.num_ranks);
+    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int) * args.num_ranks, args.stream));
+    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int) * args.num_experts, args.stream));
+    if (args.num_tokens == 0)
+        return;
+    const int blocks = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+    const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks);
+    auto kernel = args.topk_idx_is_int64 ? dispatch_layout_kernel<int64_t> : dispatch_layout_kernel<int32_t>;
+    if (shared_bytes > 48 * 1024)
+        DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+    kernel<<<blocks, kLayoutThreads, shared_bytes, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+}  // namespace deep_ep

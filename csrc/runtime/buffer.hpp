@@ -1,0 +1,70 @@
+// The per-rank runtime: the NVLink buffer every intra-node kernel works in, its peers' mappings (CUDA
+// IPC, which also works between processes that share one GPU), the host-mapped error word and the
+// host-mapped counters the notify step writes. Streams belong to Python; this class owns memory only.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/api.cuh"
+
+namespace deep_ep::runtime {
+
+class Buffer {
+  public:
+    Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
+    ~Buffer();
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+
+    // CUDA IPC handle of this rank's NVLink buffer, for the group's all_gather_object.
+    pybind11::bytes local_ipc_handle() const;
+    // Opens every peer's buffer from the gathered handles (index = rank); this rank's own entry is ignored.
+    void connect(const std::vector<std::string>& ipc_handles);
+    void destroy();
+
+    bool is_connected() const { return connected_; }
+    int rank() const { return rank_; }
+    int num_ranks() const { return num_ranks_; }
+    int device() const { return device_; }
+    int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
+    uintptr_t local_buffer_ptr() const { return reinterpret_cast<uintptr_t>(peer_buffers_[rank_]); }
+
+    // Every kernel waiting on peers gets this; the timeout is the Buffer's, the error word is shared.
+    WaitContext wait_context() const;
+    // Each cross-rank barrier gets the next epoch; all ranks issue the same sequence, so epochs agree.
+    int next_barrier_epoch() { return ++barrier_epoch_; }
+    const std::array<void*, kMaxNvlRanks>& peer_buffers() const { return peer_buffers_; }
+    // Host-mapped ints the notify kernel writes (received token and expert counts); read after a sync.
+    int* mapped_counters_device() const { return mapped_counters_device_; }
+    const volatile int* mapped_counters_host() const { return mapped_counters_host_; }
+    static constexpr int kNumMappedCounters = 4096;
+
+    // Raises RuntimeError with rank, wait site, peer and values if any kernel timed out. Sticky: after a
+    // timeout the ranks' barrier epochs disagree, so the Buffer cannot be used again.
+    void raise_if_failed() const;
+    bool failed() const { return error_host_->status != 0; }
+
+  private:
+    void require_usable() const;
+
+    int rank_, num_ranks_, device_;
+    int64_t num_nvl_bytes_;
+    uint64_t timeout_ns_;
+    bool connected_ = false, destroyed_ = false;
+    int barrier_epoch_ = 0;
+    std::array<void*, kMaxNvlRanks> peer_buffers_{};
+    DeviceErrorWord* error_host_ = nullptr;
+    DeviceErrorWord* error_device_ = nullptr;
+    int* mapped_counters_host_ = nullptr;
+    int* mapped_counters_device_ = nullptr;
+};
+
+std::string describe_wait_site(int site);
+void register_apis(pybind11::module_& m);
+
+}  // namespace deep_ep::runtime
