@@ -54,3 +54,8 @@ struct DispatchLayoutArgs {
 void launch_dispatch_layout(const DispatchLayoutArgs& args);
 
 }  // namespace deep_ep
+
+// Each path keeps its Args structs in its own part of the seam.
+#include "kernels/api_intranode.cuh"
+#include "kernels/api_low_latency.cuh"
+#include "kernels/api_testing.cuh"

@@ -7,5 +7,8 @@
 namespace deep_ep::ops {
 
 void register_layout_apis(pybind11::module_& m);
+void register_intranode_apis(pybind11::module_& m);
+void register_low_latency_apis(pybind11::module_& m);
+void register_testing_apis(pybind11::module_& m);
 
 }  // namespace deep_ep::ops
