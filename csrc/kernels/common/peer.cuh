@@ -1,0 +1,103 @@
+// How bytes reach a rank: NVLink-mapped stores where nvshmem_ptr maps the peer's symmetric buffer into
+// this process (another GPU over NVLink, or another process on this GPU), NVSHMEM puts otherwise (any
+// transport: P2P, IBGDA, IBRC, UCX, libfabric). Kernels call one interface and never ask which.
+//
+// Only generic NVSHMEM device calls are used (put-with-signal, signal_op, quiet). Signal words are
+// uint64_t because that is what NVSHMEM's signal operations update; every value this file stores there
+// fits in the low 31 bits, so a receiver polls the low 32-bit half (little-endian: the word's address).
+#pragma once
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cstdint>
+
+#include "kernels/api.cuh"
+#include "kernels/common/ptx.cuh"
+
+namespace deep_ep::peer {
+
+inline constexpr int kWarpSize = 32;
+
+/// This rank's symmetric buffer and, per rank, where its copy is mapped here (0: reach it with puts).
+struct SymmetricView {
+    char* local_base;
+    const uint64_t* mapped_bases;  // device array [num_ranks]
+
+    __device__ __forceinline__ char* mapped(int rank) const {
+        return reinterpret_cast<char*>(mapped_bases[rank]);
+    }
+    template <typename T = char>
+    __device__ __forceinline__ T* local(int64_t offset) const {
+        return reinterpret_cast<T*>(local_base + offset);
+    }
+};
+
+enum class SignalOp { kSet, kAdd };
+
+/// The warp copies `num_bytes` (a multiple of 16) from this process's memory at `src` to rank `dst_rank`'s
+/// symmetric buffer at `dst_offset`, then updates the signal word at `signal_offset` there so that a
+/// reader that sees the update also sees the bytes. `src` must lie in the symmetric heap when the rank is
+/// reached by puts (NVSHMEM transports read registered memory only). All 32 lanes call this.
+__device__ __forceinline__ void warp_send_with_signal(const SymmetricView& view, int dst_rank, int64_t dst_offset,
+                                                      const void* src, int num_bytes, int64_t signal_offset,
+                                                      int signal_value, SignalOp op, int lane) {
+    char* mapped = view.mapped(dst_rank);
+    if (mapped != nullptr) {
+        auto* dst = reinterpret_cast<int4*>(mapped + dst_offset);
+        const auto* src_vectors = static_cast<const int4*>(src);
+        const int num_vectors = num_bytes / 16;
+        constexpr int kUnroll = 4;
+        for (int base = lane; base < num_vectors; base += kUnroll * kWarpSize) {
+            int4 values[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (base + u * kWarpSize < num_vectors)
+                    values[u] = src_vectors[base + u * kWarpSize];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (base + u * kWarpSize < num_vectors)
+                    ptx::st_global_L1_no_allocate(dst + base + u * kWarpSize, values[u]);
+        }
+        // __syncwarp orders the other lanes' stores before lane 0's; the system-scope fence makes them
+        // visible to the peer process before the release of the signal.
+        __syncwarp();
+        if (lane == 0) {
+            int* signal = reinterpret_cast<int*>(mapped + signal_offset);
+            ptx::fence_acq_rel_sys();
+            if (op == SignalOp::kAdd)
+                ptx::atom_add_release_sys_global(signal, signal_value);
+            else
+                ptx::st_release_sys_global(signal, signal_value);
+        }
+        __syncwarp();
+    } else {
+        // Put-with-signal: NVSHMEM delivers the signal update after the data on every transport.
+        nvshmemx_putmem_signal_nbi_warp(view.local_base + dst_offset, src, static_cast<size_t>(num_bytes),
+                                        reinterpret_cast<uint64_t*>(view.local_base + signal_offset),
+                                        static_cast<uint64_t>(signal_value),
+                                        op == SignalOp::kAdd ? NVSHMEM_SIGNAL_ADD : NVSHMEM_SIGNAL_SET, dst_rank);
+    }
+}
+
+/// One thread adds `value` to rank `dst_rank`'s signal word at `signal_offset`; no data travels with it.
+__device__ __forceinline__ void signal_add(const SymmetricView& view, int dst_rank, int64_t signal_offset, int value) {
+    char* mapped = view.mapped(dst_rank);
+    if (mapped != nullptr)
+        ptx::atom_add_release_sys_global(reinterpret_cast<int*>(mapped + signal_offset), value);
+    else
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(view.local_base + signal_offset), static_cast<uint64_t>(value),
+                           NVSHMEM_SIGNAL_ADD, dst_rank);
+}
+
+/// Completes this thread's outstanding puts, so their source memory may be reused. A no-op cost when
+/// every peer is mapped (the stores are already ordered by the signal releases).
+__device__ __forceinline__ void quiet() { nvshmem_quiet(); }
+
+/// The low 32 bits of a signal word in this rank's buffer, with acquire semantics: the bytes delivered
+/// before the signal (stores or puts) are visible after it is observed.
+__device__ __forceinline__ int load_signal_acquire(const uint64_t* word) {
+    return ptx::ld_acquire_sys_global(reinterpret_cast<const int*>(word));
+}
+
+}  // namespace deep_ep::peer

@@ -1,0 +1,197 @@
+// Low-latency combine: the transpose of dispatch.
+//
+// Send phase (expert rank): each received row (expert output, bf16) goes back, unweighted, to its source
+// rank's receive slot [global expert][source token] and sets that slot's flag. One block per local
+// expert at a time; its warps share the expert's rows (the packed layout's ranges say which source each
+// row belongs to, the handle's src_info which token).
+// Receive phase (source rank): one block per token at a time; one thread per top-k entry waits for the
+// slot's flag and resets it, then all threads reduce sum_k w[t,k] * row(e_k, t) in float32 and store bf16.
+#include <cuda_bf16.h>
+
+#include "kernels/api.cuh"
+#include "kernels/common/peer.cuh"
+#include "kernels/common/ptx.cuh"
+#include "kernels/common/sync.cuh"
+#include "runtime/errors.hpp"
+
+namespace deep_ep {
+namespace {
+
+constexpr int kNumThreads = 512;
+constexpr int kNumWarps = kNumThreads / 32;
+constexpr int kMaxRanks = 1024;
+
+__device__ void send_phase(const LowLatencyCombineArgs& args, const peer::SymmetricView& view, int* begins) {
+    const auto& layout = args.layout;
+    const int num_ranks = static_cast<int>(layout.num_ranks);
+    const int num_local_experts = static_cast<int>(layout.num_local_experts());
+    const int64_t rows_per_expert = layout.num_ranks * layout.num_max_tokens;
+    const int row_bytes = static_cast<int>(layout.combine_row_bytes());
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    char* staged = view.local(layout.send_region(args.buffer_set));
+
+    for (int local_expert = blockIdx.x; local_expert < num_local_experts; local_expert += gridDim.x) {
+        // begins[src] from the handle's ranges; begins[num_ranks] = rows of this expert.
+        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads)
+            begins[src] = static_cast<int>(args.layout_range[local_expert * num_ranks + src] >> 32);
+        if (threadIdx.x == 0) {
+            const int64_t last = args.layout_range[local_expert * num_ranks + num_ranks - 1];
+            begins[num_ranks] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
+        }
+        __syncthreads();
+        const int total = begins[num_ranks];
+        const int expert = args.rank * num_local_experts + local_expert;
+        for (int r = warp; r < total; r += kNumWarps) {
+            int src = 0;
+            while (src + 1 < num_ranks && begins[src + 1] <= r)
+                ++src;
+            const int64_t row = local_expert * rows_per_expert + r;
+            const int token = args.src_info[row];
+            const char* staged_row = staged + row * row_bytes;
+            const void* source = args.zero_copy ? static_cast<const void*>(staged_row)
+                                                : static_cast<const char*>(args.x) + row * row_bytes;
+            if (!args.zero_copy && view.mapped(src) == nullptr) {
+                // Puts read registered memory only: stage the row in the symmetric buffer first.
+                const auto* in = reinterpret_cast<const int4*>(source);
+                auto* out = reinterpret_cast<int4*>(const_cast<char*>(staged_row));
+                for (int v = lane; v < row_bytes / 16; v += 32)
+                    out[v] = __ldg(in + v);
+                __syncwarp();
+                source = staged_row;
+            }
+            peer::warp_send_with_signal(view, src, layout.combine_recv_row(args.buffer_set, expert, token), source,
+                                        row_bytes, layout.combine_counter(args.buffer_set, expert), 1,
+                                        peer::SignalOp::kAdd, lane);
+        }
+        __syncthreads();  // begins is rewritten for the next expert
+    }
+    if (!args.symmetric.all_ranks_mapped && lane == 0)
+        peer::quiet();
+}
+
+__device__ __forceinline__ int load_topk(const LowLatencyCombineArgs& args, int64_t index) {
+    return args.topk_idx_is_int64 ? static_cast<int>(static_cast<const int64_t*>(args.topk_idx)[index])
+                                  : static_cast<const int*>(args.topk_idx)[index];
+}
+
+template <ptx::LoadKind kLoadKind>
+__device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::SymmetricView& view, int* histogram,
+                           int* experts, float* weights, int* failed) {
+    const auto& layout = args.layout;
+    const int num_experts = static_cast<int>(layout.num_experts);
+    const int hidden = static_cast<int>(layout.hidden);
+    const int num_vectors = hidden / 8;  // 8 bf16 per 16-byte vector
+    const int num_pairs = args.num_tokens * args.num_topk;
+
+    // Rows to expect per expert: this rank's own (token, expert) pairs. Every block counts all of them.
+    for (int e = threadIdx.x; e < num_experts; e += kNumThreads)
+        histogram[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < num_pairs; p += kNumThreads) {
+        const int e = load_topk(args, p);
+        if (e < 0)
+            continue;
+        bool first = true;  // a token listing an expert twice received it once (see dispatch)
+        for (int q = p - p % args.num_topk; q < p; ++q)
+            first &= load_topk(args, q) != e;
+        if (first)
+            atomicAdd(&histogram[e], 1);
+    }
+    __syncthreads();
+
+    for (int token = blockIdx.x; token < args.num_tokens; token += gridDim.x) {
+        if (threadIdx.x < args.num_topk) {
+            const int64_t pair = int64_t{token} * args.num_topk + threadIdx.x;
+            const int expert = load_topk(args, pair);
+            experts[threadIdx.x] = expert;
+            weights[threadIdx.x] = args.topk_weights[pair];
+            if (expert >= 0) {
+                // All of the expert's rows for this rank, not only this token's: one counter per expert
+                // keeps the signal region at two words per expert.
+                const auto* counter = view.local<uint64_t>(layout.combine_counter(args.buffer_set, expert));
+                const int expected = histogram[expert];
+                if (!wait_until(
+                        args.wait, WaitSite::kLowLatencyFlag, expert, expected,
+                        [=] { return peer::load_signal_acquire(counter); }, [=](int v) { return v == expected; }))
+                    *failed = 1;
+            }
+        }
+        __syncthreads();
+        if (*failed)
+            break;  // uniform: every thread read the flag after the barrier
+        for (int v = threadIdx.x; v < num_vectors; v += kNumThreads) {
+            float sum[8] = {};
+            for (int k = 0; k < args.num_topk; ++k) {
+                const int expert = experts[k];
+                if (expert < 0)
+                    continue;
+                const auto* row =
+                    reinterpret_cast<const int4*>(view.local(layout.combine_recv_row(args.buffer_set, expert, token)));
+                const int4 packed = ptx::ld_peer<kLoadKind>(row + v);
+                const auto* values = reinterpret_cast<const __nv_bfloat16*>(&packed);
+                const float w = weights[k];
+#pragma unroll
+                for (int i = 0; i < 8; ++i)  // unfused, as the reference: acc + float32(w * x)
+                    sum[i] = __fadd_rn(sum[i], __fmul_rn(w, __bfloat162float(values[i])));
+            }
+            int4 out;
+            auto* out_values = reinterpret_cast<__nv_bfloat16*>(&out);
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                out_values[i] = __float2bfloat16_rn(sum[i]);
+            reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(args.out) + int64_t{token} * hidden)[v] = out;
+        }
+        __syncthreads();  // experts/weights are rewritten for the next token
+    }
+    if (*failed)
+        return;  // leave the counters: the Buffer is unusable after a timeout anyway
+
+    // The last block to finish resets the counters: only then has every block seen their final values.
+    // Peers write them again only in this set's next combine, which depends causally on this kernel.
+    __shared__ bool is_last_block;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        is_last_block = atomicAdd(args.done_blocks, 1) == static_cast<int>(gridDim.x) - 1;
+    }
+    __syncthreads();
+    if (is_last_block) {
+        for (int e = threadIdx.x; e < num_experts; e += kNumThreads)
+            ptx::st_relaxed_sys_global(view.local<int>(layout.combine_counter(args.buffer_set, e)), 0);
+        if (threadIdx.x == 0)
+            *args.done_blocks = 0;
+    }
+}
+
+template <ptx::LoadKind kLoadKind>
+__global__ void __launch_bounds__(kNumThreads, 1) low_latency_combine_kernel(const LowLatencyCombineArgs args) {
+    __shared__ int histogram[kLowLatencyMaxExperts];
+    __shared__ int experts[kLowLatencyMaxTopk];
+    __shared__ float weights[kLowLatencyMaxTopk];
+    __shared__ int failed;
+    const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
+    if (threadIdx.x == 0)
+        failed = 0;
+    __syncthreads();
+    if (args.do_send)
+        send_phase(args, view, histogram);
+    __syncthreads();
+    if (args.do_recv)
+        recv_phase<kLoadKind>(args, view, histogram, experts, weights, &failed);
+}
+
+}  // namespace
+
+void launch_low_latency_combine(const LowLatencyCombineArgs& args) {
+    DEEP_EP_CHECK(args.layout.num_ranks <= kMaxRanks, "low-latency combine supports up to " << kMaxRanks << " ranks");
+    DEEP_EP_CHECK(args.layout.num_experts <= kLowLatencyMaxExperts,
+                  "low-latency combine supports up to " << kLowLatencyMaxExperts << " experts");
+    DEEP_EP_CHECK(args.num_topk <= kLowLatencyMaxTopk, "low-latency combine supports top-k up to " << kLowLatencyMaxTopk);
+    const dim3 grid(args.num_blocks), block(kNumThreads);
+    if (args.conservative_loads || !ptx::kAggressiveLoadsCompiled)
+        low_latency_combine_kernel<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
+    else
+        low_latency_combine_kernel<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,258 @@
+// Low-latency dispatch: every (token, expert) pair becomes one row in the expert's rank's receive area.
+//
+// Send phase (every block):
+//   1. count the rows this rank sends to each expert (shared-memory histogram of topk_idx) and tell each
+//      expert's rank its count: one signal add per (expert) of (count << 16) + (1 << 30);
+//   2. cast the block's tokens once (FP8 per 128 values, or a plain BF16 copy) into the send rows;
+//   3. send each (token, expert) row to slot "pairs before it that chose the same expert", so the
+//      receiver holds a source's rows in token order; each delivered row adds 1 to the same signal word.
+// Receive phase (one block per local expert at a time): wait until each source's word says "count set
+// and that many rows arrived", reset it, lay the sources out in rank order, copy the rows out.
+// No grid-wide barrier: a block only ever waits for rows other blocks (or ranks) have already been able
+// to send, and the launcher keeps the grid small enough for all blocks of all ranks to be resident.
+#include "kernels/api.cuh"
+#include "kernels/common/fp8.cuh"
+#include "kernels/common/peer.cuh"
+#include "kernels/common/ptx.cuh"
+#include "kernels/common/sync.cuh"
+#include "runtime/errors.hpp"
+
+namespace deep_ep {
+namespace {
+
+constexpr int kNumThreads = 512;
+constexpr int kNumWarps = kNumThreads / 32;
+constexpr int kMaxRanks = 1024;
+constexpr int kCountShift = 16;
+constexpr int kCountSetBit = 1 << 30;
+constexpr int kArrivedMask = (1 << kCountShift) - 1;
+
+__device__ __forceinline__ int load_topk(const LowLatencyDispatchArgs& args, int64_t index) {
+    return args.topk_idx_is_int64 ? static_cast<int>(static_cast<const int64_t*>(args.topk_idx)[index])
+                                  : static_cast<const int*>(args.topk_idx)[index];
+}
+
+// A token that lists an expert twice is sent to it once (the reference's semantics): only the first
+// occurrence of an expert in a token's top-k counts.
+__device__ __forceinline__ bool is_first_occurrence(const LowLatencyDispatchArgs& args, int pair, int expert) {
+    const int first_of_token = pair - pair % args.num_topk;
+    for (int p = first_of_token; p < pair; ++p)
+        if (load_topk(args, p) == expert)
+            return false;
+    return true;
+}
+
+__device__ __forceinline__ bool dispatch_word_complete(int value) {
+    return (value & kCountSetBit) != 0 && ((value >> kCountShift) & 0x3fff) == (value & kArrivedMask);
+}
+
+__device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* histogram) {
+    const auto& layout = args.layout;
+    const int num_experts = static_cast<int>(layout.num_experts);
+    const int num_local_experts = static_cast<int>(layout.num_local_experts());
+    const int num_pairs = args.num_tokens * args.num_topk;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    // 1. Counts per expert; each block computes all of them (a few KB of topk_idx) to avoid a grid sync.
+    for (int e = threadIdx.x; e < num_experts; e += kNumThreads)
+        histogram[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < num_pairs; p += kNumThreads) {
+        const int e = load_topk(args, p);
+        if (e >= 0 && is_first_occurrence(args, p, e))
+            atomicAdd(&histogram[e], 1);
+    }
+    __syncthreads();
+    for (int e = blockIdx.x * kNumThreads + threadIdx.x; e < num_experts; e += gridDim.x * kNumThreads) {
+        const int dst_rank = e / num_local_experts, local_expert = e % num_local_experts;
+        peer::signal_add(view, dst_rank, layout.dispatch_word(args.buffer_set, local_expert, args.rank),
+                         (histogram[e] << kCountShift) + kCountSetBit);
+    }
+
+    // 2. Cast this block's tokens (t = blockIdx.x + i * gridDim.x) into their send rows, half a warp per
+    // 128-value group.
+    const int hidden = static_cast<int>(layout.hidden);
+    const int num_groups = hidden / fp8::kGroupSize;
+    const int num_block_tokens =
+        args.num_tokens > static_cast<int>(blockIdx.x) ? (args.num_tokens - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    const int64_t header_bytes = layout.dispatch_header_bytes();
+    char* send_rows = view.local(layout.send_region(args.buffer_set));
+    const int64_t stride = layout.dispatch_row_stride();
+    const int half_lane = lane % fp8::kLanesPerGroup;
+    const int num_cast_tasks = num_block_tokens * num_groups;
+    // A warp takes two consecutive tasks (one per half); both halves stay in the loop together because
+    // the amax reduction shuffles over the full warp.
+    for (int base = warp * 2; base < num_cast_tasks; base += kNumWarps * 2) {
+        const int task = base + lane / fp8::kLanesPerGroup;
+        const bool active = task < num_cast_tasks;
+        const int token = blockIdx.x + (task / num_groups) * gridDim.x, group = task % num_groups;
+        const int element = group * fp8::kGroupSize + half_lane * fp8::kValuesPerLane;
+        const int4 values = active ? __ldg(reinterpret_cast<const int4*>(static_cast<const __nv_bfloat16*>(args.x) +
+                                                                         int64_t{token} * hidden + element))
+                                   : make_int4(0, 0, 0, 0);
+        char* row = send_rows + token * stride;
+        if (args.use_fp8) {
+            uint2 fp8_values;
+            const float scale = fp8::cast_lane_values(values, fp8_values, args.round_scale);
+            if (active) {
+                *reinterpret_cast<uint2*>(row + header_bytes + element) = fp8_values;
+                if (half_lane == 0)
+                    reinterpret_cast<float*>(row + header_bytes + hidden)[group] = scale;
+            }
+        } else if (active) {
+            *reinterpret_cast<int4*>(row + header_bytes + element * 2) = values;
+        }
+        if (active && group == 0 && half_lane == 0)
+            *reinterpret_cast<int4*>(row) = make_int4(token, 0, 0, 0);
+    }
+    __syncthreads();
+
+    // 3. One warp per (token, top-k entry) of this block.
+    const int row_bytes = static_cast<int>(layout.dispatch_row_bytes(args.use_fp8));
+    for (int task = warp; task < num_block_tokens * args.num_topk; task += kNumWarps) {
+        const int token = blockIdx.x + (task / args.num_topk) * gridDim.x, k = task % args.num_topk;
+        const int pair = token * args.num_topk + k;
+        const int expert = load_topk(args, pair);
+        if (expert < 0 || !is_first_occurrence(args, pair, expert))
+            continue;
+        // Slot = earlier tokens that chose this expert, so a source's rows arrive in token order.
+        const int first_pair_of_token = token * args.num_topk;
+        int slot = 0;
+        for (int p = lane; p - lane < first_pair_of_token; p += 32)
+            slot += __popc(__ballot_sync(0xffffffffu, p < first_pair_of_token && load_topk(args, p) == expert &&
+                                                          is_first_occurrence(args, p, expert)));
+        const int dst_rank = expert / num_local_experts, local_expert = expert % num_local_experts;
+        peer::warp_send_with_signal(view, dst_rank, layout.dispatch_recv_row(args.buffer_set, local_expert, args.rank, slot),
+                                    send_rows + token * stride, row_bytes,
+                                    layout.dispatch_word(args.buffer_set, local_expert, args.rank), 1,
+                                    peer::SignalOp::kAdd, lane);
+    }
+    // Puts read the send rows asynchronously; complete them before the kernel ends so the next
+    // dispatch on this set may overwrite the rows.
+    if (!args.symmetric.all_ranks_mapped) {
+        __syncwarp();
+        if (lane == 0)
+            peer::quiet();
+    }
+}
+
+template <ptx::LoadKind kLoadKind>
+__device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* counts,
+                           int* begins, int* failed) {
+    const auto& layout = args.layout;
+    const int num_ranks = static_cast<int>(layout.num_ranks);
+    const int num_local_experts = static_cast<int>(layout.num_local_experts());
+    const int64_t rows_per_expert = layout.num_ranks * layout.num_max_tokens;
+    const int hidden = static_cast<int>(layout.hidden);
+    const int num_groups = hidden / fp8::kGroupSize;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint64_t start_ns = ptx::mov_u64_globaltimer();
+
+    for (int local_expert = blockIdx.x; local_expert < num_local_experts; local_expert += gridDim.x) {
+        // Wait for every source's word of this expert; each thread owns some sources.
+        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads) {
+            auto* word = view.local<uint64_t>(layout.dispatch_word(args.buffer_set, local_expert, src));
+            int value = 0;
+            const bool arrived = wait_until(
+                args.wait, WaitSite::kLowLatencyCount, src, kCountSetBit,
+                [&] { return value = peer::load_signal_acquire(word); }, dispatch_word_complete);
+            if (!arrived) {
+                *failed = 1;
+                continue;
+            }
+            // All rows of this use have arrived, so nobody else writes the word before its next use.
+            ptx::st_relaxed_sys_global(reinterpret_cast<int*>(word), 0);
+            counts[src] = value & kArrivedMask;
+            if (args.dispatch_wait_recv_cost_stats != nullptr)
+                atomicAdd(reinterpret_cast<unsigned long long*>(args.dispatch_wait_recv_cost_stats + src),
+                          static_cast<unsigned long long>(ptx::mov_u64_globaltimer() - start_ns));
+        }
+        __syncthreads();
+        if (*failed)
+            return;  // uniform across the block: every thread read the same shared flag after the barrier
+        if (threadIdx.x == 0) {
+            int total = 0;
+            for (int src = 0; src < num_ranks; ++src)
+                begins[src] = total, total += counts[src];
+            begins[num_ranks] = total;
+            args.recv_count[local_expert] = total;
+            if (args.cumulative_local_expert_recv_stats != nullptr)
+                args.cumulative_local_expert_recv_stats[local_expert] += total;
+        }
+        __syncthreads();
+        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads)
+            args.recv_layout_range[local_expert * num_ranks + src] =
+                (static_cast<int64_t>(begins[src]) << 32) | static_cast<int64_t>(counts[src]);
+
+        // Copy rows out: row r of the packed layout comes from source src at position r - begins[src].
+        const int total = begins[num_ranks];
+        for (int r = warp; r < total; r += kNumWarps) {
+            int src = 0;
+            while (begins[src + 1] <= r)
+                ++src;
+            const char* row = view.local(layout.dispatch_recv_row(args.buffer_set, local_expert, src, r - begins[src]));
+            const int64_t out_row = local_expert * rows_per_expert + r;
+            if (lane == 0)
+                args.recv_src_info[out_row] = ptx::ld_peer<kLoadKind>(reinterpret_cast<const int*>(row));
+            const auto* payload = reinterpret_cast<const int4*>(row + layout.dispatch_header_bytes());
+            const int payload_vectors = (args.use_fp8 ? hidden : hidden * 2) / 16;
+            auto* dst = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) +
+                                                out_row * (args.use_fp8 ? hidden : hidden * 2));
+            for (int v = lane; v < payload_vectors; v += 32)
+                ptx::st_global_L1_no_allocate(dst + v, ptx::ld_peer<kLoadKind>(payload + v));
+            if (args.use_fp8) {
+                const auto* scales = reinterpret_cast<const int*>(row + layout.dispatch_header_bytes() + hidden);
+                const int64_t scale_plane = rows_per_expert;  // column-major: [L][groups][R*M]
+                if (args.use_ue8m0) {
+                    auto* out = static_cast<int*>(args.recv_scales);
+                    const int num_packed = (num_groups + 3) / 4;  // a missing group of the last int is byte 0
+                    for (int q = lane; q < num_packed; q += 32) {
+                        uint32_t packed = 0;
+                        for (int b = 0; b < 4 && q * 4 + b < num_groups; ++b)
+                            packed |= fp8::ue8m0_byte(__int_as_float(ptx::ld_peer<kLoadKind>(scales + q * 4 + b)))
+                                      << (8 * b);
+                        out[(int64_t{local_expert} * num_packed + q) * scale_plane + r] = static_cast<int>(packed);
+                    }
+                } else {
+                    auto* out = static_cast<float*>(args.recv_scales);
+                    for (int g = lane; g < num_groups; g += 32)
+                        out[(int64_t{local_expert} * num_groups + g) * scale_plane + r] =
+                            __int_as_float(ptx::ld_peer<kLoadKind>(scales + g));
+                }
+            }
+        }
+        __syncthreads();  // counts/begins are rewritten for the next expert
+    }
+}
+
+template <ptx::LoadKind kLoadKind>
+__global__ void __launch_bounds__(kNumThreads, 1) low_latency_dispatch_kernel(const LowLatencyDispatchArgs args) {
+    __shared__ int histogram[kLowLatencyMaxExperts];
+    __shared__ int counts[kMaxRanks];
+    __shared__ int begins[kMaxRanks + 1];
+    __shared__ int failed;
+    const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
+    if (threadIdx.x == 0)
+        failed = 0;
+    if (args.do_send)
+        send_phase(args, view, histogram);
+    __syncthreads();
+    if (args.do_recv)
+        recv_phase<kLoadKind>(args, view, counts, begins, &failed);
+}
+
+}  // namespace
+
+void launch_low_latency_dispatch(const LowLatencyDispatchArgs& args) {
+    DEEP_EP_CHECK(args.layout.num_ranks <= kMaxRanks, "low-latency dispatch supports up to " << kMaxRanks << " ranks");
+    DEEP_EP_CHECK(args.layout.num_experts <= kLowLatencyMaxExperts,
+                  "low-latency dispatch supports up to " << kLowLatencyMaxExperts << " experts");
+    const dim3 grid(args.num_blocks), block(kNumThreads);
+    if (args.conservative_loads || !ptx::kAggressiveLoadsCompiled)
+        low_latency_dispatch_kernel<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
+    else
+        low_latency_dispatch_kernel<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+}  // namespace deep_ep
