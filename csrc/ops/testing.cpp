@@ -1,9 +1,150 @@
+// deep_ep._C.testing: launches for deep_ep.check and tests/test_primitives.py. Peer pointers and the wait
+// context come from a RuntimeBuffer; counters and outputs are torch tensors the caller allocated.
 #include <torch/extension.h>
 
+#include <string>
+
+#include "kernels/api.cuh"
 #include "ops/ops.hpp"
+#include "runtime/buffer.hpp"
+#include "runtime/errors.hpp"
 
 namespace deep_ep::ops {
+namespace {
 
-void register_testing_apis(pybind11::module_& m) {}
+CoherenceVariant parse_variant(const std::string& name) {
+    if (name == "aggressive")
+        return CoherenceVariant::kAggressive;
+    if (name == "conservative")
+        return CoherenceVariant::kConservative;
+    if (name == "nc_allocating_acquire")
+        return CoherenceVariant::kNcAllocatingAcquire;
+    if (name == "nc_allocating_relaxed")
+        return CoherenceVariant::kNcAllocatingRelaxed;
+    DEEP_EP_CHECK(false, "unknown coherence variant '" << name
+                                                       << "' (aggressive, conservative, nc_allocating_acquire, "
+                                                          "nc_allocating_relaxed)");
+}
+
+CoherencePlacement parse_placement(const std::string& name) {
+    if (name == "pull")
+        return CoherencePlacement::kPull;
+    if (name == "push")
+        return CoherencePlacement::kPush;
+    DEEP_EP_CHECK(false, "unknown placement '" << name << "' (pull, push)");
+}
+
+uint8_t* peer_buffer(const runtime::Buffer& buffer, int peer) {
+    DEEP_EP_CHECK(peer >= 0 && peer < buffer.num_ranks(), "peer " << peer << " out of range");
+    DEEP_EP_CHECK(peer == buffer.rank() || buffer.is_connected(), "RuntimeBuffer is not connected to its peers");
+    auto* base = static_cast<uint8_t*>(buffer.peer_buffers()[peer]);
+    DEEP_EP_CHECK(base != nullptr, "no NVLink buffer mapped for rank " << peer);
+    return base;
+}
+
+void check_device_tensor(const torch::Tensor& t, torch::ScalarType dtype, int64_t min_numel, const char* name) {
+    DEEP_EP_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() >= min_numel,
+                  name << " must be a contiguous CUDA tensor of " << dtype << " with at least " << min_numel
+                       << " elements");
+}
+
+int64_t coherence_buffer_bytes(int64_t num_blocks, int64_t slice_bytes) {
+    return CoherenceLayout{static_cast<int>(num_blocks), slice_bytes}.total_bytes();
+}
+
+void coherence_round_trip(runtime::Buffer& buffer, int64_t producer_rank, int64_t consumer_rank,
+                          const std::string& variant, const std::string& placement, int64_t num_blocks,
+                          int64_t slice_bytes, int64_t num_rounds, int64_t seq_base, torch::Tensor& counters,
+                          int64_t stream) {
+    buffer.raise_if_failed();
+    check_device_tensor(counters, torch::kInt64, kNumCoherenceCounters, "counters");
+    CoherenceArgs args{};
+    args.variant = parse_variant(variant);
+    args.placement = parse_placement(placement);
+    args.layout = CoherenceLayout{static_cast<int>(num_blocks), slice_bytes};
+    DEEP_EP_CHECK(args.layout.total_bytes() <= buffer.num_nvl_bytes(),
+                  "the coherence regions need " << args.layout.total_bytes() << " bytes, the RuntimeBuffer has "
+                                                << buffer.num_nvl_bytes());
+    args.num_rounds = static_cast<int>(num_rounds);
+    args.seq_base = static_cast<int>(seq_base);
+    args.local_buffer = peer_buffer(buffer, buffer.rank());
+    args.producer_peer_buffer = peer_buffer(buffer, static_cast<int>(producer_rank));
+    args.consumer_peer_buffer = peer_buffer(buffer, static_cast<int>(consumer_rank));
+    args.producer_rank = static_cast<int>(producer_rank);
+    args.consumer_rank = static_cast<int>(consumer_rank);
+    args.counters = reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>());
+    args.wait = buffer.wait_context();
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_coherence_round_trip(args);
+}
+
+void peer_read_bandwidth(runtime::Buffer& buffer, int64_t peer, int64_t num_bytes, bool conservative_loads,
+                         int64_t num_blocks, torch::Tensor& sink, int64_t stream) {
+    buffer.raise_if_failed();
+    check_device_tensor(sink, torch::kInt32, num_blocks * kPeerReadThreads, "sink");
+    DEEP_EP_CHECK(num_bytes <= buffer.num_nvl_bytes(),
+                  "cannot read " << num_bytes << " bytes from a " << buffer.num_nvl_bytes() << "-byte buffer");
+    PeerReadBandwidthArgs args{};
+    args.source = reinterpret_cast<const int*>(peer_buffer(buffer, static_cast<int>(peer)));
+    args.num_bytes = num_bytes;
+    args.conservative_loads = conservative_loads;
+    args.num_blocks = static_cast<int>(num_blocks);
+    args.sink = sink.data_ptr<int>();
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_peer_read_bandwidth(args);
+}
+
+void wait_probe(runtime::Buffer& buffer, int64_t flag_offset_bytes, int64_t target, int64_t peer, int64_t stream) {
+    buffer.raise_if_failed();
+    DEEP_EP_CHECK(flag_offset_bytes >= 0 && flag_offset_bytes % 4 == 0 &&
+                      flag_offset_bytes + 4 <= buffer.num_nvl_bytes(),
+                  "flag offset " << flag_offset_bytes << " is not an int inside the buffer");
+    WaitProbeArgs args{};
+    args.flag = reinterpret_cast<const int*>(peer_buffer(buffer, buffer.rank()) + flag_offset_bytes);
+    args.target = static_cast<int>(target);
+    args.peer = static_cast<int>(peer);
+    args.wait = buffer.wait_context();
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_wait_probe(args);
+}
+
+void ptx_probe(const torch::Tensor& inputs, torch::Tensor& scratch, torch::Tensor& outputs, int64_t stream) {
+    check_device_tensor(inputs, torch::kInt32, kPtxProbeInputs, "inputs");
+    check_device_tensor(scratch, torch::kInt32, kPtxProbeScratch, "scratch");
+    check_device_tensor(outputs, torch::kInt32, kPtxProbeOutputs, "outputs");
+    // The probe reads and writes int4 vectors at the start of both buffers.
+    DEEP_EP_CHECK(reinterpret_cast<uintptr_t>(inputs.data_ptr()) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(scratch.data_ptr()) % 16 == 0,
+                  "inputs and scratch must be 16-byte aligned");
+    PtxProbeArgs args{};
+    args.inputs = inputs.data_ptr<int>();
+    args.scratch = scratch.data_ptr<int>();
+    args.outputs = outputs.data_ptr<int>();
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_ptx_probe(args);
+}
+
+}  // namespace
+
+void register_testing_apis(pybind11::module_& m) {
+    namespace py = pybind11;
+    auto sub = m.def_submodule("testing", "kernels that exercise the primitives (deep_ep.check, tests)");
+    sub.attr("num_coherence_counters") = static_cast<int>(kNumCoherenceCounters);
+    sub.attr("max_coherence_blocks") = CoherenceLayout::kMaxBlocks;
+    sub.attr("peer_read_threads") = kPeerReadThreads;
+    sub.attr("ptx_probe_inputs") = kPtxProbeInputs;
+    sub.attr("ptx_probe_scratch") = kPtxProbeScratch;
+    sub.attr("ptx_probe_outputs") = kPtxProbeOutputs;
+    sub.def("coherence_buffer_bytes", &coherence_buffer_bytes, py::arg("num_blocks"), py::arg("slice_bytes"));
+    sub.def("coherence_round_trip", &coherence_round_trip, py::arg("buffer"), py::arg("producer_rank"),
+            py::arg("consumer_rank"), py::arg("variant"), py::arg("placement"), py::arg("num_blocks"),
+            py::arg("slice_bytes"), py::arg("num_rounds"), py::arg("seq_base"), py::arg("counters"),
+            py::arg("stream"));
+    sub.def("peer_read_bandwidth", &peer_read_bandwidth, py::arg("buffer"), py::arg("peer"), py::arg("num_bytes"),
+            py::arg("conservative_loads"), py::arg("num_blocks"), py::arg("sink"), py::arg("stream"));
+    sub.def("wait_probe", &wait_probe, py::arg("buffer"), py::arg("flag_offset_bytes"), py::arg("target"),
+            py::arg("peer"), py::arg("stream"));
+    sub.def("ptx_probe", &ptx_probe, py::arg("inputs"), py::arg("scratch"), py::arg("outputs"), py::arg("stream"));
+}
 
 }  // namespace deep_ep::ops

@@ -1,6 +1,8 @@
 #include "runtime/buffer.hpp"
 
 #include <cuda_runtime.h>
+// connect() takes the gathered handles as a Python list of bytes: the list caster lives in stl.h.
+#include <pybind11/stl.h>
 
 #include <cstring>
 #include <sstream>

@@ -61,9 +61,28 @@ __device__ __forceinline__ int ld_global_nc_L1_no_allocate_L2_256B(const int* ad
 
 // Plain non-coherent load that DOES allocate in L1: the deliberately unsafe variant the coherence check
 // uses to show it can detect stale data (lines cached earlier in the same kernel are served again).
+// The build knob compiles it out like the aggressive load, so that build emits no .nc load at all.
 __device__ __forceinline__ int ld_global_nc(const int* address) {
     int v;
+#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
+    asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(address));
+#else
     asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(address));
+#endif
+    return v;
+}
+
+__device__ __forceinline__ int4 ld_global_nc(const int4* address) {
+    int4 v;
+#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
+    asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+#else
+    asm volatile("ld.global.nc.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+#endif
     return v;
 }
 
