@@ -34,7 +34,11 @@ def _cuda_home() -> str | None:
     if nvcc:  # /usr/local/bin/nvcc may be a wrapper script: only a real toolkit root has include/
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "include")):
+        if (
+            home
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.isdir(os.path.join(home, "include"))
+        ):
             return home
     return None
 

@@ -1,0 +1,488 @@
+"""`Buffer`: DeepEP V1's public API. It validates, picks a backend, and shapes results into V1's tuples.
+
+Every method validates all of its arguments before anything runs or is communicated, so a rejected call
+leaves the Buffer usable. The work itself is done by a backend (deep_ep.reference.ReferenceBackend or
+deep_ep.cuda_backend.CudaBackend), whose interface is written down at the top of deep_ep/reference.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import validation
+from .config import (
+    SUPPORTED_NUM_RANKS,
+    Config,
+    default_combine_config,
+    default_dispatch_config,
+    low_latency_rdma_size_hint,
+    nearest_supported_num_ranks,
+)
+from .event import EventOverlap, capture
+from .handles import IntranodeHandle, LowLatencyHandle
+
+BACKENDS = ("auto", "cuda", "reference")
+CONSERVATIVE_LOADS_ENV = "DEEP_EP_CONSERVATIVE_LOADS"
+
+
+def _cuda_extension():
+    """deep_ep._C, or None when it is not built or cannot load (no GPU driver, CPU build of torch)."""
+    try:
+        from . import _C  # noqa: PLC0415 - optional compiled extension
+    except (ImportError, OSError):
+        return None
+    return _C
+
+
+def _resolve_backend(backend: str) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    cuda_ready = _cuda_extension() is not None and torch.cuda.is_available()
+    if backend == "auto":
+        return "cuda" if cuda_ready else "reference"
+    if backend == "cuda" and not cuda_ready:
+        why = "deep_ep._C is not built or does not load" if _cuda_extension() is None else "no CUDA device"
+        raise RuntimeError(f"backend: 'cuda' requested but {why}; use backend='reference'")
+    return backend
+
+
+def _check_conservative_loads(conservative_loads: Optional[bool]) -> Optional[bool]:
+    if conservative_loads is not None and not isinstance(conservative_loads, bool):
+        raise TypeError(
+            f"conservative_loads: expected a bool or None, got {type(conservative_loads).__name__}"
+        )
+    return conservative_loads
+
+
+def _env_wants_conservative_loads() -> bool:
+    return os.environ.get(CONSERVATIVE_LOADS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class Buffer:
+    """Expert-parallel communication buffer: normal dispatch/combine (NVLink) and low-latency
+    dispatch/combine (NVSHMEM), DeepEP V1 compatible.
+
+    Our keyword-only additions: `backend` ("auto": the CUDA kernels when deep_ep._C loads and CUDA is
+    available, else the pure-PyTorch reference; "cuda"; "reference") and `conservative_loads` (None: read
+    DEEP_EP_CONSERVATIVE_LOADS; True: `ld.volatile.global` peer loads instead of the aggressive
+    `ld.global.nc.L1::no_allocate.L2::256B`). Tensors live on `buffer.device`: the current CUDA device when
+    CUDA is available, else the CPU (reference backend only).
+    """
+
+    num_sms: int = 24
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup],
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        explicitly_destroy: bool = False,
+        comm: Optional[object] = None,
+        *,
+        backend: str = "auto",
+        conservative_loads: Optional[bool] = None,
+    ) -> None:
+        self.num_nvl_bytes = validation.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
+        self.num_rdma_bytes = validation.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
+        self.num_qps_per_rank = validation.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+        self.low_latency_mode = bool(low_latency_mode)
+        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.allow_mnnvl = bool(allow_mnnvl)
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self.comm = comm
+        conservative_loads = _check_conservative_loads(conservative_loads)
+        backend_name = _resolve_backend(backend)
+        if group is not None:
+            self.rank, self.group_size = group.rank(), group.size()
+        elif comm is not None:
+            self.rank, self.group_size = comm.Get_rank(), comm.Get_size()
+        else:
+            raise ValueError("group: either group or comm must be given")
+        self.group = group
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+
+        # Every rank must run the same backend, or the first collective would hang: agree up front.
+        names = self._all_gather_object(backend_name)
+        if any(n != names[0] for n in names):
+            raise RuntimeError(
+                f"backend: ranks resolved different backends {names}; pass backend= explicitly"
+            )
+
+        if backend_name == "cuda":
+            from .cuda_backend import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension
+        else:
+            from .reference import ReferenceBackend as backend_cls  # noqa: PLC0415
+        self._backend = backend_cls(
+            group,
+            self.rank,
+            self.group_size,
+            self.device,
+            num_nvl_bytes=self.num_nvl_bytes,
+            num_rdma_bytes=self.num_rdma_bytes,
+            low_latency_mode=self.low_latency_mode,
+            num_qps_per_rank=self.num_qps_per_rank,
+            allow_nvlink_for_low_latency_mode=self.allow_nvlink_for_low_latency_mode,
+            allow_mnnvl=self.allow_mnnvl,
+            explicitly_destroy=self.explicitly_destroy,
+            comm=comm,
+            conservative_loads=conservative_loads,  # None: the backend follows DEEP_EP_CONSERVATIVE_LOADS
+        )
+        self._destroyed = False
+        if self._backend.load_kind == "n/a":
+            self.conservative_loads = (
+                _env_wants_conservative_loads() if conservative_loads is None else conservative_loads
+            )
+        else:
+            self.conservative_loads = self._backend.load_kind == "conservative"
+
+    def _all_gather_object(self, obj: object) -> list:
+        if self.group is not None:
+            gathered: list = [None] * self.group_size
+            dist.all_gather_object(gathered, obj, group=self.group)
+            return gathered
+        return list(self.comm.allgather(obj))
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def load_kind(self) -> str:
+        """'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' for the reference."""
+        return self._backend.load_kind
+
+    @property
+    def runtime(self):
+        """The backend object (V1 exposes its C++ runtime under this name)."""
+        return None if self._destroyed else self._backend
+
+    def _check_usable(self, op: str, *, low_latency: bool = False) -> None:
+        if self._destroyed:
+            raise RuntimeError(f"{op}: the Buffer was destroyed")
+        if low_latency and not self.low_latency_mode:
+            raise RuntimeError(f"{op}: requires Buffer(..., low_latency_mode=True)")
+
+    def destroy(self) -> None:
+        """Release the communication resources now (requires explicitly_destroy=True, as in V1); any later
+        call on this Buffer raises RuntimeError."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy: requires Buffer(..., explicitly_destroy=True)")
+        self._check_usable("destroy")
+        self._backend.destroy()
+        self._destroyed = True
+
+    # --- statics ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        ext = _cuda_extension()
+        return bool(ext.is_sm90_compiled()) if ext is not None and hasattr(ext, "is_sm90_compiled") else False
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """SM budget of the normal-mode kernels, used by the default configs (class-wide, as in V1)."""
+        Buffer.num_sms = validation.check_int("new_num_sms", new_num_sms, minimum=1)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current CUDA stream (an empty EventOverlap without CUDA)."""
+        return capture()
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return default_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return default_combine_config(num_ranks, Buffer.num_sms)
+
+    def _default_config(self, kind: str) -> Config:
+        # V1 only has tables for SUPPORTED_NUM_RANKS; other group sizes borrow the next larger entry.
+        num_ranks = self.group_size if self.group_size in SUPPORTED_NUM_RANKS else None
+        num_ranks = num_ranks or nearest_supported_num_ranks(self.group_size)
+        return (
+            self.get_dispatch_config(num_ranks) if kind == "dispatch" else self.get_combine_config(num_ranks)
+        )
+
+    def get_comm_stream(self):
+        self._check_usable("get_comm_stream")
+        return self._backend.get_comm_stream()
+
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: Optional[torch.Size] = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        self._check_usable("get_local_buffer_tensor")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+        offset = validation.check_int("offset", offset, minimum=0)
+        return self._backend.get_local_buffer_tensor(dtype, size, offset, use_rdma_buffer)
+
+    # --- normal mode --------------------------------------------------------------------------------------
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """-> (num_tokens_per_rank int32 [R], None (intra-node), num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [T, R], event)."""
+        self._check_usable("get_dispatch_layout")
+        validation.check_common(None, previous_event)
+        num_experts = validation.validate_layout(
+            topk_idx, num_experts, num_ranks=self.group_size, device=self.device
+        )
+        per_rank, per_rdma_rank, per_expert, in_rank, event = self._backend.get_dispatch_layout(
+            topk_idx,
+            num_experts,
+            getattr(previous_event, "event", None),
+            async_finish,
+            allocate_on_comm_stream,
+        )
+        return per_rank, per_rdma_rank, per_expert, in_rank, EventOverlap(event)
+
+    def dispatch(
+        self,
+        x: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+        handle: Optional[tuple] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple:
+        """-> (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event).
+
+        recv_x matches x's form (tensor, or (fp8, scales) tuple). A cached dispatch (handle given) returns
+        (recv_x, None, None, None, None, event), as V1 does. See reference.intranode_dispatch for the exact
+        semantics (row order, padding with num_worst_tokens, handle contents).
+        """
+        self._check_usable("dispatch")
+        args = validation.validate_dispatch(
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            num_ranks=self.group_size,
+            device=self.device,
+            num_nvl_bytes=self.num_nvl_bytes,
+        )
+        x_scales = None if args.x_scales is None else args.x_scales.contiguous()
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = (
+            self._backend.dispatch(
+                args.x,
+                x_scales,
+                args.handle,
+                args.num_tokens_per_rank,
+                args.is_token_in_rank,
+                args.num_tokens_per_expert,
+                args.topk_idx,
+                args.topk_weights,
+                args.expert_alignment,
+                args.num_worst_tokens,
+                config if config is not None else self._default_config("dispatch"),
+                getattr(previous_event, "event", None),
+                async_finish,
+                allocate_on_comm_stream,
+            )
+        )
+        recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        if args.handle is not None:
+            return recv, None, None, None, None, EventOverlap(event)
+        return (
+            recv,
+            recv_topk_idx,
+            recv_topk_weights,
+            per_expert,
+            IntranodeHandle(*new_handle),
+            EventOverlap(event),
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None] = None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, k] or None, event).
+        Sums (without weights) every received copy back into its source token; see
+        reference.intranode_combine for the reduction order."""
+        self._check_usable("combine")
+        args = validation.validate_combine(
+            x,
+            handle,
+            topk_weights,
+            bias,
+            config,
+            previous_event,
+            num_ranks=self.group_size,
+            device=self.device,
+            num_nvl_bytes=self.num_nvl_bytes,
+        )
+        combined_x, combined_topk_weights, event = self._backend.combine(
+            args.x,
+            args.handle,
+            args.topk_weights,
+            args.bias_0,
+            args.bias_1,
+            config if config is not None else self._default_config("combine"),
+            getattr(previous_event, "event", None),
+            async_finish,
+            allocate_on_comm_stream,
+        )
+        return combined_x, combined_topk_weights, EventOverlap(event)
+
+    # --- low-latency mode ---------------------------------------------------------------------------------
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        self._check_usable("clean_low_latency_buffer", low_latency=True)
+        m, hidden, num_experts = validation.validate_clean_low_latency_buffer(
+            num_max_dispatch_tokens_per_rank,
+            hidden,
+            num_experts,
+            num_ranks=self.group_size,
+            num_rdma_bytes=self.num_rdma_bytes,
+        )
+        self._backend.clean_low_latency_buffer(m, hidden, num_experts)
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple:
+        """-> (recv_x, recv_count int32 [L], handle, event, hook). recv_x: bf16 [L, R*M, H], or with use_fp8
+        the tuple (float8_e4m3fn [L, R*M, H], scales) with column-major scales float32 [L, R*M, H/128]
+        (use_ue8m0: int32 [L, R*M, H/512]). Only the first recv_count[l] rows of expert l are valid."""
+        self._check_usable("low_latency_dispatch", low_latency=True)
+        m, num_experts = validation.validate_low_latency_dispatch(
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            num_ranks=self.group_size,
+            device=self.device,
+            num_rdma_bytes=self.num_rdma_bytes,
+        )
+        recv_x, recv_x_scales, recv_count, src_info, layout_range, event, hook = (
+            self._backend.low_latency_dispatch(
+                x,
+                topk_idx,
+                m,
+                num_experts,
+                cumulative_local_expert_recv_stats,
+                dispatch_wait_recv_cost_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
+            )
+        )
+        handle = LowLatencyHandle(src_info, layout_range, m, x.size(1), num_experts)
+        keep_alive = (x, topk_idx, recv_x, recv_x_scales, recv_count, src_info, layout_range)
+        keep_alive += (cumulative_local_expert_recv_stats,)
+        recv = (recv_x, recv_x_scales) if use_fp8 else recv_x
+        return recv, recv_count, handle, EventOverlap(event, keep_alive if async_finish else None), hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
+        """-> (combined_x bf16 [T, H] (`out` when given), event, hook): sum_k topk_weights[t, k] times the
+        output of expert topk_idx[t, k] for token t, skipping -1."""
+        self._check_usable("low_latency_combine", low_latency=True)
+        handle = validation.validate_low_latency_combine(
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            out,
+            num_ranks=self.group_size,
+            device=self.device,
+            num_rdma_bytes=self.num_rdma_bytes,
+        )
+        combined_x, event, hook = self._backend.low_latency_combine(
+            x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out
+        )
+        keep_alive = (x, topk_idx, topk_weights, handle.packed_recv_src_info, handle.packed_recv_layout_range)
+        keep_alive += (combined_x,)
+        return combined_x, EventOverlap(event, keep_alive if async_finish else None), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The [L, R*M, H] bf16 tensor the next low_latency_combine(..., zero_copy=True) reads."""
+        self._check_usable("get_next_low_latency_combine_buffer", low_latency=True)
+        handle = validation.validate_low_latency_handle(handle, num_ranks=self.group_size, device=self.device)
+        return self._backend.get_next_low_latency_combine_buffer(handle)

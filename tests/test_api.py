@@ -1,0 +1,301 @@
+"""The public API is DeepEP V1's (DESIGN section 2): names, parameters, defaults, tuple layouts; plus the
+size hints, default configs and EventOverlap."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deep_ep
+from deep_ep import config as cfg
+from deep_ep.handles import InternodeHandle, IntranodeHandle, LowLatencyHandle
+
+_ = inspect.Parameter.empty
+# method -> [(parameter, default)], in order, after `self`; `_` = no default
+V1_SIGNATURES = {
+    "__init__": [
+        ("group", _),
+        ("num_nvl_bytes", 0),
+        ("num_rdma_bytes", 0),
+        ("low_latency_mode", False),
+        ("num_qps_per_rank", 24),
+        ("allow_nvlink_for_low_latency_mode", True),
+        ("allow_mnnvl", False),
+        ("explicitly_destroy", False),
+        ("comm", None),
+    ],
+    "get_dispatch_layout": [
+        ("topk_idx", _),
+        ("num_experts", _),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "dispatch": [
+        ("x", _),
+        ("handle", None),
+        ("num_tokens_per_rank", None),
+        ("num_tokens_per_rdma_rank", None),
+        ("is_token_in_rank", None),
+        ("num_tokens_per_expert", None),
+        ("topk_idx", None),
+        ("topk_weights", None),
+        ("expert_alignment", 1),
+        ("num_worst_tokens", 0),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "combine": [
+        ("x", _),
+        ("handle", _),
+        ("topk_weights", None),
+        ("bias", None),
+        ("config", None),
+        ("previous_event", None),
+        ("async_finish", False),
+        ("allocate_on_comm_stream", False),
+    ],
+    "low_latency_dispatch": [
+        ("x", _),
+        ("topk_idx", _),
+        ("num_max_dispatch_tokens_per_rank", _),
+        ("num_experts", _),
+        ("cumulative_local_expert_recv_stats", None),
+        ("dispatch_wait_recv_cost_stats", None),
+        ("use_fp8", True),
+        ("round_scale", False),
+        ("use_ue8m0", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
+    ],
+    "low_latency_combine": [
+        ("x", _),
+        ("topk_idx", _),
+        ("topk_weights", _),
+        ("handle", _),
+        ("use_logfmt", False),
+        ("zero_copy", False),
+        ("async_finish", False),
+        ("return_recv_hook", False),
+        ("out", None),
+    ],
+    "get_next_low_latency_combine_buffer": [("handle", _)],
+    "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", _), ("hidden", _), ("num_experts", _)],
+    "get_local_buffer_tensor": [("dtype", _), ("size", None), ("offset", 0), ("use_rdma_buffer", False)],
+    "get_comm_stream": [],
+    "destroy": [],
+}
+V1_STATIC_SIGNATURES = {
+    "is_sm90_compiled": [],
+    "set_num_sms": [("new_num_sms", _)],
+    "capture": [],
+    "get_low_latency_rdma_size_hint": [
+        ("num_max_dispatch_tokens_per_rank", _),
+        ("hidden", _),
+        ("num_ranks", _),
+        ("num_experts", _),
+    ],
+    "get_dispatch_config": [("num_ranks", _)],
+    "get_combine_config": [("num_ranks", _)],
+}
+
+
+def positional(fn, skip_self: bool):
+    params = list(inspect.signature(fn).parameters.values())[1 if skip_self else 0 :]
+    return [(p.name, p.default) for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+
+
+@pytest.mark.parametrize("method", V1_SIGNATURES)
+def test_buffer_method_signature_is_v1(method):
+    assert positional(getattr(deep_ep.Buffer, method), skip_self=True) == V1_SIGNATURES[method]
+
+
+@pytest.mark.parametrize("method", V1_STATIC_SIGNATURES)
+def test_buffer_static_signature_is_v1(method):
+    assert isinstance(inspect.getattr_static(deep_ep.Buffer, method), staticmethod)
+    assert positional(getattr(deep_ep.Buffer, method), skip_self=False) == V1_STATIC_SIGNATURES[method]
+
+
+def test_our_additions_are_keyword_only():
+    params = inspect.signature(deep_ep.Buffer.__init__).parameters
+    keyword_only = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keyword_only == {"backend": "auto", "conservative_loads": None}
+
+
+def test_config_signature_and_attributes():
+    assert positional(deep_ep.Config.__init__, skip_self=True) == [
+        ("num_sms", _),
+        ("num_max_nvl_chunked_send_tokens", _),
+        ("num_max_nvl_chunked_recv_tokens", _),
+        ("num_max_rdma_chunked_send_tokens", 6),
+        ("num_max_rdma_chunked_recv_tokens", 256),
+    ]
+    c = deep_ep.Config(20, 6, 256)
+    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens) == (20, 6, 256)
+    assert (c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (6, 256)
+    assert c == deep_ep.Config(20, 6, 256, 6, 256) and c != deep_ep.Config(20, 8, 256)
+
+
+def test_public_names():
+    assert set(deep_ep.__all__) == {"Buffer", "Config", "EventOverlap", "topk_idx_t", "has_cuda_extension"}
+    assert deep_ep.topk_idx_t is torch.int64
+    assert isinstance(deep_ep.has_cuda_extension(), bool)
+    assert isinstance(deep_ep.Buffer.is_sm90_compiled(), bool)
+
+
+def test_imports_without_gpu_or_extension():
+    """With deep_ep._C unloadable and no visible GPU, import works and the reference is chosen."""
+    code = (
+        "import sys; sys.modules['deep_ep._C'] = None\n"  # a None entry makes `import deep_ep._C` fail
+        "import deep_ep, torch\n"
+        "from deep_ep.buffer import _resolve_backend\n"
+        "assert not deep_ep.has_cuda_extension() and not deep_ep.Buffer.is_sm90_compiled()\n"
+        "assert _resolve_backend('auto') == 'reference'\n"
+        "try:\n    _resolve_backend('cuda')\nexcept RuntimeError as e:\n    assert str(e).startswith('backend:')\n"
+        "else:\n    raise AssertionError('cuda backend without extension')\n"
+    )
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_handles_are_v1_tuples():
+    t = torch.zeros(1)
+    assert len(IntranodeHandle(*[t] * 6)) == 6 and isinstance(IntranodeHandle(*[t] * 6), tuple)
+    assert IntranodeHandle._fields[0] == "rank_prefix_matrix" and IntranodeHandle._fields[3] == "recv_src_idx"
+    assert IntranodeHandle._fields[4:] == ("is_token_in_rank", "send_head")
+    ll = LowLatencyHandle(t, t, 128, 7168, 288)
+    src_info, layout_range, m, hidden, num_experts = ll  # V1 code unpacks it
+    assert (m, hidden, num_experts) == (128, 7168, 288) and ll[2] == 128
+    marker = torch.ones(2)
+    internode = InternodeHandle(*([t] * 6), marker, t, t, t)
+    assert len(internode) == 10 and internode[-4] is marker and internode.recv_gbl_rank_prefix_sum is marker
+
+
+@pytest.mark.parametrize("num_ranks", cfg.SUPPORTED_NUM_RANKS)
+def test_default_configs_for_v1_rank_counts(num_ranks):
+    for getter in (deep_ep.Buffer.get_dispatch_config, deep_ep.Buffer.get_combine_config):
+        c = getter(num_ranks)
+        assert isinstance(c, deep_ep.Config) and c.num_sms == deep_ep.Buffer.num_sms
+        assert c.num_max_nvl_chunked_send_tokens <= c.num_max_nvl_chunked_recv_tokens
+
+
+def test_default_config_rejects_unsupported_rank_counts():
+    for bad in (1, 3, 6, 161):
+        with pytest.raises(ValueError, match="^num_ranks:"):
+            cfg.default_dispatch_config(bad)
+    assert cfg.nearest_supported_num_ranks(3) == 4 and cfg.nearest_supported_num_ranks(1) == 2
+
+
+def test_set_num_sms_changes_defaults():
+    old = deep_ep.Buffer.num_sms
+    try:
+        deep_ep.Buffer.set_num_sms(33)
+        assert deep_ep.Buffer.get_dispatch_config(8).num_sms == 33
+    finally:
+        deep_ep.Buffer.set_num_sms(old)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+@pytest.mark.parametrize("hidden", [128, 2048, 7168])
+def test_nvl_hint_covers_every_valid_call_it_was_asked_about(num_ranks, hidden):
+    tokens = 4096
+    hint = deep_ep.Config(24, 6, 256).get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+    assert hint % cfg.BUFFER_ALIGNMENT_BYTES == 0
+    for num_topk in (0, 1, 8, cfg.MAX_NUM_TOPK):
+        for elem_bytes in (1, 2):  # FP8 and BF16 rows
+            dispatch = cfg.nvl_buffer_bytes_needed(
+                tokens, hidden * elem_bytes, num_ranks, num_topk, "dispatch"
+            )
+            assert dispatch <= hint
+        combine = cfg.nvl_buffer_bytes_needed(num_ranks * tokens, hidden * 2, num_ranks, num_topk, "combine")
+        assert combine <= hint
+    # ...and not for more tokens than it was asked about.
+    more = cfg.nvl_buffer_bytes_needed(num_ranks * tokens * 2, hidden * 2, num_ranks, 8, "combine")
+    assert more > hint
+    assert deep_ep.Config(24, 6, 256).get_rdma_buffer_size_hint(hidden * 2, num_ranks) >= hint
+
+
+def test_nvl_bytes_needed_formula():
+    # 10 rows of 256 bytes + 8 scale bytes + 2 x 8 top-k bytes = 280 -> 288 (16-byte rows), + send lists.
+    assert (
+        cfg.nvl_buffer_bytes_needed(10, 256, 4, 2, "dispatch")
+        == cfg.NVL_CONTROL_BYTES + 10 * 288 + 4 * 10 * 4
+    )
+    assert cfg.nvl_buffer_bytes_needed(10, 256, 4, 3, "combine") == cfg.NVL_CONTROL_BYTES + 10 * 272
+    with pytest.raises(ValueError, match="^kind:"):
+        cfg.nvl_buffer_bytes_needed(10, 256, 4, 3, "gather")
+
+
+def test_low_latency_hint():
+    hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288)
+    assert hint % cfg.BUFFER_ALIGNMENT_BYTES == 0
+    assert hint >= cfg.low_latency_buffer_bytes_needed(128, 7168, 8, 288)
+    # The receive region alone holds one BF16 row per (local expert, source rank, token).
+    assert hint >= 2 * (288 // 8) * 8 * 128 * 7168 * 2
+    assert deep_ep.Buffer.get_low_latency_rdma_size_hint(256, 7168, 8, 288) > hint
+
+
+class FakeEvent:
+    def __init__(self):
+        self.waits = 0
+
+    def current_stream_wait(self):
+        self.waits += 1
+
+
+def test_event_overlap():
+    empty = deep_ep.EventOverlap()
+    empty.current_stream_wait()  # nothing to wait for: a no-op, not an error
+    with empty as entered:
+        assert entered is empty
+    fake, tensor = FakeEvent(), torch.ones(3)
+    event = deep_ep.EventOverlap(fake, [tensor])
+    assert event.extra_tensors == (tensor,) and isinstance(event.extra_tensors, tuple)
+    with event:
+        assert fake.waits == 0
+    assert fake.waits == 1, "leaving the with-block waits"
+    event.current_stream_wait()
+    assert fake.waits == 2
+    captured = deep_ep.Buffer.capture()
+    assert isinstance(captured, deep_ep.EventOverlap)
+    assert (captured.event is None) == (not torch.cuda.is_available())
+
+
+def rank_buffer_properties(rank, num_ranks, group):
+    buffer = deep_ep.Buffer(group, backend="reference", conservative_loads=True)
+    return (
+        buffer.backend_name,
+        buffer.load_kind,
+        buffer.rank,
+        buffer.group_size,
+        buffer.conservative_loads,
+        buffer.get_comm_stream() is None,
+        str(buffer.device),
+    )
+
+
+def test_buffer_properties(rank_pool):
+    for rank, props in enumerate(rank_pool(2).run(rank_buffer_properties)):
+        backend, load_kind, r, size, conservative, no_stream, device = props
+        assert (backend, load_kind, r, size, conservative) == ("reference", "n/a", rank, 2, True)
+        assert no_stream == (device == "cpu")
+
+
+def rank_local_buffer_tensor(rank, num_ranks, group):
+    try:
+        deep_ep.Buffer(group, backend="reference").get_local_buffer_tensor(torch.bfloat16)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
+def test_reference_has_no_local_buffer_tensor(rank_pool):
+    for message in rank_pool(2).run(rank_local_buffer_tensor):
+        assert message is not None and message.startswith("get_local_buffer_tensor:")
