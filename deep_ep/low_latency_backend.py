@@ -127,6 +127,8 @@ class LowLatencyCuda:
 
     def _use_shape(self, m: int, hidden: int, num_experts: int) -> None:
         """Signal words sit at shape-dependent offsets: a new shape starts from a clean buffer."""
+        if self.shape == (m, hidden, num_experts):
+            return
         needed = _C().low_latency_rdma_size_hint(m, hidden, self.num_ranks, num_experts)
         if needed > self.num_rdma_bytes:
             raise ValueError(
@@ -134,7 +136,7 @@ class LowLatencyCuda:
                 f"rank, hidden {hidden}, {num_experts} experts (needs {needed}): use "
                 f"Buffer.get_low_latency_rdma_size_hint"
             )
-        if self.shape is not None and self.shape != (m, hidden, num_experts):
+        if self.shape is not None:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     "low-latency shape changed during CUDA graph capture: call clean_low_latency_buffer first"

@@ -401,8 +401,8 @@ def _timeout(rank, num_ranks, group):
             backend.low_latency_dispatch(
                 x, idx, m, num_experts, None, None, False, False, False, False, False
             )
-            torch.cuda.synchronize()
             try:
+                torch.cuda.synchronize()
                 backend.raise_if_failed()
             except RuntimeError as e:
                 message = str(e)

@@ -21,7 +21,9 @@ constexpr int kNumThreads = 512;
 constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kMaxRanks = 1024;
 
-__device__ void send_phase(const LowLatencyCombineArgs& args, const peer::SymmetricView& view, int* begins) {
+/// All warps of the grid share all rows: flat row f of this rank's [L][rows of l] maps to (l, r) through
+/// a prefix over the experts' row totals that every block computes from the handle's ranges.
+__device__ void send_phase(const LowLatencyCombineArgs& args, const peer::SymmetricView& view, int* expert_row_start) {
     const auto& layout = args.layout;
     const int num_ranks = static_cast<int>(layout.num_ranks);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
@@ -30,40 +32,64 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     char* staged = view.local(layout.send_region(args.buffer_set));
 
-    for (int local_expert = blockIdx.x; local_expert < num_local_experts; local_expert += gridDim.x) {
-        // begins[src] from the handle's ranges; begins[num_ranks] = rows of this expert.
-        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads)
-            begins[src] = static_cast<int>(args.layout_range[local_expert * num_ranks + src] >> 32);
-        if (threadIdx.x == 0) {
-            const int64_t last = args.layout_range[local_expert * num_ranks + num_ranks - 1];
-            begins[num_ranks] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
-        }
-        __syncthreads();
-        const int total = begins[num_ranks];
-        const int expert = args.rank * num_local_experts + local_expert;
-        for (int r = warp; r < total; r += kNumWarps) {
-            int src = 0;
-            while (src + 1 < num_ranks && begins[src + 1] <= r)
-                ++src;
-            const int64_t row = local_expert * rows_per_expert + r;
-            const int token = args.src_info[row];
-            const char* staged_row = staged + row * row_bytes;
-            const void* source = args.zero_copy ? static_cast<const void*>(staged_row)
-                                                : static_cast<const char*>(args.x) + row * row_bytes;
-            if (!args.zero_copy && view.mapped(src) == nullptr) {
-                // Puts read registered memory only: stage the row in the symmetric buffer first.
-                const auto* in = reinterpret_cast<const int4*>(source);
-                auto* out = reinterpret_cast<int4*>(const_cast<char*>(staged_row));
-                for (int v = lane; v < row_bytes / 16; v += 32)
-                    out[v] = __ldg(in + v);
-                __syncwarp();
-                source = staged_row;
+    // Rows of expert l = end of its last source's range (sources are laid out in rank order).
+    if (warp == 0) {
+        int carry = 0;
+        for (int base = 0; base < num_local_experts; base += 32) {
+            const int l = base + lane;
+            int rows = 0;
+            if (l < num_local_experts) {
+                const int64_t last = args.layout_range[int64_t{l} * num_ranks + num_ranks - 1];
+                rows = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
             }
-            peer::warp_send_with_signal(view, src, layout.combine_recv_row(args.buffer_set, expert, token), source,
-                                        row_bytes, layout.combine_counter(args.buffer_set, expert), 1,
-                                        peer::SignalOp::kAdd, lane);
+            int inclusive = rows;
+#pragma unroll
+            for (int offset = 1; offset < 32; offset *= 2) {
+                const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+                if (lane >= offset)
+                    inclusive += other;
+            }
+            if (l < num_local_experts)
+                expert_row_start[l + 1] = carry + inclusive;
+            carry += __shfl_sync(0xffffffffu, inclusive, 31);
         }
-        __syncthreads();  // begins is rewritten for the next expert
+        if (lane == 0)
+            expert_row_start[0] = 0;
+    }
+    __syncthreads();
+
+    const int total = expert_row_start[num_local_experts];
+    for (int f = blockIdx.x * kNumWarps + warp; f < total; f += gridDim.x * kNumWarps) {
+        int lo = 0, hi = num_local_experts - 1;  // the last expert whose rows start at or before f
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (expert_row_start[mid] <= f)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        const int local_expert = lo, r = f - expert_row_start[lo];
+        int src = num_ranks - 1;  // the last source whose range begins at or before r
+        while (static_cast<int>(args.layout_range[int64_t{local_expert} * num_ranks + src] >> 32) > r)
+            --src;
+        const int64_t row = local_expert * rows_per_expert + r;
+        const int token = args.src_info[row];
+        const int expert = args.rank * num_local_experts + local_expert;
+        const char* staged_row = staged + row * row_bytes;
+        const void* source = args.zero_copy ? static_cast<const void*>(staged_row)
+                                            : static_cast<const char*>(args.x) + row * row_bytes;
+        if (!args.zero_copy && view.mapped(src) == nullptr) {
+            // Puts read registered memory only: stage the row in the symmetric buffer first.
+            const auto* in = reinterpret_cast<const int4*>(source);
+            auto* out = reinterpret_cast<int4*>(const_cast<char*>(staged_row));
+            for (int v = lane; v < row_bytes / 16; v += 32)
+                out[v] = __ldg(in + v);
+            __syncwarp();
+            source = staged_row;
+        }
+        peer::warp_send_with_signal(view, src, layout.combine_recv_row(args.buffer_set, expert, token), source,
+                                    row_bytes, layout.combine_counter(args.buffer_set, expert), 1,
+                                    peer::SignalOp::kAdd, lane);
     }
     if (!args.symmetric.all_ranks_mapped && lane == 0)
         peer::quiet();
@@ -121,18 +147,29 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             break;  // uniform: every thread read the flag after the barrier
         for (int v = threadIdx.x; v < num_vectors; v += kNumThreads) {
             float sum[8] = {};
-            for (int k = 0; k < args.num_topk; ++k) {
-                const int expert = experts[k];
-                if (expert < 0)
-                    continue;
-                const auto* row =
-                    reinterpret_cast<const int4*>(view.local(layout.combine_recv_row(args.buffer_set, expert, token)));
-                const int4 packed = ptx::ld_peer<kLoadKind>(row + v);
-                const auto* values = reinterpret_cast<const __nv_bfloat16*>(&packed);
-                const float w = weights[k];
+            // Loads of a batch of top-k rows are issued together; the sum keeps the reference's k order.
+            constexpr int kBatch = 4;
+            for (int k0 = 0; k0 < args.num_topk; k0 += kBatch) {
+                int4 packed[kBatch];
 #pragma unroll
-                for (int i = 0; i < 8; ++i)  // unfused, as the reference: acc + float32(w * x)
-                    sum[i] = __fadd_rn(sum[i], __fmul_rn(w, __bfloat162float(values[i])));
+                for (int b = 0; b < kBatch; ++b) {
+                    const int k = k0 + b;
+                    if (k < args.num_topk && experts[k] >= 0)
+                        packed[b] = ptx::ld_peer<kLoadKind>(reinterpret_cast<const int4*>(view.local(
+                                                                layout.combine_recv_row(args.buffer_set, experts[k], token))) +
+                                                            v);
+                }
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) {
+                    const int k = k0 + b;
+                    if (k >= args.num_topk || experts[k] < 0)
+                        continue;
+                    const auto* values = reinterpret_cast<const __nv_bfloat16*>(&packed[b]);
+                    const float w = weights[k];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i)  // unfused, as the reference: acc + float32(w * x)
+                        sum[i] = __fadd_rn(sum[i], __fmul_rn(w, __bfloat162float(values[i])));
+                }
             }
             int4 out;
             auto* out_values = reinterpret_cast<__nv_bfloat16*>(&out);
@@ -164,7 +201,7 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
 
 template <ptx::LoadKind kLoadKind>
 __global__ void __launch_bounds__(kNumThreads, 1) low_latency_combine_kernel(const LowLatencyCombineArgs args) {
-    __shared__ int histogram[kLowLatencyMaxExperts];
+    __shared__ int histogram[kLowLatencyMaxExperts + 1];  // also the send phase's expert_row_start
     __shared__ int experts[kLowLatencyMaxTopk];
     __shared__ float weights[kLowLatencyMaxTopk];
     __shared__ int failed;

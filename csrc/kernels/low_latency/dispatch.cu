@@ -27,39 +27,55 @@ constexpr int kCountShift = 16;
 constexpr int kCountSetBit = 1 << 30;
 constexpr int kArrivedMask = (1 << kCountShift) - 1;
 
-__device__ __forceinline__ int load_topk(const LowLatencyDispatchArgs& args, int64_t index) {
-    return args.topk_idx_is_int64 ? static_cast<int>(static_cast<const int64_t*>(args.topk_idx)[index])
-                                  : static_cast<const int*>(args.topk_idx)[index];
-}
+// Pairs (token, top-k entry) whose expert ids fit the shared-memory copy the send phase scans;
+// larger batches read topk_idx from global memory (L1/L2) instead.
+constexpr int kMaxCachedPairs = 6144;
 
-// A token that lists an expert twice is sent to it once (the reference's semantics): only the first
-// occurrence of an expert in a token's top-k counts.
-__device__ __forceinline__ bool is_first_occurrence(const LowLatencyDispatchArgs& args, int pair, int expert) {
-    const int first_of_token = pair - pair % args.num_topk;
-    for (int p = first_of_token; p < pair; ++p)
-        if (load_topk(args, p) == expert)
-            return false;
-    return true;
-}
+/// topk_idx[pair] from the block's shared copy when it fits, else from global memory.
+struct TopkReader {
+    const void* topk_idx;
+    bool is_int64;
+    const short* cache;  // null: not cached
+    __device__ __forceinline__ int global(int pair) const {
+        return is_int64 ? static_cast<int>(static_cast<const int64_t*>(topk_idx)[pair])
+                        : static_cast<const int*>(topk_idx)[pair];
+    }
+    __device__ __forceinline__ int operator()(int pair) const { return cache != nullptr ? cache[pair] : global(pair); }
+    // A token that lists an expert twice is sent to it once (the reference's semantics): only the first
+    // occurrence of an expert in a token's top-k counts.
+    __device__ __forceinline__ bool is_first_occurrence(int pair, int expert, int num_topk) const {
+        for (int p = pair - pair % num_topk; p < pair; ++p)
+            if ((*this)(p) == expert)
+                return false;
+        return true;
+    }
+};
 
 __device__ __forceinline__ bool dispatch_word_complete(int value) {
     return (value & kCountSetBit) != 0 && ((value >> kCountShift) & 0x3fff) == (value & kArrivedMask);
 }
 
-__device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* histogram) {
+__device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* histogram,
+                           short* topk_cache) {
     const auto& layout = args.layout;
     const int num_experts = static_cast<int>(layout.num_experts);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
     const int num_pairs = args.num_tokens * args.num_topk;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    TopkReader topk{args.topk_idx, args.topk_idx_is_int64, nullptr};
 
     // 1. Counts per expert; each block computes all of them (a few KB of topk_idx) to avoid a grid sync.
+    const bool cached = num_pairs <= kMaxCachedPairs;
+    for (int p = threadIdx.x; cached && p < num_pairs; p += kNumThreads)
+        topk_cache[p] = static_cast<short>(topk.global(p));
     for (int e = threadIdx.x; e < num_experts; e += kNumThreads)
         histogram[e] = 0;
     __syncthreads();
+    if (cached)
+        topk.cache = topk_cache;
     for (int p = threadIdx.x; p < num_pairs; p += kNumThreads) {
-        const int e = load_topk(args, p);
-        if (e >= 0 && is_first_occurrence(args, p, e))
+        const int e = topk(p);
+        if (e >= 0 && topk.is_first_occurrence(p, e, args.num_topk))
             atomicAdd(&histogram[e], 1);
     }
     __syncthreads();
@@ -112,15 +128,15 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     for (int task = warp; task < num_block_tokens * args.num_topk; task += kNumWarps) {
         const int token = blockIdx.x + (task / args.num_topk) * gridDim.x, k = task % args.num_topk;
         const int pair = token * args.num_topk + k;
-        const int expert = load_topk(args, pair);
-        if (expert < 0 || !is_first_occurrence(args, pair, expert))
+        const int expert = topk(pair);
+        if (expert < 0 || !topk.is_first_occurrence(pair, expert, args.num_topk))
             continue;
         // Slot = earlier tokens that chose this expert, so a source's rows arrive in token order.
         const int first_pair_of_token = token * args.num_topk;
         int slot = 0;
         for (int p = lane; p - lane < first_pair_of_token; p += 32)
-            slot += __popc(__ballot_sync(0xffffffffu, p < first_pair_of_token && load_topk(args, p) == expert &&
-                                                          is_first_occurrence(args, p, expert)));
+            slot += __popc(__ballot_sync(0xffffffffu, p < first_pair_of_token && topk(p) == expert &&
+                                                          topk.is_first_occurrence(p, expert, args.num_topk)));
         const int dst_rank = expert / num_local_experts, local_expert = expert % num_local_experts;
         peer::warp_send_with_signal(view, dst_rank, layout.dispatch_recv_row(args.buffer_set, local_expert, args.rank, slot),
                                     send_rows + token * stride, row_bytes,
@@ -136,22 +152,75 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     }
 }
 
+/// Copies one received row (header, payload, scales) to its packed position.
+template <ptx::LoadKind kLoadKind>
+__device__ __forceinline__ void unpack_row(const LowLatencyDispatchArgs& args, const char* row, int local_expert,
+                                           int packed_row, int lane) {
+    const auto& layout = args.layout;
+    const int hidden = static_cast<int>(layout.hidden);
+    const int num_groups = hidden / fp8::kGroupSize;
+    const int64_t rows_per_expert = layout.num_ranks * layout.num_max_tokens;
+    const int64_t out_row = local_expert * rows_per_expert + packed_row;
+    if (lane == 0)
+        args.recv_src_info[out_row] = ptx::ld_peer<kLoadKind>(reinterpret_cast<const int*>(row));
+    const auto* payload = reinterpret_cast<const int4*>(row + layout.dispatch_header_bytes());
+    const int payload_bytes = args.use_fp8 ? hidden : hidden * 2;
+    auto* dst = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + out_row * payload_bytes);
+    constexpr int kUnroll = 4;
+    for (int base = lane; base < payload_bytes / 16; base += kUnroll * 32) {
+        int4 values[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * 32 < payload_bytes / 16)
+                values[u] = ptx::ld_peer<kLoadKind>(payload + base + u * 32);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * 32 < payload_bytes / 16)
+                ptx::st_global_L1_no_allocate(dst + base + u * 32, values[u]);
+    }
+    if (!args.use_fp8)
+        return;
+    const auto* scales = reinterpret_cast<const int*>(row + layout.dispatch_header_bytes() + hidden);
+    const int64_t scale_plane = rows_per_expert;  // column-major: [L][groups][R*M]
+    if (args.use_ue8m0) {
+        auto* out = static_cast<int*>(args.recv_scales);
+        const int num_packed = (num_groups + 3) / 4;  // a missing group of the last int is byte 0
+        for (int q = lane; q < num_packed; q += 32) {
+            uint32_t packed = 0;
+            for (int b = 0; b < 4 && q * 4 + b < num_groups; ++b)
+                packed |= fp8::ue8m0_byte(__int_as_float(ptx::ld_peer<kLoadKind>(scales + q * 4 + b))) << (8 * b);
+            out[(int64_t{local_expert} * num_packed + q) * scale_plane + packed_row] = static_cast<int>(packed);
+        }
+    } else {
+        auto* out = static_cast<float*>(args.recv_scales);
+        for (int g = lane; g < num_groups; g += 32)
+            out[(int64_t{local_expert} * num_groups + g) * scale_plane + packed_row] =
+                __int_as_float(ptx::ld_peer<kLoadKind>(scales + g));
+    }
+}
+
+/// The block takes its local experts (l = blockIdx.x + i * gridDim.x) in chunks that fit the shared
+/// arrays: wait for every (expert, source) word of the chunk, lay each expert's sources out in rank order,
+/// then all warps copy the chunk's rows together.
 template <ptx::LoadKind kLoadKind>
 __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* counts,
-                           int* begins, int* failed) {
+                           int* begins, int* chunk_row_start, int* failed) {
     const auto& layout = args.layout;
     const int num_ranks = static_cast<int>(layout.num_ranks);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
-    const int64_t rows_per_expert = layout.num_ranks * layout.num_max_tokens;
-    const int hidden = static_cast<int>(layout.hidden);
-    const int num_groups = hidden / fp8::kGroupSize;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint64_t start_ns = ptx::mov_u64_globaltimer();
+    const int num_block_experts = num_local_experts > static_cast<int>(blockIdx.x)
+                                      ? (num_local_experts - blockIdx.x + gridDim.x - 1) / gridDim.x
+                                      : 0;
+    const int chunk_experts = kMaxRanks / num_ranks;
 
-    for (int local_expert = blockIdx.x; local_expert < num_local_experts; local_expert += gridDim.x) {
-        // Wait for every source's word of this expert; each thread owns some sources.
-        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads) {
-            auto* word = view.local<uint64_t>(layout.dispatch_word(args.buffer_set, local_expert, src));
+    for (int chunk = 0; chunk < num_block_experts; chunk += chunk_experts) {
+        const int num_chunk = min(chunk_experts, num_block_experts - chunk);
+        const auto expert_of = [&](int i) { return blockIdx.x + (chunk + i) * gridDim.x; };
+        for (int w = threadIdx.x; w < num_chunk * num_ranks; w += kNumThreads) {
+            const int i = w / num_ranks, src = w % num_ranks;
+            auto* word = view.local<uint64_t>(layout.dispatch_word(args.buffer_set, expert_of(i), src));
             int value = 0;
             const bool arrived = wait_until(
                 args.wait, WaitSite::kLowLatencyCount, src, kCountSetBit,
@@ -160,85 +229,66 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
                 *failed = 1;
                 continue;
             }
-            // All rows of this use have arrived, so nobody else writes the word before its next use.
+            // Every row of this use has arrived, so nobody writes the word again before its next use.
             ptx::st_relaxed_sys_global(reinterpret_cast<int*>(word), 0);
-            counts[src] = value & kArrivedMask;
+            counts[w] = value & kArrivedMask;
             if (args.dispatch_wait_recv_cost_stats != nullptr)
                 atomicAdd(reinterpret_cast<unsigned long long*>(args.dispatch_wait_recv_cost_stats + src),
                           static_cast<unsigned long long>(ptx::mov_u64_globaltimer() - start_ns));
         }
         __syncthreads();
         if (*failed)
-            return;  // uniform across the block: every thread read the same shared flag after the barrier
-        if (threadIdx.x == 0) {
+            return;  // uniform across the block: every thread read the shared flag after the barrier
+        for (int i = threadIdx.x; i < num_chunk; i += kNumThreads) {
+            const int local_expert = expert_of(i);
             int total = 0;
-            for (int src = 0; src < num_ranks; ++src)
-                begins[src] = total, total += counts[src];
-            begins[num_ranks] = total;
+            for (int src = 0; src < num_ranks; ++src) {
+                begins[i * num_ranks + src] = total;
+                args.recv_layout_range[local_expert * num_ranks + src] =
+                    (static_cast<int64_t>(total) << 32) | static_cast<int64_t>(counts[i * num_ranks + src]);
+                total += counts[i * num_ranks + src];
+            }
             args.recv_count[local_expert] = total;
             if (args.cumulative_local_expert_recv_stats != nullptr)
                 args.cumulative_local_expert_recv_stats[local_expert] += total;
+            chunk_row_start[i + 1] = total;
         }
         __syncthreads();
-        for (int src = threadIdx.x; src < num_ranks; src += kNumThreads)
-            args.recv_layout_range[local_expert * num_ranks + src] =
-                (static_cast<int64_t>(begins[src]) << 32) | static_cast<int64_t>(counts[src]);
-
-        // Copy rows out: row r of the packed layout comes from source src at position r - begins[src].
-        const int total = begins[num_ranks];
-        for (int r = warp; r < total; r += kNumWarps) {
-            int src = 0;
-            while (begins[src + 1] <= r)
-                ++src;
-            const char* row = view.local(layout.dispatch_recv_row(args.buffer_set, local_expert, src, r - begins[src]));
-            const int64_t out_row = local_expert * rows_per_expert + r;
-            if (lane == 0)
-                args.recv_src_info[out_row] = ptx::ld_peer<kLoadKind>(reinterpret_cast<const int*>(row));
-            const auto* payload = reinterpret_cast<const int4*>(row + layout.dispatch_header_bytes());
-            const int payload_vectors = (args.use_fp8 ? hidden : hidden * 2) / 16;
-            auto* dst = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) +
-                                                out_row * (args.use_fp8 ? hidden : hidden * 2));
-            for (int v = lane; v < payload_vectors; v += 32)
-                ptx::st_global_L1_no_allocate(dst + v, ptx::ld_peer<kLoadKind>(payload + v));
-            if (args.use_fp8) {
-                const auto* scales = reinterpret_cast<const int*>(row + layout.dispatch_header_bytes() + hidden);
-                const int64_t scale_plane = rows_per_expert;  // column-major: [L][groups][R*M]
-                if (args.use_ue8m0) {
-                    auto* out = static_cast<int*>(args.recv_scales);
-                    const int num_packed = (num_groups + 3) / 4;  // a missing group of the last int is byte 0
-                    for (int q = lane; q < num_packed; q += 32) {
-                        uint32_t packed = 0;
-                        for (int b = 0; b < 4 && q * 4 + b < num_groups; ++b)
-                            packed |= fp8::ue8m0_byte(__int_as_float(ptx::ld_peer<kLoadKind>(scales + q * 4 + b)))
-                                      << (8 * b);
-                        out[(int64_t{local_expert} * num_packed + q) * scale_plane + r] = static_cast<int>(packed);
-                    }
-                } else {
-                    auto* out = static_cast<float*>(args.recv_scales);
-                    for (int g = lane; g < num_groups; g += 32)
-                        out[(int64_t{local_expert} * num_groups + g) * scale_plane + r] =
-                            __int_as_float(ptx::ld_peer<kLoadKind>(scales + g));
-                }
-            }
+        if (threadIdx.x == 0) {
+            chunk_row_start[0] = 0;
+            for (int i = 0; i < num_chunk; ++i)
+                chunk_row_start[i + 1] += chunk_row_start[i];
         }
-        __syncthreads();  // counts/begins are rewritten for the next expert
+        __syncthreads();
+        for (int f = warp; f < chunk_row_start[num_chunk]; f += kNumWarps) {
+            int i = 0;
+            while (chunk_row_start[i + 1] <= f)
+                ++i;
+            const int r = f - chunk_row_start[i];
+            int src = num_ranks - 1;
+            while (begins[i * num_ranks + src] > r)
+                --src;
+            const char* row = view.local(
+                layout.dispatch_recv_row(args.buffer_set, expert_of(i), src, r - begins[i * num_ranks + src]));
+            unpack_row<kLoadKind>(args, row, expert_of(i), r, lane);
+        }
+        __syncthreads();  // the shared arrays are rewritten for the next chunk
     }
 }
 
 template <ptx::LoadKind kLoadKind>
 __global__ void __launch_bounds__(kNumThreads, 1) low_latency_dispatch_kernel(const LowLatencyDispatchArgs args) {
-    __shared__ int histogram[kLowLatencyMaxExperts];
-    __shared__ int counts[kMaxRanks];
-    __shared__ int begins[kMaxRanks + 1];
+    // The send phase's arrays and the receive phase's never live at the same time.
+    __shared__ int shared_ints[kLowLatencyMaxExperts + kMaxCachedPairs / 2];
     __shared__ int failed;
     const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
     if (threadIdx.x == 0)
         failed = 0;
     if (args.do_send)
-        send_phase(args, view, histogram);
+        send_phase(args, view, shared_ints, reinterpret_cast<short*>(shared_ints + kLowLatencyMaxExperts));
     __syncthreads();
     if (args.do_recv)
-        recv_phase<kLoadKind>(args, view, counts, begins, &failed);
+        recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed);
 }
 
 }  // namespace
