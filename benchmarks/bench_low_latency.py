@@ -1,8 +1,10 @@
 """Low-latency dispatch/combine timing (DESIGN section 6 shapes): 128 tokens per rank, hidden 7168, top-8 of
 288 experts, FP8 dispatch, BF16 combine; uniform random routing (scores rand, then topk).
 
-Per rank, CUDA events around each call (queued behind a GPU sleep, so they time the kernels and not the
-host's launch overhead), warm-up first, a group barrier (and a device synchronisation) before every run, median and spread over --runs runs. Cases: dispatch, combine, dispatch + combine,
+Per rank, CUDA events around each call, warm-up first, a group barrier (and a device synchronisation)
+before every run, then a GPU sleep (the host enqueues the call meanwhile, so Python's launch overhead is
+not timed) and a device-side NVSHMEM barrier (so ranks' launch skew is not timed either; set
+DEEP_EP_BENCH_GPU_BARRIER=0 to time with the skew), median and spread over --runs runs. Cases: dispatch, combine, dispatch + combine,
 and with return_recv_hook the send launch and the receive launch (the hook) timed apart. With ranks
 sharing one GPU no NCCL baseline is possible (NCCL refuses two ranks on one device): nccl_median_us is
 null there. Writes JSON records to benchmarks/results/ (one object per line) and prints a table.
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from deep_ep import _C  # noqa: E402
 from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
 from deep_ep.handles import LowLatencyHandle  # noqa: E402
 from deep_ep.launch import RankPool, visible_gpu_count  # noqa: E402
@@ -33,6 +36,15 @@ M, HIDDEN, EXPERTS, TOPK = 128, 7168, 288, 8
 # GPU cycles of torch.cuda._sleep queued before each timed call (~150 us on an H100): the host enqueues
 # the call while the GPU sleeps, so the events time the kernels, not Python's launch overhead.
 SLEEP_CYCLES = 250_000
+GPU_BARRIER = os.environ.get("DEEP_EP_BENCH_GPU_BARRIER", "1") == "1"
+
+
+def _line_up_gpus():
+    """Queue a GPU sleep (the host enqueues the timed call meanwhile), then a device-side NVSHMEM barrier,
+    so every rank's timed kernels start within a few microseconds of each other."""
+    torch.cuda._sleep(SLEEP_CYCLES)
+    if GPU_BARRIER:
+        _C.low_latency_barrier(torch.cuda.current_stream().cuda_stream)
 
 
 def _time(group, fn, warmup, runs):
@@ -45,7 +57,7 @@ def _time(group, fn, warmup, runs):
         dist.barrier(group=group)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
+        _line_up_gpus()
         start.record()
         fn()
         end.record()
@@ -64,14 +76,14 @@ def _time_hook(group, send, warmup, runs):
         dist.barrier(group=group)
         torch.cuda.synchronize()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        torch.cuda._sleep(SLEEP_CYCLES)
+        _line_up_gpus()
         events[0].record()
         hook = send()
         events[1].record()
         # Let every rank's sends land first (what the compute between the two halves is for).
         torch.cuda.synchronize()
         dist.barrier(group=group)
-        torch.cuda._sleep(SLEEP_CYCLES)
+        _line_up_gpus()
         events[2].record()
         hook()
         events[3].record()

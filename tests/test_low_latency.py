@@ -417,3 +417,50 @@ def test_wait_times_out_into_an_exception_naming_the_rank(pool):
         messages[0]
     )
     assert all(m == "" for m in messages[1:])
+
+
+# --- through the public API --------------------------------------------------------------------------------
+
+
+def _through_buffer(rank, num_ranks, group):
+    """deep_ep.Buffer(low_latency_mode=True) with the CUDA backend: V1 return shapes, same bytes."""
+    import deep_ep  # noqa: PLC0415
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    m, hidden, num_experts, topk = 64, 4096, 8 * num_ranks, 4
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
+    buffer = deep_ep.Buffer(
+        group, 0, size, low_latency_mode=True, num_qps_per_rank=1, explicitly_destroy=True, backend="cuda"
+    )
+    try:
+        xs, idxs, ws = _inputs(
+            77, num_ranks, [m - r for r in range(num_ranks)], hidden, num_experts, topk, True, device
+        )
+        (recv_x, recv_scales), recv_count, handle, event, hook = buffer.low_latency_dispatch(
+            xs[rank], idxs[rank], m, num_experts, use_fp8=True
+        )
+        assert hook is None and len(handle) == 5
+        torch.cuda.synchronize()
+        want = [reference.low_latency_dispatch(r, xs, idxs, m, num_experts) for r in range(num_ranks)]
+        _assert_dispatch_equal(
+            rank, (recv_x, recv_scales, recv_count, handle[0], handle[1]), want[rank], True
+        )
+        expert_out = _expert_outputs(recv_x, recv_scales, True)
+        combined, event, hook = buffer.low_latency_combine(expert_out, idxs[rank], ws[rank], handle)
+        torch.cuda.synchronize()
+        expected = reference.low_latency_combine(
+            rank, [_expert_outputs(w.recv_x, w.recv_x_scales, True) for w in want], idxs[rank], ws[rank],
+            [w.packed_recv_src_info for w in want], [w.packed_recv_layout_range for w in want], num_experts,
+        )  # fmt: skip
+        assert torch.equal(combined, expected)
+    finally:
+        buffer.destroy()
+    return True
+
+
+def test_through_the_public_buffer_api(pool):
+    try:
+        import deep_ep.cuda_backend  # noqa: F401, PLC0415
+    except ImportError as e:
+        pytest.skip(f"deep_ep.cuda_backend not importable: {e}")
+    assert all(pool.run(_through_buffer))

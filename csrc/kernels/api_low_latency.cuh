@@ -140,4 +140,11 @@ struct LowLatencyCombineArgs {
 };
 void launch_low_latency_combine(const LowLatencyCombineArgs& args);
 
+/// A device-side barrier over all NVSHMEM PEs, queued on a stream: benchmarks line the GPUs up with it so
+/// that a timed kernel does not include the ranks' launch skew.
+struct LowLatencyBarrierArgs {
+    cudaStream_t stream;
+};
+void launch_low_latency_barrier(const LowLatencyBarrierArgs& args);
+
 }  // namespace deep_ep

@@ -159,6 +159,10 @@ void low_latency_clean(int64_t local_base, int64_t num_max_tokens, int64_t hidde
                                            layout.signal_bytes(), reinterpret_cast<cudaStream_t>(stream)));
 }
 
+void low_latency_barrier(int64_t stream) {
+    launch_low_latency_barrier(LowLatencyBarrierArgs{reinterpret_cast<cudaStream_t>(stream)});
+}
+
 #else
 
 [[noreturn]] void not_compiled() {
@@ -180,10 +184,12 @@ void register_low_latency_apis(pybind11::module_& m) {
     m.def("low_latency_combine", &low_latency_combine);
     m.def("low_latency_combine_send_buffer", &low_latency_combine_send_buffer);
     m.def("low_latency_clean", &low_latency_clean);
+    m.def("low_latency_barrier", &low_latency_barrier, pybind11::arg("stream"));
 #else
         false;
     for (const char* name :
-         {"low_latency_dispatch", "low_latency_combine", "low_latency_combine_send_buffer", "low_latency_clean"})
+         {"low_latency_dispatch", "low_latency_combine", "low_latency_combine_send_buffer", "low_latency_clean",
+          "low_latency_barrier"})
         m.def(name, [](pybind11::args, pybind11::kwargs) { not_compiled(); });
 #endif
 }

@@ -216,7 +216,14 @@ __global__ void __launch_bounds__(kNumThreads, 1) low_latency_combine_kernel(con
         recv_phase<kLoadKind>(args, view, histogram, experts, weights, &failed);
 }
 
+__global__ void low_latency_barrier_kernel() { nvshmem_barrier_all(); }
+
 }  // namespace
+
+void launch_low_latency_barrier(const LowLatencyBarrierArgs& args) {
+    low_latency_barrier_kernel<<<1, 1, 0, args.stream>>>();
+    DEEP_EP_LAUNCH_CHECK();
+}
 
 void launch_low_latency_combine(const LowLatencyCombineArgs& args) {
     DEEP_EP_CHECK(args.layout.num_ranks <= kMaxRanks, "low-latency combine supports up to " << kMaxRanks << " ranks");

@@ -166,7 +166,7 @@ __device__ __forceinline__ void unpack_row(const LowLatencyDispatchArgs& args, c
     const auto* payload = reinterpret_cast<const int4*>(row + layout.dispatch_header_bytes());
     const int payload_bytes = args.use_fp8 ? hidden : hidden * 2;
     auto* dst = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + out_row * payload_bytes);
-    constexpr int kUnroll = 4;
+    constexpr int kUnroll = 8;
     for (int base = lane; base < payload_bytes / 16; base += kUnroll * 32) {
         int4 values[kUnroll];
 #pragma unroll
