@@ -197,7 +197,7 @@ def main():
                         "num_sms": per_rank[0]["num_blocks"], "tokens": M, "hidden": HIDDEN, "topk": TOPK,
                         "experts": EXPERTS, "loads": "aggressive", "path": path, "median_us": round(median, 2),
                         "p10_us": round(p10, 2), "p90_us": round(p90, 2), "recv_gbps": round(gbps, 2),
-                        "remote_gbps": round(remote, 2), "nccl_median_us": None,
+                        "remote_gbps": round(remote, 2), "nccl_median_us": None, "gpu_barrier": GPU_BARRIER,
                     })  # fmt: skip
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:
