@@ -1,0 +1,237 @@
+"""Intra-node normal dispatch/combine: time, bandwidth, SM sweep, both load kinds, NCCL in the same run.
+
+Shapes (DESIGN section 6): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform routing; BF16 and
+FP8 dispatch (fresh, i.e. with the count exchange and its CPU sync), BF16 cached dispatch (through the
+handle, no CPU sync), BF16 combine. Each configuration: warm-up, then the median of `--runs` runs timed
+with CUDA events, a group barrier before each. A configuration's time is the slowest rank's median.
+
+GB/s: bytes the rank receives (its own share included) over time, as DeepEP reports it (dispatch: rows
+received x row bytes, FP8 rows counted with their scales; combine: the same rows sent back in BF16),
+averaged over ranks. The remote-only bytes are reported too; their fraction of the NVLink ceiling (478 GB/s
+per direction per GPU) only means something when every rank has its own GPU.
+
+    python benchmarks/bench_intranode.py --num-ranks 2 4
+    python -m deep_ep.bench intranode --num-ranks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import deep_ep  # noqa: E402
+from benchmarks import common  # noqa: E402
+from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
+from deep_ep.fp8 import per_token_cast_to_fp8  # noqa: E402
+from deep_ep.launch import RankPool, visible_gpu_count  # noqa: E402
+
+NVLINK_CEILING_GBPS = 478.0
+CASES = (
+    "intranode_dispatch_bf16",
+    "intranode_dispatch_fp8",
+    "intranode_cached_dispatch_bf16",
+    "intranode_combine_bf16",
+)
+
+
+def _bench_rank(rank, num_ranks, group, opts):
+    device = torch.device("cuda", torch.cuda.current_device())
+    tokens, hidden, experts, topk = opts["tokens"], opts["hidden"], opts["experts"], opts["topk"]
+    x = common.random_bf16(tokens, hidden, 100 + rank, device)
+    x_fp8 = per_token_cast_to_fp8(x)
+    topk_idx = common.uniform_routing(tokens, experts, topk, 200 + rank, device)
+    topk_weights = torch.rand(tokens, topk, device=device)
+    num_gpus = min(num_ranks, visible_gpu_count())
+    own_gpus = num_gpus >= num_ranks
+    size = nvl_buffer_size_hint(hidden * 2, num_ranks, num_max_tokens_per_rank=tokens)
+    results = []
+    for conservative in opts["conservative"]:
+        buffer = deep_ep.Buffer(
+            group,
+            num_nvl_bytes=size,
+            backend="cuda",
+            conservative_loads=conservative,
+            explicitly_destroy=True,
+        )
+        loads = buffer.load_kind
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
+        layout = dict(
+            num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+        )
+        layout.update(topk_idx=topk_idx, topk_weights=topk_weights)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
+        prefix = handle.rank_prefix_matrix.cpu()
+        rows = int(prefix[-1][rank])
+        local_rows = int(prefix[rank][rank]) - (int(prefix[rank - 1][rank]) if rank > 0 else 0)
+        bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
+        combine_x = recv_x.clone()
+        for sms in opts["sms"]:
+            if sms > buffer.runtime.sm_cap:
+                continue  # more SMs than this rank may take while it shares the GPU
+            config = Config(sms, 8, 256)
+            fns = {
+                "intranode_dispatch_bf16": (partial(buffer.dispatch, x, config=config, **layout), bf16_row),
+                "intranode_dispatch_fp8": (partial(buffer.dispatch, x_fp8, config=config, **layout), fp8_row),
+                "intranode_cached_dispatch_bf16": (
+                    partial(buffer.dispatch, x, handle=handle, config=config),
+                    bf16_row,
+                ),
+                "intranode_combine_bf16": (
+                    partial(buffer.combine, combine_x, handle, config=config),
+                    bf16_row,
+                ),
+            }
+            for case, (fn, row_bytes) in fns.items():
+                times = common.time_op(group, fn, warmup=opts["warmup"], runs=opts["runs"])
+                stats = common.summarize(times)
+                results.append(
+                    dict(
+                        case=case,
+                        loads=loads,
+                        num_sms=sms,
+                        rank=rank,
+                        recv_bytes=rows * row_bytes,
+                        remote_bytes=(rows - local_rows) * row_bytes,
+                        **stats,
+                    )
+                )
+        buffer.destroy()
+
+    nccl = {}
+    if own_gpus and torch.distributed.get_backend(group) == "nccl":
+        baseline = common.NcclAllToAll(group, topk_idx, experts, num_ranks)
+        recv = baseline.dispatch(x)
+        nccl["intranode_dispatch_bf16"] = common.summarize(
+            common.time_op(group, lambda: baseline.dispatch(x), warmup=opts["warmup"], runs=opts["runs"])
+        )["median_us"]
+        nccl["intranode_combine_bf16"] = common.summarize(
+            common.time_op(
+                group, lambda: baseline.combine(recv, tokens), warmup=opts["warmup"], runs=opts["runs"]
+            )
+        )["median_us"]
+    return {"results": results, "nccl": nccl, "gpus": num_gpus}
+
+
+def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
+    """One row per (case, loads, SMs): the slowest rank's median and spread; GB/s averaged over ranks."""
+    groups: dict = {}
+    for rank_out in per_rank:
+        for r in rank_out["results"]:
+            groups.setdefault((r["case"], r["loads"], r["num_sms"]), []).append(r)
+    nccl = per_rank[0]["nccl"]
+    rows = []
+    for (case, loads, sms), items in groups.items():
+        slowest = max(items, key=lambda r: r["median_us"])
+        recv_gbps = sum(r["recv_bytes"] / r["median_us"] / 1e3 for r in items) / len(items)
+        remote_gbps = sum(r["remote_bytes"] / r["median_us"] / 1e3 for r in items) / len(items)
+        rows.append(
+            dict(
+                case=case,
+                loads=loads,
+                num_sms=sms,
+                median_us=slowest["median_us"],
+                p10_us=slowest["p10_us"],
+                p90_us=slowest["p90_us"],
+                recv_gbps=recv_gbps,
+                remote_gbps=remote_gbps,
+                nccl_median_us=nccl.get(case),
+            )
+        )
+    rows.sort(key=lambda r: (CASES.index(r["case"]), r["loads"], r["num_sms"]))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--num-ranks", type=int, nargs="+", default=[2])
+    parser.add_argument("--sms", type=int, nargs="+", default=[8, 12, 16, 24])
+    parser.add_argument("--loads", choices=["both", "aggressive", "conservative"], default="both")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--device-kind", default=os.environ.get("DEEP_EP_DEVICE_KIND"))
+    parser.add_argument("--results-dir", default=common.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    conservative = {"both": [False, True], "aggressive": [False], "conservative": [True]}[args.loads]
+    opts = dict(
+        tokens=args.tokens,
+        hidden=args.hidden,
+        experts=args.experts,
+        topk=args.topk,
+        warmup=args.warmup,
+        runs=max(20, args.runs),
+        sms=args.sms,
+        conservative=conservative,
+    )
+    device = args.device_kind or torch.cuda.get_device_name().replace(" ", "-").lower()
+    for num_ranks in args.num_ranks:
+        with RankPool(num_ranks, timeout_s=900) as pool:
+            per_rank = pool.run(_bench_rank, opts)
+        gpus = per_rank[0]["gpus"]
+        rows = _aggregate(per_rank, num_ranks)
+        shared = gpus < num_ranks
+        for r in rows:
+            r["link_fraction"] = (
+                "n/a (shared GPU)" if shared else f"{r['remote_gbps'] / NVLINK_CEILING_GBPS:.0%}"
+            )
+            if r["nccl_median_us"] is None:
+                r["nccl"] = "n/a (ranks share a GPU)" if shared else "n/a"
+            else:
+                r["nccl"] = f"{r['nccl_median_us']:.0f}"
+        print(
+            f"\n== intra-node, {num_ranks} ranks on {gpus} GPU(s) ({device}), {args.tokens} tokens/rank, "
+            f"hidden {args.hidden}, top-{args.topk} of {args.experts} =="
+        )
+        common.print_table(
+            rows,
+            [
+                ("case", "case", "{}"),
+                ("loads", "loads", "{}"),
+                ("num_sms", "SMs", "{}"),
+                ("median_us", "median us", "{:.1f}"),
+                ("p10_us", "p10", "{:.1f}"),
+                ("p90_us", "p90", "{:.1f}"),
+                ("recv_gbps", "recv GB/s", "{:.0f}"),
+                ("remote_gbps", "remote GB/s", "{:.0f}"),
+                ("link_fraction", "of NVLink", "{}"),
+                ("nccl", "NCCL us", "{}"),
+            ],
+        )
+        records = [
+            common.record(
+                device,
+                num_ranks,
+                gpus,
+                r["case"],
+                num_sms=r["num_sms"],
+                tokens=args.tokens,
+                hidden=args.hidden,
+                topk=args.topk,
+                experts=args.experts,
+                loads=r["loads"],
+                median_us=round(r["median_us"], 2),
+                p10_us=round(r["p10_us"], 2),
+                p90_us=round(r["p90_us"], 2),
+                recv_gbps=round(r["recv_gbps"], 1),
+                remote_gbps=round(r["remote_gbps"], 1),
+                nccl_median_us=None if r["nccl_median_us"] is None else round(r["nccl_median_us"], 2),
+            )
+            for r in rows
+        ]
+        path = os.path.join(args.results_dir, f"intranode_{device}_{num_ranks}ranks.jsonl")
+        print(f"records appended to {common.append_records(records, path)}")
+
+
+if __name__ == "__main__":
+    main()

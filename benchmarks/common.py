@@ -1,0 +1,174 @@
+"""Shared pieces of the benchmark scripts: timing (DESIGN section 6), the NCCL baseline written as a user would
+write it, DeepSeek-style inputs, JSON records (DESIGN section 7) and the printed table.
+
+Benchmarks never assert: they measure and report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+
+# --- timing ------------------------------------------------------------------------------------------------
+
+
+def time_op(group, fn: Callable[[], None], *, warmup: int = 5, runs: int = 20) -> list[float]:
+    """Microseconds of `fn` per run, CUDA events on the current stream, a group barrier before each run.
+
+    The barrier (host collective after a device synchronisation) lines the ranks up so that a run measures the
+    operation, not the skew between ranks' previous work.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    ordered = sorted(times)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "median_us": statistics.median(ordered),
+        "p10_us": pick(0.1),
+        "p90_us": pick(0.9),
+        "runs": len(ordered),
+    }
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+
+def uniform_routing(num_tokens: int, num_experts: int, topk: int, seed: int, device) -> torch.Tensor:
+    """DESIGN section 6: scores `rand`, then `topk` (distinct experts per token), int64."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=g, device=device)
+    return scores.topk(topk, dim=1).indices
+
+
+def random_bf16(num_tokens: int, hidden: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(num_tokens, hidden, generator=g, device=device).to(torch.bfloat16)
+
+
+# --- the NCCL baseline, as user code -------------------------------------------------------------------------
+
+
+class NcclAllToAll:
+    """Dispatch/combine the way a user writes them with `all_to_all_single` (DESIGN section 6): membership,
+    count exchange, permute by destination, all-to-all; for combine, all-to-all back and `index_add_`.
+    Needs an NCCL group (one GPU per rank)."""
+
+    def __init__(self, group, topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> None:
+        self.group, self.num_ranks = group, num_ranks
+        self.topk_idx, self.num_experts = topk_idx, num_experts
+
+    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        num_local = self.num_experts // self.num_ranks
+        owner = torch.where(self.topk_idx >= 0, self.topk_idx // num_local, self.num_ranks)
+        in_rank = torch.zeros(x.size(0), self.num_ranks + 1, dtype=torch.bool, device=x.device)
+        in_rank.scatter_(1, owner, True)
+        in_rank = in_rank[:, : self.num_ranks]
+        dest, token = in_rank.t().nonzero(as_tuple=True)  # grouped by destination, token order within
+        send_counts = in_rank.sum(0)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        recv = torch.empty(sum(recv_splits), x.size(1), dtype=x.dtype, device=x.device)
+        dist.all_to_all_single(recv, x[token], recv_splits, send_splits, group=self.group)
+        self._state = (token, send_splits, recv_splits)
+        return recv
+
+    def combine(self, y: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        token, send_splits, recv_splits = self._state
+        back = torch.empty(sum(send_splits), y.size(1), dtype=y.dtype, device=y.device)
+        dist.all_to_all_single(back, y, send_splits, recv_splits, group=self.group)
+        out = torch.zeros(num_tokens, y.size(1), dtype=torch.float32, device=y.device)
+        out.index_add_(0, token, back.float())
+        return out.to(torch.bfloat16)
+
+
+# --- records and table ---------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    env = os.environ.get("DEEP_EP_COMMIT")
+    if env:
+        return env
+    try:
+        done = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return done.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def today() -> str:
+    return os.environ.get("DEEP_EP_BENCH_DATE") or datetime.date.today().isoformat()
+
+
+def record(device: str, num_ranks: int, gpus: int, case: str, **fields) -> dict:
+    """One DESIGN section 7 record; extra fields (spread, remote bytes) ride along."""
+    base = {
+        "device": device,
+        "date": today(),
+        "commit": git_commit(),
+        "num_ranks": num_ranks,
+        "gpus": gpus,
+        "case": case,
+    }
+    base.update(fields)
+    return base
+
+
+def append_records(records: list[dict], path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format) with format like '{:.1f}'; missing values print as '-'."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        line = []
+        for key, _, fmt in columns:
+            value: Optional[object] = row.get(key)
+            line.append(
+                "-" if value is None else (fmt.format(value) if not isinstance(value, str) else value)
+            )
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for i, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

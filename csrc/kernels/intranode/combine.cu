@@ -1,0 +1,140 @@
+// Intra-node combine, the transpose of dispatch: stage (each rank copies its combine input, row i = the
+// i-th row it received, into its own NVLink buffer) and pull (each rank, for every one of its tokens,
+// sums the rows the receivers staged for it, found through send_head, in float32 and stores bf16).
+#include "kernels/api.cuh"
+#include "kernels/common/barrier.cuh"
+#include "kernels/common/buffer_layout.cuh"
+#include "kernels/common/reduce.cuh"
+#include "kernels/common/token.cuh"
+#include "runtime/errors.hpp"
+
+namespace deep_ep {
+namespace {
+
+constexpr int kStageThreads = 1024;
+constexpr int kStageUnroll = 8;
+// The reduction holds kMaxSources x kUnroll loaded vectors plus 8 float accumulators per lane: 512
+// threads leave it 128 registers.
+constexpr int kPullThreads = 512;
+// Loads in flight per lane in the reduction, whatever the number of ranks.
+constexpr int kReduceVectorsInFlight = 8;
+
+__device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
+__device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
+
+__global__ void __launch_bounds__(kStageThreads, 1) intranode_combine_stage_kernel(IntranodeCombineStageArgs args) {
+    // Opens the op: after it, every peer has finished pulling whatever the previous op left in our buffer.
+    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+        return;
+    const layout::CombineRowLayout rows(args.hidden, args.num_topk);
+    void* own = args.peers.buffers[args.peers.rank];
+    const int lane = threadIdx.x % kWarpSize;
+    for (int row = global_warp_id(); row < args.num_rows; row += num_global_warps()) {
+        char* slot = rows.row(own, row);
+        warp_copy_own_vectors<kStageUnroll>(
+            reinterpret_cast<int4*>(slot + rows.x_offset),
+            reinterpret_cast<const int4*>(static_cast<const char*>(args.x) + int64_t{row} * args.hidden * 2),
+            args.hidden / kBf16PerVector, lane);
+        if (args.topk_weights != nullptr)
+            warp_copy_own_words(reinterpret_cast<int*>(slot + rows.topk_weights_offset),
+                                reinterpret_cast<const int*>(args.topk_weights + int64_t{row} * args.num_topk),
+                                args.num_topk, lane);
+    }
+}
+
+template <ptx::LoadKind kKind, int kMaxSources>
+__global__ void __launch_bounds__(kPullThreads, 1) intranode_combine_pull_kernel(IntranodeCombinePullArgs args) {
+    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+        return;
+    constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
+    const int num_ranks = args.peers.num_ranks;
+    const layout::CombineRowLayout rows(args.hidden, args.num_topk);
+    const int lane = threadIdx.x % kWarpSize;
+    const int num_vectors = args.hidden / kBf16PerVector;
+
+    for (int token = global_warp_id(); token < args.num_tokens; token += num_global_warps()) {
+        // Lane d holds the row rank d staged for this token (or -1); the sources keep rank order 0..R-1,
+        // which is the summation order the reference defines.
+        const int head = lane < num_ranks ? args.send_head[int64_t{token} * num_ranks + lane] : -1;
+        const unsigned has_row = __ballot_sync(0xffffffffu, head >= 0);
+        const char* slots[kMaxSources];
+        int num_sources = 0;
+#pragma unroll
+        for (int d = 0; d < kMaxSources; ++d) {
+            const int staged_row = __shfl_sync(0xffffffffu, head, d);
+            if (d < num_ranks && ((has_row >> d) & 1)) {
+                const char* slot = rows.row(args.peers.buffers[d], staged_row);
+                // Static indices only, so slots[] stays in registers.
+#pragma unroll
+                for (int j = 0; j < kMaxSources; ++j)
+                    if (j == num_sources)
+                        slots[j] = slot;
+                ++num_sources;
+            }
+        }
+        const int4* sources[kMaxSources];
+#pragma unroll
+        for (int j = 0; j < kMaxSources; ++j)
+            sources[j] = reinterpret_cast<const int4*>(j < num_sources ? slots[j] + rows.x_offset : nullptr);
+
+        const int64_t row_offset = int64_t{token} * num_vectors;
+        const auto* bias_0 = static_cast<const int4*>(args.bias_0);
+        const auto* bias_1 = static_cast<const int4*>(args.bias_1);
+        warp_reduce_bf16_rows<kKind, kMaxSources, kUnroll>(
+            static_cast<int4*>(args.combined_x) + row_offset, sources, num_sources,
+            bias_0 == nullptr ? nullptr : bias_0 + row_offset, bias_1 == nullptr ? nullptr : bias_1 + row_offset,
+            num_vectors, lane);
+
+        if (args.combined_topk_weights != nullptr) {
+            for (int k = lane; k < args.num_topk; k += kWarpSize) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int j = 0; j < kMaxSources; ++j)
+                    if (j < num_sources)
+                        sum += __int_as_float(ptx::ld_peer<kKind>(
+                            reinterpret_cast<const int*>(slots[j] + rows.topk_weights_offset) + k));
+                args.combined_topk_weights[int64_t{token} * args.num_topk + k] = sum;
+            }
+        }
+    }
+}
+
+template <ptx::LoadKind kKind>
+void launch_combine_pull_for_kind(const IntranodeCombinePullArgs& args, int num_blocks) {
+    // Source arrays sized by the rank count rounded up to a power of two keep 8 loads in flight per lane.
+    auto kernel = intranode_combine_pull_kernel<kKind, 8>;
+    if (args.peers.num_ranks <= 1)
+        kernel = intranode_combine_pull_kernel<kKind, 1>;
+    else if (args.peers.num_ranks <= 2)
+        kernel = intranode_combine_pull_kernel<kKind, 2>;
+    else if (args.peers.num_ranks <= 4)
+        kernel = intranode_combine_pull_kernel<kKind, 4>;
+    kernel<<<num_blocks, kPullThreads, 0, args.stream>>>(args);
+}
+
+int clamp_blocks(int num_blocks) { return num_blocks < 1 ? 1 : num_blocks; }
+
+}  // namespace
+
+void launch_intranode_combine_stage(const IntranodeCombineStageArgs& args) {
+    DEEP_EP_CHECK(args.hidden % kBf16PerVector == 0, "combine needs hidden % 8 == 0");
+    intranode_combine_stage_kernel<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+void launch_intranode_combine_pull(const IntranodeCombinePullArgs& args) {
+    DEEP_EP_CHECK(args.hidden % kBf16PerVector == 0, "combine needs hidden % 8 == 0");
+    DEEP_EP_CHECK(args.peers.num_ranks <= kWarpSize, "combine handles at most 32 ranks");
+    const int num_blocks = clamp_blocks(args.num_blocks);
+    if constexpr (ptx::kAggressiveLoadsCompiled) {
+        if (!args.conservative_loads) {
+            launch_combine_pull_for_kind<ptx::LoadKind::kAggressive>(args, num_blocks);
+            DEEP_EP_LAUNCH_CHECK();
+            return;
+        }
+    }
+    launch_combine_pull_for_kind<ptx::LoadKind::kConservative>(args, num_blocks);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+}  // namespace deep_ep

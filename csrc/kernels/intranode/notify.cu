@@ -1,0 +1,84 @@
+// Dispatch step 0: every rank tells every other rank how many tokens it sends there (per rank and per
+// the receiver's local experts), then each rank derives rank_prefix_matrix and its receive counts. One
+// block; its barrier is also the one that opens the dispatch.
+#include "kernels/api.cuh"
+#include "kernels/common/barrier.cuh"
+#include "kernels/common/buffer_layout.cuh"
+#include "runtime/errors.hpp"
+
+namespace deep_ep {
+namespace {
+
+constexpr int kNotifyThreads = 256;
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(IntranodeNotifyArgs args) {
+    const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
+    const int num_local_experts = args.num_experts / num_ranks;
+
+    // Our row of the count matrix, and each receiver's slice of our expert counts, into the receivers'
+    // count areas at slot [rank]. Nobody reads these slots until the barrier below, and the previous
+    // dispatch's readers are done: they passed that op's pull barrier, which needed our arrival, and we
+    // arrive there only after this kernel of the previous op finished.
+    for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
+        const int dst = i / num_ranks, j = i % num_ranks;
+        layout::CountArea::tokens_per_rank(args.peers.buffers[dst], rank)[j] = args.num_tokens_per_rank[j];
+    }
+    for (int i = threadIdx.x; i < num_ranks * num_local_experts; i += blockDim.x) {
+        const int dst = i / num_local_experts, e = i % num_local_experts;
+        layout::CountArea::tokens_per_local_expert(args.peers.buffers[dst], rank)[e] =
+            args.num_tokens_per_expert[dst * num_local_experts + e];
+    }
+    __syncthreads();
+    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+        return;
+
+    void* own = args.peers.buffers[rank];
+    __shared__ int num_recv_tokens;
+    // Column j of the prefix matrix: rows j receives from ranks 0..i, accumulated down the sources.
+    if (threadIdx.x < num_ranks) {
+        const int j = threadIdx.x;
+        int running = 0;
+        for (int i = 0; i < num_ranks; ++i) {
+            running += ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, i) + j);
+            args.rank_prefix_matrix[i * num_ranks + j] = running;
+        }
+        if (j == rank)
+            num_recv_tokens = running;
+        args.send_counts[j] = ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, rank) + j);
+        // Rows from source j start after everything sources 0..j-1 send us.
+        int before = 0;
+        for (int i = 0; i < j; ++i)
+            before += ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, i) + rank);
+        args.recv_first_row[j] = before;
+    }
+    for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
+        int count = 0;
+        for (int src = 0; src < num_ranks; ++src)
+            count += ptx::ld_volatile_global(layout::CountArea::tokens_per_local_expert(own, src) + e);
+        const int aligned = (count + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
+        args.num_recv_tokens_per_expert[e] = aligned;
+        if (args.mapped_counters != nullptr)
+            ptx::st_volatile_global(args.mapped_counters + 2 + e, aligned);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && args.mapped_counters != nullptr) {
+        ptx::st_volatile_global(args.mapped_counters + 1, num_recv_tokens);
+        // The host polls the tag: every count above (stored by this block, ordered by __syncthreads) must
+        // reach host memory before it does.
+        ptx::fence_acq_rel_sys();
+        ptx::st_release_sys_global(args.mapped_counters, args.mapped_tag);
+    }
+}
+
+}  // namespace
+
+void launch_intranode_notify(const IntranodeNotifyArgs& args) {
+    DEEP_EP_CHECK(args.num_experts % args.peers.num_ranks == 0, "num_experts must divide evenly over the ranks");
+    DEEP_EP_CHECK(args.num_experts / args.peers.num_ranks <= layout::kMaxLocalExperts,
+                  "at most " << layout::kMaxLocalExperts << " local experts per rank");
+    DEEP_EP_CHECK(args.expert_alignment >= 1, "expert_alignment must be >= 1");
+    intranode_notify_kernel<<<1, kNotifyThreads, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
+
+}  // namespace deep_ep

@@ -1,0 +1,352 @@
+"""The CUDA backend: layout, intra-node dispatch and combine on the GPU (NVLink / CUDA IPC, ranks may share a
+GPU), low-latency ops delegated to deep_ep.low_latency_backend.LowLatencyCuda.
+
+Interface: the docstring at the top of deep_ep/reference.py. `Buffer` has validated every argument.
+
+Streams: every op runs on this backend's communication stream, which first waits for `previous_event` (or for
+the current stream when none is given). Outputs are allocated on the current stream, or on the communication
+stream with `allocate_on_comm_stream`. With `async_finish` the op returns a `CommEvent` recorded on the
+communication stream that keeps the op's inputs and outputs alive until it is waited for; otherwise the
+current stream waits for the communication stream before the call returns.
+
+A non-cached dispatch synchronises with the CPU once (the receive counts decide the output sizes), unless
+`num_worst_tokens` fixes them; a cached dispatch, a combine and the layout never do, so they can be captured
+in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .loads import CONSERVATIVE, resolve_load_kind
+
+TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 100.0
+
+
+class CommEvent:
+    """An event recorded on the communication stream, holding the tensors the op still uses."""
+
+    def __init__(self, stream: torch.cuda.Stream, tensors: tuple) -> None:
+        self.event = torch.cuda.Event()
+        self.event.record(stream)
+        self.tensors = tuple(t for t in tensors if t is not None)
+
+    def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        self.event.wait(stream)
+
+    def current_stream_wait(self) -> None:
+        self.event.wait()
+
+
+def _as_tensor_of(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor viewing `nbytes` of device memory at `ptr` (not owned: the runtime keeps it alive)."""
+
+    class _View:
+        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+    return torch.as_tensor(_View(), device=device)
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup],
+        rank: int,
+        num_ranks: int,
+        device: torch.device,
+        *,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        comm: Optional[object] = None,
+        conservative_loads: Optional[bool] = None,
+        **unused_options,
+    ) -> None:
+        self.group, self.comm, self.rank, self.num_ranks = group, comm, rank, num_ranks
+        self.device = torch.device(device)
+        self.load_kind = resolve_load_kind(conservative_loads, self.device.index)
+        self.conservative_loads = self.load_kind == CONSERVATIVE
+        self.timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        self.num_nvl_bytes = num_nvl_bytes
+        self.comm_stream = torch.cuda.Stream(self.device)
+
+        # Ranks on one GPU share its SMs: a spinning kernel of one must never keep another's off the GPU.
+        me = (socket.gethostname(), str(torch.cuda.get_device_properties(self.device).uuid))
+        everyone = self._all_gather_object(me)
+        self.ranks_per_gpu = max(sum(1 for other in everyone if other == who) for who in everyone)
+        self.sm_cap = max(
+            1, torch.cuda.get_device_properties(self.device).multi_processor_count // self.ranks_per_gpu
+        )
+
+        self.runtime = None
+        if num_nvl_bytes > 0:
+            self.runtime = _C.RuntimeBuffer(rank, num_ranks, num_nvl_bytes, self.timeout_s)
+            handles = self._all_gather_object(self.runtime.local_ipc_handle())
+            self.runtime.connect(handles)
+
+        self._low_latency = None
+        if low_latency_mode:
+            from .low_latency_backend import LowLatencyCuda  # noqa: PLC0415 - NVSHMEM only when asked for
+
+            self._low_latency = LowLatencyCuda(
+                group,
+                rank,
+                num_ranks,
+                num_rdma_bytes,
+                self.timeout_s,
+                self.conservative_loads,
+                allow_nvlink_for_low_latency_mode,
+            )
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    def _all_gather_object(self, obj: object) -> list:
+        if self.group is not None:
+            gathered: list = [None] * self.num_ranks
+            dist.all_gather_object(gathered, obj, group=self.group)
+            return gathered
+        return list(self.comm.allgather(obj))
+
+    def _require_runtime(self, op: str):
+        if self.runtime is None:
+            raise RuntimeError(f"{op}: the Buffer has no NVLink buffer (num_nvl_bytes=0)")
+        self.runtime.raise_if_failed()
+        return self.runtime
+
+    def _num_sms(self, config) -> int:
+        return max(1, min(config.num_sms, self.sm_cap))
+
+    def _begin(self, previous_event) -> torch.cuda.Stream:
+        """Order the communication stream after the caller's work; returns the caller's stream."""
+        compute = torch.cuda.current_stream(self.device)
+        if previous_event is not None:
+            previous_event.wait(self.comm_stream)
+        else:
+            self.comm_stream.wait_stream(compute)
+        return compute
+
+    def _finish(
+        self, compute, async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple, outputs: tuple
+    ):
+        outputs = tuple(t for t in outputs if isinstance(t, torch.Tensor))
+        if allocate_on_comm_stream:
+            # Allocated in the communication stream's pool, used on the caller's: tell the allocator.
+            for t in outputs:
+                t.record_stream(compute)
+        if async_finish:
+            return CommEvent(
+                self.comm_stream, tuple(t for t in inputs if isinstance(t, torch.Tensor)) + outputs
+            )
+        compute.wait_stream(self.comm_stream)
+        return None
+
+    def _alloc_stream(self, compute, allocate_on_comm_stream: bool) -> torch.cuda.Stream:
+        return self.comm_stream if allocate_on_comm_stream else compute
+
+    # --- normal mode ----------------------------------------------------------------------------------
+
+    def get_dispatch_layout(
+        self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
+    ):
+        compute = self._begin(previous_event)
+        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
+            per_rank, per_expert, in_rank = _C.get_dispatch_layout(
+                topk_idx.contiguous(), num_experts, self.num_ranks, self.comm_stream.cuda_stream
+            )
+        event = self._finish(
+            compute, async_finish, allocate_on_comm_stream, (topk_idx,), (per_rank, per_expert, in_rank)
+        )
+        return per_rank, None, per_expert, in_rank, event
+
+    def dispatch(
+        self,
+        x,
+        x_scales,
+        handle,
+        num_tokens_per_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
+        runtime = self._require_runtime("dispatch")
+        x = x.contiguous()
+        x_scales = None if x_scales is None else x_scales.contiguous()
+        topk_idx = None if topk_idx is None else topk_idx.contiguous()
+        topk_weights = None if topk_weights is None else topk_weights.contiguous().float()
+        cached = handle is not None
+        if cached:
+            is_token_in_rank = handle.is_token_in_rank
+        is_token_in_rank = is_token_in_rank.contiguous()
+        hidden_bytes = x.size(1) * x.element_size()
+        if hidden_bytes % 16 != 0:
+            raise ValueError(
+                f"x: a row must be a multiple of 16 bytes for the CUDA backend, got {hidden_bytes}"
+            )
+        num_scales = 0 if x_scales is None else x_scales.size(1)
+        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        needed = _C.intranode_dispatch_buffer_bytes(
+            hidden_bytes, num_scales, num_topk, self.num_ranks, x.size(0)
+        )
+        if needed > self.num_nvl_bytes:
+            raise ValueError(
+                f"num_nvl_bytes: this dispatch of {x.size(0)} tokens needs {needed} bytes, the Buffer has "
+                f"{self.num_nvl_bytes} (see Config.get_nvl_buffer_size_hint)"
+            )
+        num_experts = 0 if num_tokens_per_expert is None else num_tokens_per_expert.numel()
+
+        compute = self._begin(previous_event)
+        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
+            outputs = _C.intranode_dispatch(
+                runtime,
+                x,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                is_token_in_rank,
+                None if cached else num_tokens_per_rank.contiguous(),
+                None if cached else num_tokens_per_expert.contiguous(),
+                num_experts,
+                handle.rank_prefix_matrix if cached else None,
+                handle.recv_src_idx.size(0) if cached else 0,
+                expert_alignment,
+                0 if cached else num_worst_tokens,
+                self._num_sms(config),
+                self.conservative_loads,
+                self.comm_stream.cuda_stream,
+            )
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert = outputs[:5]
+        if cached:
+            new_handle = handle._replace(recv_src_idx=outputs[8]) if hasattr(handle, "_replace") else handle
+            per_expert = None
+        else:
+            new_handle = tuple(outputs[5:10])
+            new_handle = new_handle[:4] + (is_token_in_rank,) + new_handle[4:]
+        inputs = (
+            x,
+            x_scales,
+            topk_idx,
+            topk_weights,
+            is_token_in_rank,
+            num_tokens_per_rank,
+            num_tokens_per_expert,
+        )
+        event = self._finish(
+            compute, async_finish, allocate_on_comm_stream, inputs, tuple(outputs[:4]) + tuple(new_handle)
+        )
+        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
+
+    def combine(
+        self,
+        x,
+        handle,
+        topk_weights,
+        bias_0,
+        bias_1,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
+        runtime = self._require_runtime("combine")
+        x = x.contiguous()
+        topk_weights = None if topk_weights is None else topk_weights.contiguous().float()
+        bias_0 = None if bias_0 is None else bias_0.contiguous()
+        bias_1 = None if bias_1 is None else bias_1.contiguous()
+        if x.size(1) % 8 != 0:
+            raise ValueError(f"x: hidden must be a multiple of 8 for the CUDA backend, got {x.size(1)}")
+        num_topk = 0 if topk_weights is None else topk_weights.size(1)
+        needed = _C.intranode_combine_buffer_bytes(x.size(1), num_topk, x.size(0))
+        if needed > self.num_nvl_bytes:
+            raise ValueError(
+                f"num_nvl_bytes: this combine of {x.size(0)} rows needs {needed} bytes, the Buffer has "
+                f"{self.num_nvl_bytes} (see Config.get_nvl_buffer_size_hint)"
+            )
+        send_head = handle.send_head.contiguous()
+        compute = self._begin(previous_event)
+        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
+            combined_x, combined_topk_weights = _C.intranode_combine(
+                runtime,
+                x,
+                topk_weights,
+                bias_0,
+                bias_1,
+                send_head,
+                self._num_sms(config),
+                self.conservative_loads,
+                self.comm_stream.cuda_stream,
+            )
+        inputs = (x, topk_weights, bias_0, bias_1, send_head)
+        event = self._finish(
+            compute, async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_topk_weights)
+        )
+        return combined_x, combined_topk_weights, event
+
+    # --- low-latency mode: NVSHMEM, another module -------------------------------------------------------
+
+    def _require_low_latency(self, op: str):
+        if self._low_latency is None:
+            raise RuntimeError(f"{op}: requires Buffer(..., low_latency_mode=True)")
+        return self._low_latency
+
+    def low_latency_dispatch(self, *args, **kwargs):
+        return self._require_low_latency("low_latency_dispatch").low_latency_dispatch(*args, **kwargs)
+
+    def low_latency_combine(self, *args, **kwargs):
+        return self._require_low_latency("low_latency_combine").low_latency_combine(*args, **kwargs)
+
+    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
+        return self._require_low_latency(
+            "get_next_low_latency_combine_buffer"
+        ).get_next_low_latency_combine_buffer(*args, **kwargs)
+
+    def clean_low_latency_buffer(self, *args, **kwargs):
+        return self._require_low_latency("clean_low_latency_buffer").clean_low_latency_buffer(*args, **kwargs)
+
+    # --- buffer access --------------------------------------------------------------------------------
+
+    def get_local_buffer_tensor(self, dtype, size, offset, use_rdma_buffer):
+        if use_rdma_buffer:
+            low_latency = self._require_low_latency("get_local_buffer_tensor(use_rdma_buffer=True)")
+            if not hasattr(low_latency, "get_local_buffer_tensor"):
+                raise NotImplementedError("get_local_buffer_tensor: the RDMA buffer is not exposed")
+            return low_latency.get_local_buffer_tensor(dtype, size, offset)
+        runtime = self._require_runtime("get_local_buffer_tensor")
+        available = runtime.num_nvl_bytes - offset
+        raw = _as_tensor_of(runtime.local_buffer_ptr + offset, max(0, available), self.device)
+        count = available // dtype.itemsize
+        tensor = raw[: count * dtype.itemsize].view(dtype)
+        return tensor if size is None else tensor[: torch.Size(size).numel()].view(size)
+
+    def get_comm_stream(self):
+        return self.comm_stream
+
+    def destroy(self) -> None:
+        torch.cuda.synchronize(self.device)
+        # No rank may unmap its buffer while a peer's kernel could still read it.
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        elif self.comm is not None:
+            self.comm.barrier()
+        if self.runtime is not None:
+            self.runtime.destroy()
+            self.runtime = None
+        if self._low_latency is not None:
+            self._low_latency.destroy()
+            self._low_latency = None

@@ -1,0 +1,277 @@
+"""Intra-node layout, dispatch and combine on the GPU (CUDA backend) against deep_ep.reference's pure functions.
+
+Ranks share the GPU(s) (rank r on GPU r % num_gpus, MPS): 2, 4 and 8 ranks. Every rank regenerates all ranks'
+inputs from one seed (tests/oracle.py), so the oracle needs no communication.
+
+What is compared, and how:
+- layout, dispatch rows (BF16, FP8 + scales), top-k ids and weights, receive counts per expert, every handle
+  field: bit-exactly (bytes only move).
+- combine: bit-exactly too. The kernel sums in float32 in the reference's documented order (destination rank
+  0..R-1, then bias_0, then bias_1) and rounds once to bf16, so there is no reordering slack to allow for;
+  the same holds for the summed top-k weights.
+- Outputs are allocated from memory just filled with 0xFF (a freed block the caching allocator hands out
+  again), and every output row is compared, so a row the kernels forget to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+try:
+    from deep_ep import _C
+except ImportError:
+    _C = None
+
+if _C is None or not torch.cuda.is_available() or not hasattr(_C, "intranode_dispatch"):
+    pytest.skip("needs a CUDA GPU and deep_ep._C with the intra-node kernels", allow_module_level=True)
+
+from oracle import bytes_equal, make_inputs  # noqa: E402
+
+import deep_ep  # noqa: E402
+from deep_ep import reference  # noqa: E402
+from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
+
+NUM_EXPERTS = 256
+TOPK = 8
+MAX_TOKENS_PER_RANK = 1024
+MAX_HIDDEN = 7168
+
+# --- rank side (module level: runs in the rank processes) ----------------------------------------------------
+
+_buffers: dict = {}
+
+
+def _buffer(group, num_ranks: int, conservative: bool) -> deep_ep.Buffer:
+    """One Buffer per process and load kind, big enough for every case below (creating one maps IPC memory)."""
+    key = (num_ranks, conservative)
+    if key not in _buffers:
+        size = nvl_buffer_size_hint(MAX_HIDDEN * 2, num_ranks, num_max_tokens_per_rank=MAX_TOKENS_PER_RANK)
+        _buffers[key] = deep_ep.Buffer(
+            group, num_nvl_bytes=size, backend="cuda", conservative_loads=conservative
+        )
+    return _buffers[key]
+
+
+def _poison_allocator(device) -> None:
+    """Fill a large freed block with 0xFF: the next allocations of the caching allocator reuse it."""
+    junk = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    junk.fill_(0xFF)
+    del junk
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+def _expected_dispatches(inputs, spec, num_ranks):
+    """The oracle's dispatch result for every rank (all are needed to build every rank's combine input)."""
+    layouts = [reference.dispatch_layout(i.topk_idx, NUM_EXPERTS, num_ranks) for i in inputs]
+    in_rank = [lay[2] for lay in layouts]
+    per_expert = [lay[1] for lay in layouts]
+    fp8 = spec.get("fp8", False)
+    xs = [i.x_fp8[0] if fp8 else i.x for i in inputs]
+    scales = [i.x_fp8[1] for i in inputs] if fp8 else None
+    results = [
+        reference.intranode_dispatch(
+            d,
+            xs,
+            in_rank,
+            x_scales=scales,
+            topk_idx=[i.topk_idx for i in inputs],
+            topk_weights=[i.topk_weights for i in inputs],
+            num_tokens_per_expert=per_expert,
+            num_experts=NUM_EXPERTS,
+            expert_alignment=spec.get("alignment", 1),
+            num_worst_tokens=spec.get("worst", 0),
+        )
+        for d in range(num_ranks)
+    ]
+    return layouts, results
+
+
+def _combine_input(recv_x_bf16: torch.Tensor, rank: int) -> torch.Tensor:
+    """A deterministic stand-in for expert outputs: each rank scales its received rows differently."""
+    return (recv_x_bf16.float() * (0.5 + 0.25 * rank)).to(torch.bfloat16)
+
+
+def _biases(seed: int, num_tokens_per_rank, hidden: int, count: int, rank: int):
+    g = torch.Generator().manual_seed(seed + 1000)
+    per_rank = []
+    for t in num_tokens_per_rank:
+        per_rank.append([torch.randn(t, hidden, generator=g).to(torch.bfloat16) for _ in range(count)])
+    return per_rank[rank]
+
+
+def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
+    device = torch.device("cuda", torch.cuda.current_device())
+    tokens = spec["tokens"]
+    hidden = spec.get("hidden", MAX_HIDDEN)
+    fp8 = spec.get("fp8", False)
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    inputs = make_inputs(
+        seed, num_ranks, tokens, hidden, NUM_EXPERTS, TOPK, spec.get("routing", "uniform"), dtype
+    )
+    layouts, expected = _expected_dispatches(inputs, spec, num_ranks)
+    mine = inputs[rank]
+    where = f"rank {rank}, seed {seed}"
+    config = Config(spec.get("num_sms", 24), 8, 256)
+
+    # Layout.
+    topk_idx = mine.topk_idx.to(device)
+    _poison_allocator(device)
+    per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    assert per_rdma_rank is None
+    want_per_rank, want_per_expert, want_in_rank = layouts[rank]
+    assert torch.equal(per_rank.cpu(), want_per_rank), f"{where}: num_tokens_per_rank"
+    assert torch.equal(per_expert.cpu(), want_per_expert), f"{where}: num_tokens_per_expert"
+    assert torch.equal(in_rank.cpu(), want_in_rank), f"{where}: is_token_in_rank"
+
+    # Dispatch.
+    x = (mine.x_fp8[0].to(device), mine.x_fp8[1].to(device)) if fp8 else mine.x.to(device)
+    weights = mine.topk_weights.to(device)
+    async_mode = spec.get("async", False)
+    previous = deep_ep.Buffer.capture() if async_mode else None
+    _poison_allocator(device)
+    recv_x, recv_idx, recv_weights, recv_list, handle, event = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=weights,
+        expert_alignment=spec.get("alignment", 1),
+        num_worst_tokens=spec.get("worst", 0),
+        config=config,
+        previous_event=previous,
+        async_finish=async_mode,
+        allocate_on_comm_stream=async_mode,
+    )
+    event.current_stream_wait()
+    want = expected[rank]
+    got_x, got_scales = recv_x if fp8 else (recv_x, None)
+    assert bytes_equal(got_x.cpu(), want.recv_x), f"{where}: recv_x"
+    if fp8:
+        assert bytes_equal(got_scales.cpu(), want.recv_x_scales), f"{where}: recv_x scales"
+    assert torch.equal(recv_idx.cpu(), want.recv_topk_idx), f"{where}: recv_topk_idx"
+    assert bytes_equal(recv_weights.cpu(), want.recv_topk_weights), f"{where}: recv_topk_weights"
+    assert recv_list == want.num_recv_tokens_per_expert_list, f"{where}: num_recv_tokens_per_expert_list"
+    for name in want.handle._fields:
+        assert torch.equal(getattr(handle, name).cpu(), getattr(want.handle, name)), f"{where}: handle.{name}"
+
+    # Cached dispatch of fresh data through the handle (BF16 rows of the same routing).
+    fresh = [(i.x.float() * -1.5).to(torch.bfloat16) for i in inputs]
+    _poison_allocator(device)
+    cached_x, none_idx, _, _, _, event = buffer.dispatch(
+        fresh[rank].to(device), handle=handle, config=config, async_finish=async_mode
+    )
+    event.current_stream_wait()
+    assert none_idx is None
+    want_cached = reference.intranode_dispatch(
+        rank, fresh, [lay[2] for lay in layouts], num_recv_rows=want.handle.recv_src_idx.size(0)
+    )
+    assert bytes_equal(cached_x.cpu(), want_cached.recv_x), f"{where}: cached recv_x"
+
+    # Combine: every rank's input derived from what it received (BF16 rows of the same routing).
+    bf16_recv = [
+        reference.intranode_dispatch(d, [i.x for i in inputs], [lay[2] for lay in layouts]).recv_x
+        for d in range(num_ranks)
+    ]
+    bf16_recv = [
+        torch.cat([r, torch.zeros(e.handle.recv_src_idx.size(0) - r.size(0), hidden, dtype=r.dtype)])
+        for r, e in zip(bf16_recv, expected)
+    ]
+    combine_x = [_combine_input(r, d) for d, r in enumerate(bf16_recv)]
+    bias = _biases(seed, tokens, hidden, spec.get("bias", 0), rank)
+    _poison_allocator(device)
+    combined, combined_weights, event = buffer.combine(
+        combine_x[rank].to(device),
+        handle,
+        topk_weights=recv_weights,
+        bias=None
+        if not bias
+        else (bias[0].to(device) if len(bias) == 1 else tuple(b.to(device) for b in bias)),
+        config=config,
+        previous_event=deep_ep.Buffer.capture() if async_mode else None,
+        async_finish=async_mode,
+    )
+    event.current_stream_wait()
+    want_combined, want_weights = reference.intranode_combine(
+        rank,
+        combine_x,
+        [e.handle.recv_src_idx for e in expected],
+        [e.handle.rank_prefix_matrix for e in expected],
+        tokens[rank],
+        topk_weights=[e.recv_topk_weights for e in expected],
+        bias_0=bias[0] if len(bias) > 0 else None,
+        bias_1=bias[1] if len(bias) > 1 else None,
+    )
+    assert bytes_equal(combined.cpu(), want_combined), f"{where}: combined_x"
+    assert bytes_equal(combined_weights.cpu(), want_weights), f"{where}: combined_topk_weights"
+
+
+def _rank_check(rank, num_ranks, group, spec):
+    buffer = _buffer(group, num_ranks, spec.get("conservative", False))
+    for i in range(spec.get("iterations", 1)):
+        _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
+    torch.cuda.synchronize()
+    return True
+
+
+def _run(rank_pool, num_ranks, **spec):
+    tokens = spec.setdefault("tokens", [97 + 31 * r for r in range(num_ranks)])
+    assert len(tokens) == num_ranks and max(tokens) <= MAX_TOKENS_PER_RANK
+    assert all(rank_pool(num_ranks).run(_rank_check, spec))
+
+
+# --- tests -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("conservative", [False, True], ids=["aggressive", "conservative"])
+def test_dispatch_combine(rank_pool, num_ranks, fp8, conservative):
+    _run(rank_pool, num_ranks, fp8=fp8, conservative=conservative, seed=num_ranks, bias=num_ranks % 3)
+
+
+@pytest.mark.parametrize("hidden", [2048, 4096, 7168])
+def test_hidden_sizes(rank_pool, hidden):
+    _run(rank_pool, 2, hidden=hidden, routing="with_minus_one", seed=hidden, bias=2)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_zero_and_one_token(rank_pool, num_ranks):
+    tokens = [0, 1] + [200] * (num_ranks - 2)
+    _run(rank_pool, num_ranks, tokens=tokens, seed=7)
+    _run(rank_pool, num_ranks, tokens=[0] * num_ranks, seed=8)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_all_tokens_to_one_rank(rank_pool, num_ranks):
+    _run(rank_pool, num_ranks, routing="all_to_one_rank", seed=num_ranks + 1, bias=1)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_worst_tokens_and_alignment(rank_pool, num_ranks):
+    tokens = [150 + 10 * r for r in range(num_ranks)]
+    _run(rank_pool, num_ranks, tokens=tokens, worst=sum(tokens), seed=11)
+    _run(rank_pool, num_ranks, tokens=tokens, alignment=64, seed=12, routing="with_minus_one")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_async_previous_event(rank_pool, fp8):
+    _run(rank_pool, 2, fp8=fp8, seed=13, bias=1, **{"async": True})
+
+
+@pytest.mark.parametrize("num_sms", [8, 16, 24])
+def test_sm_budgets(rank_pool, num_sms):
+    _run(rank_pool, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512])
+
+
+def test_back_to_back_iterations(rank_pool):
+    """100 rounds with fresh data: catches barrier epochs and buffer reuse races between ops."""
+    _run(
+        rank_pool, 4, iterations=100, hidden=2048, tokens=[64, 48, 80, 33], seed=30, routing="with_minus_one"
+    )
