@@ -94,6 +94,7 @@ class LowLatencyCuda:
             )
         self.group, self.rank, self.num_ranks = group, rank, num_ranks
         self.num_rdma_bytes = num_rdma_bytes
+        self.timeout_s = timeout_s
         self.conservative_loads = conservative_loads
         self.allow_nvlink = allow_nvlink
         self.device = torch.device("cuda", torch.cuda.current_device())
@@ -148,6 +149,9 @@ class LowLatencyCuda:
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def _common(self) -> tuple:
+        # Checked here, in Python, so the C++ op's own check never has to throw: on the device image a C++
+        # exception crossing into Python has killed the process (SIGSEGV) instead of raising.
+        self.raise_if_failed()
         return (self.runtime, self.symmetric_base, self.mapped_bases, self.all_ranks_mapped)
 
     # --- backend interface ---------------------------------------------------------------------------
@@ -252,8 +256,14 @@ class LowLatencyCuda:
         self.shape = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def raise_if_failed(self) -> None:
-        """Raise the timeout a kernel recorded (rank, what it waited for); call after a synchronisation."""
-        self.runtime.raise_if_failed()
+        """Raise the timeout a kernel recorded, naming this rank; call after a synchronisation. Sticky: the
+        ranks' signal words no longer agree, so the Buffer cannot be used again."""
+        if self.runtime.failed:
+            raise RuntimeError(
+                f"rank {self.rank} timed out after {self.timeout_s} s in a low-latency kernel waiting for a peer's "
+                f"rows or receive counts; a peer is missing, crashed or diverged. This Buffer cannot be used "
+                f"again: destroy it."
+            )
 
     def destroy(self) -> None:
         """Collective: every rank of the group must call it (nvshmem_free synchronises all PEs)."""
