@@ -90,6 +90,14 @@ def _bench_rank(rank, num_ranks, group, opts):
             for case, (fn, row_bytes) in fns.items():
                 times = common.time_op(group, fn, warmup=opts["warmup"], runs=opts["runs"])
                 stats = common.summarize(times)
+                aligned = common.time_op(
+                    group,
+                    fn,
+                    warmup=1,
+                    runs=opts["runs"],
+                    device_barrier=buffer.runtime.barrier_on_current_stream,
+                )
+                stats["aligned_median_us"] = common.summarize(aligned)["median_us"]
                 results.append(
                     dict(
                         case=case,
@@ -101,6 +109,22 @@ def _bench_rank(rank, num_ranks, group, opts):
                         **stats,
                     )
                 )
+        if conservative == opts["conservative"][0]:
+            # What the same bytes cost as one plain device copy per rank, all SMs, ranks lined up on the GPU:
+            # the stage (own tokens) plus the pull (received rows) of a BF16 dispatch.
+            copy_bytes = (tokens + rows) * bf16_row
+            src = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
+            dst = torch.empty_like(src)
+            copy = common.time_op(
+                group,
+                partial(dst.copy_, src),
+                warmup=2,
+                runs=opts["runs"],
+                device_barrier=buffer.runtime.barrier_on_current_stream,
+            )
+            copy_us = common.summarize(copy)["median_us"]
+            results.append(dict(case="hbm_copy_reference", rank=rank, copy_us=copy_us, copy_bytes=copy_bytes))
+            del src, dst
         buffer.destroy()
 
     nccl = {}
@@ -123,6 +147,8 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
     groups: dict = {}
     for rank_out in per_rank:
         for r in rank_out["results"]:
+            if r["case"] == "hbm_copy_reference":
+                continue
             groups.setdefault((r["case"], r["loads"], r["num_sms"]), []).append(r)
     nccl = per_rank[0]["nccl"]
     rows = []
@@ -136,6 +162,7 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
                 loads=loads,
                 num_sms=sms,
                 median_us=slowest["median_us"],
+                aligned_median_us=max(r["aligned_median_us"] for r in items),
                 p10_us=slowest["p10_us"],
                 p90_us=slowest["p90_us"],
                 recv_gbps=recv_gbps,
@@ -200,6 +227,7 @@ def main(argv=None) -> None:
                 ("loads", "loads", "{}"),
                 ("num_sms", "SMs", "{}"),
                 ("median_us", "median us", "{:.1f}"),
+                ("aligned_median_us", "GPU-aligned us", "{:.1f}"),
                 ("p10_us", "p10", "{:.1f}"),
                 ("p90_us", "p90", "{:.1f}"),
                 ("recv_gbps", "recv GB/s", "{:.0f}"),
@@ -221,6 +249,7 @@ def main(argv=None) -> None:
                 experts=args.experts,
                 loads=r["loads"],
                 median_us=round(r["median_us"], 2),
+                aligned_median_us=round(r["aligned_median_us"], 2),
                 p10_us=round(r["p10_us"], 2),
                 p90_us=round(r["p90_us"], 2),
                 recv_gbps=round(r["recv_gbps"], 1),
@@ -229,6 +258,15 @@ def main(argv=None) -> None:
             )
             for r in rows
         ]
+        copies = [r for out in per_rank for r in out["results"] if r["case"] == "hbm_copy_reference"]
+        if copies:
+            slowest = max(copies, key=lambda r: r["copy_us"])
+            total = sum(r["copy_bytes"] for r in copies)
+            print(
+                f"reference: every rank copying its BF16-dispatch stage+pull bytes ({slowest['copy_bytes'] / 1e6:.0f} MB) "
+                f"with one copy_ at once, all SMs: {slowest['copy_us']:.1f} us "
+                f"({2 * total / slowest['copy_us'] / 1e3:.0f} GB/s read+write over the GPU)"
+            )
         path = os.path.join(args.results_dir, f"intranode_{device}_{num_ranks}ranks.jsonl")
         print(f"records appended to {common.append_records(records, path)}")
 

@@ -24,11 +24,21 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 # --- timing ------------------------------------------------------------------------------------------------
 
 
-def time_op(group, fn: Callable[[], None], *, warmup: int = 5, runs: int = 20) -> list[float]:
+def time_op(
+    group,
+    fn: Callable[[], None],
+    *,
+    warmup: int = 5,
+    runs: int = 20,
+    device_barrier: Optional[Callable[[], None]] = None,
+) -> list[float]:
     """Microseconds of `fn` per run, CUDA events on the current stream, a group barrier before each run.
 
-    The barrier (host collective after a device synchronisation) lines the ranks up so that a run measures the
-    operation, not the skew between ranks' previous work.
+    The host barrier (a group collective after a device synchronisation) is what a user's code would do; the
+    ranks then leave it tens of microseconds apart, and the first one's time includes waiting for the last.
+    With `device_barrier` (a barrier kernel enqueued on the current stream after the host barrier) the start
+    event is recorded once every rank's GPU reached the barrier, so the time is the operation's own, with
+    the host's launch work for it overlapped by the barrier wait.
     """
     for _ in range(warmup):
         fn()
@@ -36,6 +46,8 @@ def time_op(group, fn: Callable[[], None], *, warmup: int = 5, runs: int = 20) -
     for _ in range(runs):
         torch.cuda.synchronize()
         dist.barrier(group=group)
+        if device_barrier is not None:
+            device_barrier()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -298,6 +298,12 @@ class CudaBackend:
         )
         return combined_x, combined_topk_weights, event
 
+    def barrier_on_current_stream(self) -> None:
+        """A group barrier on the GPU, enqueued on the current stream (benchmarks line ranks up with it)."""
+        _C.intranode_barrier(
+            self._require_runtime("barrier"), torch.cuda.current_stream(self.device).cuda_stream
+        )
+
     # --- low-latency mode: NVSHMEM, another module -------------------------------------------------------
 
     def _require_low_latency(self, op: str):

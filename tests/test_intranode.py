@@ -213,6 +213,7 @@ def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
 
 
 def _rank_check(rank, num_ranks, group, spec):
+    torch.set_num_threads(2)  # up to 8 rank processes compute the oracle side by side on the host
     buffer = _buffer(group, num_ranks, spec.get("conservative", False))
     for i in range(spec.get("iterations", 1)):
         _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)

@@ -26,6 +26,14 @@ struct NvlBarrier {
     int epoch;
 };
 
+/// A bare group barrier on a stream: one block. Benchmarks use it to line the ranks up on the GPU itself.
+struct IntranodeBarrierArgs {
+    NvlPeers peers;
+    NvlBarrier barrier;
+    cudaStream_t stream;
+};
+void launch_intranode_barrier(const IntranodeBarrierArgs& args);
+
 /// Count exchange of a (non-cached) dispatch: one block. Also opens the op (its barrier is the op's first).
 struct IntranodeNotifyArgs {
     NvlPeers peers;

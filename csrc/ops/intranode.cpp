@@ -48,7 +48,7 @@ std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer
     {
         pybind11::gil_scoped_release release;
         // Longer than the kernel's own timeout: the notify kernel may first wait behind earlier work.
-        const auto limit = std::chrono::nanoseconds(4 * buffer.wait_context().timeout_ns) + std::chrono::seconds(30);
+        const auto limit = std::chrono::nanoseconds(2 * buffer.wait_context().timeout_ns) + std::chrono::seconds(10);
         const auto start = std::chrono::steady_clock::now();
         while (counters[0] != tag && !buffer.failed()) {
             if (std::chrono::steady_clock::now() - start > limit) {
@@ -252,8 +252,16 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
                                                                                 : pybind11::none());
 }
 
+/// A group barrier enqueued on `stream` (nothing else): all ranks must call it the same number of times.
+void intranode_barrier(runtime::Buffer& buffer, int64_t stream_handle) {
+    buffer.raise_if_failed();
+    launch_intranode_barrier(
+        IntranodeBarrierArgs{nvl_peers(buffer), next_barrier(buffer), reinterpret_cast<cudaStream_t>(stream_handle)});
+}
+
 void register_intranode_apis(pybind11::module_& m) {
     namespace py = pybind11;
+    m.def("intranode_barrier", &intranode_barrier, py::arg("buffer"), py::arg("stream"));
     m.def("intranode_dispatch_buffer_bytes", &intranode_dispatch_buffer_bytes, py::arg("hidden_bytes"),
           py::arg("num_scales"), py::arg("num_topk"), py::arg("num_ranks"), py::arg("num_tokens"),
           "NVLink buffer bytes an intra-node dispatch of num_tokens rows needs on the sending rank.");

@@ -53,4 +53,27 @@ __device__ __forceinline__ void warp_copy_own_words(int* dst, const int* src, in
         dst[i] = __ldg(src + i);
 }
 
+/// The few 4-byte words of a row (scales, top-k ids and weights), held in registers: a warp loads them
+/// together with the row's first vectors and stores them after the row, so they cost no extra round trip.
+/// Words beyond kWordsPerLane * 32 (rare shapes) are moved by the caller with warp_copy_*_words.
+template <int kWordsPerLane>
+struct LaneWords {
+    int values[kWordsPerLane];
+
+    template <typename Load>
+    __device__ __forceinline__ void load(const int* src, int num_words, int lane, Load load_word) {
+#pragma unroll
+        for (int u = 0; u < kWordsPerLane; ++u)
+            if (lane + u * kWarpSize < num_words)
+                values[u] = load_word(src + lane + u * kWarpSize);
+    }
+    __device__ __forceinline__ void store(int* dst, int num_words, int lane) const {
+#pragma unroll
+        for (int u = 0; u < kWordsPerLane; ++u)
+            if (lane + u * kWarpSize < num_words)
+                dst[lane + u * kWarpSize] = values[u];
+    }
+    static constexpr int kCapacity = kWordsPerLane * kWarpSize;
+};
+
 }  // namespace deep_ep

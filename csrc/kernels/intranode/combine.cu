@@ -13,9 +13,10 @@ namespace {
 
 constexpr int kStageThreads = 1024;
 constexpr int kStageUnroll = 8;
-// The reduction holds kMaxSources x kUnroll loaded vectors plus 8 float accumulators per lane: 512
-// threads leave it 128 registers.
-constexpr int kPullThreads = 512;
+// The reduction holds kMaxSources x kUnroll loaded vectors plus 8 float accumulators per lane. With up to
+// two sources 768 threads fit (80 registers); more sources need the 128 registers 512 threads leave.
+template <int kMaxSources>
+constexpr int kPullThreads = kMaxSources <= 2 ? 768 : 512;
 // Loads in flight per lane in the reduction, whatever the number of ranks.
 constexpr int kReduceVectorsInFlight = 8;
 
@@ -31,19 +32,20 @@ __global__ void __launch_bounds__(kStageThreads, 1) intranode_combine_stage_kern
     const int lane = threadIdx.x % kWarpSize;
     for (int row = global_warp_id(); row < args.num_rows; row += num_global_warps()) {
         char* slot = rows.row(own, row);
+        const int* weights_row = reinterpret_cast<const int*>(args.topk_weights + int64_t{row} * args.num_topk);
+        const bool has_weight = args.topk_weights != nullptr && lane < args.num_topk;
+        const int weight_bits = has_weight ? __ldg(weights_row + lane) : 0;
         warp_copy_own_vectors<kStageUnroll>(
             reinterpret_cast<int4*>(slot + rows.x_offset),
             reinterpret_cast<const int4*>(static_cast<const char*>(args.x) + int64_t{row} * args.hidden * 2),
             args.hidden / kBf16PerVector, lane);
-        if (args.topk_weights != nullptr)
-            warp_copy_own_words(reinterpret_cast<int*>(slot + rows.topk_weights_offset),
-                                reinterpret_cast<const int*>(args.topk_weights + int64_t{row} * args.num_topk),
-                                args.num_topk, lane);
+        if (has_weight)
+            reinterpret_cast<int*>(slot + rows.topk_weights_offset)[lane] = weight_bits;
     }
 }
 
 template <ptx::LoadKind kKind, int kMaxSources>
-__global__ void __launch_bounds__(kPullThreads, 1) intranode_combine_pull_kernel(IntranodeCombinePullArgs args) {
+__global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) intranode_combine_pull_kernel(IntranodeCombinePullArgs args) {
     if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
         return;
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
@@ -52,10 +54,17 @@ __global__ void __launch_bounds__(kPullThreads, 1) intranode_combine_pull_kernel
     const int lane = threadIdx.x % kWarpSize;
     const int num_vectors = args.hidden / kBf16PerVector;
 
+    // Lane d holds the row rank d staged for the token (or -1). The next token's heads are loaded while
+    // this one is reduced, so no token starts with a dependent round trip to memory.
+    auto load_heads = [&](int token) {
+        return lane < num_ranks && token < args.num_tokens ? __ldg(args.send_head + int64_t{token} * num_ranks + lane)
+                                                           : -1;
+    };
+    int next_head = load_heads(global_warp_id());
     for (int token = global_warp_id(); token < args.num_tokens; token += num_global_warps()) {
-        // Lane d holds the row rank d staged for this token (or -1); the sources keep rank order 0..R-1,
-        // which is the summation order the reference defines.
-        const int head = lane < num_ranks ? args.send_head[int64_t{token} * num_ranks + lane] : -1;
+        // The sources keep rank order 0..R-1, the summation order the reference defines.
+        const int head = next_head;
+        next_head = load_heads(token + num_global_warps());
         const unsigned has_row = __ballot_sync(0xffffffffu, head >= 0);
         const char* slots[kMaxSources];
         int num_sources = 0;
@@ -77,6 +86,15 @@ __global__ void __launch_bounds__(kPullThreads, 1) intranode_combine_pull_kernel
         for (int j = 0; j < kMaxSources; ++j)
             sources[j] = reinterpret_cast<const int4*>(j < num_sources ? slots[j] + rows.x_offset : nullptr);
 
+        // The weights' loads go first so that they fly with the hidden vectors'.
+        float staged_weights[kMaxSources];
+        const bool sums_weight = args.combined_topk_weights != nullptr && lane < args.num_topk;
+#pragma unroll
+        for (int j = 0; j < kMaxSources; ++j)
+            if (sums_weight && j < num_sources)
+                staged_weights[j] = __int_as_float(ptx::ld_peer<kKind>(
+                    reinterpret_cast<const int*>(slots[j] + rows.topk_weights_offset) + lane));
+
         const int64_t row_offset = int64_t{token} * num_vectors;
         const auto* bias_0 = static_cast<const int4*>(args.bias_0);
         const auto* bias_1 = static_cast<const int4*>(args.bias_1);
@@ -85,16 +103,14 @@ __global__ void __launch_bounds__(kPullThreads, 1) intranode_combine_pull_kernel
             bias_0 == nullptr ? nullptr : bias_0 + row_offset, bias_1 == nullptr ? nullptr : bias_1 + row_offset,
             num_vectors, lane);
 
-        if (args.combined_topk_weights != nullptr) {
-            for (int k = lane; k < args.num_topk; k += kWarpSize) {
-                float sum = 0.0f;
+        if (sums_weight) {
+            // Rank order from +0.0 in float32, as the reference's index_add_ sums.
+            float sum = 0.0f;
 #pragma unroll
-                for (int j = 0; j < kMaxSources; ++j)
-                    if (j < num_sources)
-                        sum += __int_as_float(ptx::ld_peer<kKind>(
-                            reinterpret_cast<const int*>(slots[j] + rows.topk_weights_offset) + k));
-                args.combined_topk_weights[int64_t{token} * args.num_topk + k] = sum;
-            }
+            for (int j = 0; j < kMaxSources; ++j)
+                if (j < num_sources)
+                    sum += staged_weights[j];
+            args.combined_topk_weights[int64_t{token} * args.num_topk + lane] = sum;
         }
     }
 }
@@ -109,7 +125,10 @@ void launch_combine_pull_for_kind(const IntranodeCombinePullArgs& args, int num_
         kernel = intranode_combine_pull_kernel<kKind, 2>;
     else if (args.peers.num_ranks <= 4)
         kernel = intranode_combine_pull_kernel<kKind, 4>;
-    kernel<<<num_blocks, kPullThreads, 0, args.stream>>>(args);
+    int threads = kPullThreads<8>;
+    if (args.peers.num_ranks <= 2)
+        threads = kPullThreads<2>;
+    kernel<<<num_blocks, threads, 0, args.stream>>>(args);
 }
 
 int clamp_blocks(int num_blocks) { return num_blocks < 1 ? 1 : num_blocks; }
@@ -118,13 +137,15 @@ int clamp_blocks(int num_blocks) { return num_blocks < 1 ? 1 : num_blocks; }
 
 void launch_intranode_combine_stage(const IntranodeCombineStageArgs& args) {
     DEEP_EP_CHECK(args.hidden % kBf16PerVector == 0, "combine needs hidden % 8 == 0");
+    DEEP_EP_CHECK(args.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k weights per row");
     intranode_combine_stage_kernel<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
 void launch_intranode_combine_pull(const IntranodeCombinePullArgs& args) {
     DEEP_EP_CHECK(args.hidden % kBf16PerVector == 0, "combine needs hidden % 8 == 0");
-    DEEP_EP_CHECK(args.peers.num_ranks <= kWarpSize, "combine handles at most 32 ranks");
+    DEEP_EP_CHECK(args.peers.num_ranks <= kMaxNvlRanks, "combine handles at most " << kMaxNvlRanks << " ranks");
+    DEEP_EP_CHECK(args.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k weights per row");
     const int num_blocks = clamp_blocks(args.num_blocks);
     if constexpr (ptx::kAggressiveLoadsCompiled) {
         if (!args.conservative_loads) {

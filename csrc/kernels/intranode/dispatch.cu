@@ -15,6 +15,8 @@ constexpr int kPullThreads = 1024;
 // 16-byte loads each lane keeps in flight: 32 warps x 32 lanes x 8 x 16 B = 128 KiB per SM, enough to
 // cover HBM and NVLink latency with a few dozen SMs.
 constexpr int kRowUnroll = 8;
+// Scales held in registers per lane (64 covers hidden 8192 in FP8); more are copied after the row.
+constexpr int kScaleWordsPerLane = 2;
 
 __device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
 __device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
@@ -68,27 +70,62 @@ __global__ void __launch_bounds__(kStageThreads, 1) intranode_dispatch_stage_ker
         build_send_list(args, rows, dst);
 
     const int lane = threadIdx.x % kWarpSize;
-    const int num_topk = args.shape.num_topk;
+    const int num_topk = args.shape.num_topk, num_scales = args.shape.num_scales;
     for (int token = global_warp_id(); token < args.num_tokens; token += num_global_warps()) {
         char* slot = rows.row(own, token);
+        // The row's small parts are loaded first, so their latency hides under the hidden vector's.
+        LaneWords<kScaleWordsPerLane> scales;
+        const int* scales_row = reinterpret_cast<const int*>(args.x_scales + int64_t{token} * num_scales);
+        if (args.x_scales != nullptr)
+            scales.load(scales_row, num_scales, lane, [](const int* p) { return __ldg(p); });
+        int expert = -1;
+        float weight = 0.0f;
+        if (args.topk_idx != nullptr && lane < num_topk) {
+            const int64_t i = int64_t{token} * num_topk + lane;
+            // Staged as int32: expert ids are small, and receivers read 4 bytes per entry.
+            expert = args.topk_idx_is_int64 ? static_cast<int>(__ldg(static_cast<const int64_t*>(args.topk_idx) + i))
+                                            : __ldg(static_cast<const int*>(args.topk_idx) + i);
+            weight = __ldg(args.topk_weights + i);
+        }
         const auto* x_row = static_cast<const char*>(args.x) + int64_t{token} * args.shape.hidden_bytes;
         warp_copy_own_vectors<kRowUnroll>(reinterpret_cast<int4*>(slot + rows.x_offset),
                                           reinterpret_cast<const int4*>(x_row), args.shape.hidden_bytes / 16, lane);
-        if (args.x_scales != nullptr)
-            warp_copy_own_words(reinterpret_cast<int*>(slot + rows.scales_offset),
-                                reinterpret_cast<const int*>(args.x_scales + int64_t{token} * args.shape.num_scales),
-                                args.shape.num_scales, lane);
-        if (args.topk_idx != nullptr) {
-            for (int k = lane; k < num_topk; k += kWarpSize) {
-                const int64_t i = int64_t{token} * num_topk + k;
-                // Staged as int32: expert ids are small, and receivers read 4 bytes per entry.
-                const int expert = args.topk_idx_is_int64 ? static_cast<int>(static_cast<const int64_t*>(args.topk_idx)[i])
-                                                          : static_cast<const int*>(args.topk_idx)[i];
-                reinterpret_cast<int*>(slot + rows.topk_idx_offset)[k] = expert;
-                reinterpret_cast<float*>(slot + rows.topk_weights_offset)[k] = args.topk_weights[i];
-            }
+        if (args.x_scales != nullptr) {
+            int* staged_scales = reinterpret_cast<int*>(slot + rows.scales_offset);
+            scales.store(staged_scales, num_scales, lane);
+            if (num_scales > scales.kCapacity)
+                warp_copy_own_words(staged_scales + scales.kCapacity, scales_row + scales.kCapacity,
+                                    num_scales - scales.kCapacity, lane);
+        }
+        if (args.topk_idx != nullptr && lane < num_topk) {
+            reinterpret_cast<int*>(slot + rows.topk_idx_offset)[lane] = expert;
+            reinterpret_cast<float*>(slot + rows.topk_weights_offset)[lane] = weight;
         }
     }
+}
+
+// The source rank of recv_x row `row`: rows [first_row[s], first_row[s + 1]) come from rank s.
+__device__ __forceinline__ int source_of_row(const int* first_row, int num_ranks, int row) {
+    int src = 0;
+    while (src + 1 < num_ranks && first_row[src + 1] <= row)
+        ++src;
+    return src;
+}
+
+// num_worst_tokens padding, as the reference defines it: zeros, expert -1, weight 0, source -1.
+__device__ __forceinline__ void write_padding_row(const IntranodeDispatchPullArgs& args, int row, int lane) {
+    const int4 zero = make_int4(0, 0, 0, 0);
+    auto* x_row = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + int64_t{row} * args.shape.hidden_bytes);
+    for (int i = lane; i < args.shape.hidden_bytes / 16; i += kWarpSize)
+        ptx::st_global_L1_no_allocate(x_row + i, zero);
+    for (int i = lane; i < args.shape.num_scales && args.recv_x_scales != nullptr; i += kWarpSize)
+        args.recv_x_scales[int64_t{row} * args.shape.num_scales + i] = 0.0f;
+    for (int k = lane; k < args.shape.num_topk && args.recv_topk_idx != nullptr; k += kWarpSize) {
+        args.recv_topk_idx[int64_t{row} * args.shape.num_topk + k] = -1;
+        args.recv_topk_weights[int64_t{row} * args.shape.num_topk + k] = 0.0f;
+    }
+    if (lane == 0)
+        args.recv_src_idx[row] = -1;
 }
 
 template <ptx::LoadKind kKind>
@@ -107,57 +144,59 @@ __global__ void __launch_bounds__(kPullThreads, 1) intranode_dispatch_pull_kerne
     __syncthreads();
     const int num_recv = first_row[num_ranks];
     const int lane = threadIdx.x % kWarpSize;
-    const int num_topk = args.shape.num_topk;
+    const int num_topk = args.shape.num_topk, num_scales = args.shape.num_scales;
     const int num_local_experts = args.num_experts / num_ranks;
     const int first_local_expert = rank * num_local_experts;
 
-    for (int row = global_warp_id(); row < args.num_recv_capacity; row += num_global_warps()) {
-        if (row >= num_recv) {
-            // num_worst_tokens padding, as the reference defines it: zeros, expert -1, source -1.
-            const int4 zero = make_int4(0, 0, 0, 0);
-            auto* x_row = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + int64_t{row} * args.shape.hidden_bytes);
-            for (int i = lane; i < args.shape.hidden_bytes / 16; i += kWarpSize)
-                ptx::st_global_L1_no_allocate(x_row + i, zero);
-            for (int i = lane; i < args.shape.num_scales && args.recv_x_scales != nullptr; i += kWarpSize)
-                args.recv_x_scales[int64_t{row} * args.shape.num_scales + i] = 0.0f;
-            if (lane == 0)
-                args.recv_src_idx[row] = -1;
-            for (int k = lane; k < num_topk && args.recv_topk_idx != nullptr; k += kWarpSize) {
-                args.recv_topk_idx[int64_t{row} * num_topk + k] = -1;
-                args.recv_topk_weights[int64_t{row} * num_topk + k] = 0.0f;
-            }
-            continue;
+    // A warp's rows are row0 + j * stride. Lane i fetches the source token of the warp's next 32 rows up
+    // front: otherwise every row would start with one dependent round trip to a peer before its copy.
+    const int stride = num_global_warps();
+    for (int row0 = global_warp_id(); row0 < args.num_recv_capacity; row0 += kWarpSize * stride) {
+        int lane_token = -1;
+        if (const int lane_row = row0 + lane * stride; lane_row < num_recv) {
+            const int src = source_of_row(first_row, num_ranks, lane_row);
+            lane_token = ptx::ld_peer<kKind>(rows.send_list(args.peers.buffers[src], peer_num_tokens[src], rank) +
+                                             (lane_row - first_row[src]));
         }
-        int src = 0;
-        while (src + 1 < num_ranks && first_row[src + 1] <= row)
-            ++src;
-        void* peer = args.peers.buffers[src];
-        int token = 0;
-        if (lane == 0)
-            token = ptx::ld_peer<kKind>(rows.send_list(peer, peer_num_tokens[src], rank) + (row - first_row[src]));
-        token = __shfl_sync(0xffffffffu, token, 0);
-        const char* slot = rows.row(peer, token);
-
-        warp_copy_peer_vectors<kKind, kRowUnroll>(
-            reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + int64_t{row} * args.shape.hidden_bytes),
-            reinterpret_cast<const int4*>(slot + rows.x_offset), args.shape.hidden_bytes / 16, lane);
-        if (args.recv_x_scales != nullptr)
-            warp_copy_peer_words<kKind>(reinterpret_cast<int*>(args.recv_x_scales + int64_t{row} * args.shape.num_scales),
-                                        reinterpret_cast<const int*>(slot + rows.scales_offset), args.shape.num_scales,
-                                        lane);
-        if (args.recv_topk_idx != nullptr) {
-            for (int k = lane; k < num_topk; k += kWarpSize) {
-                const int expert = ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_idx_offset) + k);
-                const int weight_bits =
-                    ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_weights_offset) + k);
+        for (int i = 0; i < kWarpSize; ++i) {
+            const int row = row0 + i * stride;
+            if (row >= args.num_recv_capacity)
+                break;
+            const int token = __shfl_sync(0xffffffffu, lane_token, i);
+            if (row >= num_recv) {
+                write_padding_row(args, row, lane);
+                continue;
+            }
+            const char* slot = rows.row(args.peers.buffers[source_of_row(first_row, num_ranks, row)], token);
+            // Scales and top-k first: their loads fly with the hidden vector's instead of after it.
+            const int* staged_scales = reinterpret_cast<const int*>(slot + rows.scales_offset);
+            LaneWords<kScaleWordsPerLane> scales;
+            if (args.recv_x_scales != nullptr)
+                scales.load(staged_scales, num_scales, lane, [](const int* p) { return ptx::ld_peer<kKind>(p); });
+            int expert = -1, weight_bits = 0;
+            if (args.recv_topk_idx != nullptr && lane < num_topk) {
+                expert = ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_idx_offset) + lane);
+                weight_bits = ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_weights_offset) + lane);
+            }
+            warp_copy_peer_vectors<kKind, kRowUnroll>(
+                reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + int64_t{row} * args.shape.hidden_bytes),
+                reinterpret_cast<const int4*>(slot + rows.x_offset), args.shape.hidden_bytes / 16, lane);
+            if (args.recv_x_scales != nullptr) {
+                int* recv_scales = reinterpret_cast<int*>(args.recv_x_scales + int64_t{row} * num_scales);
+                scales.store(recv_scales, num_scales, lane);
+                if (num_scales > scales.kCapacity)
+                    warp_copy_peer_words<kKind>(recv_scales + scales.kCapacity, staged_scales + scales.kCapacity,
+                                                num_scales - scales.kCapacity, lane);
+            }
+            if (args.recv_topk_idx != nullptr && lane < num_topk) {
                 const int local = expert - first_local_expert;
                 const bool is_local = expert >= 0 && local >= 0 && local < num_local_experts;
-                args.recv_topk_idx[int64_t{row} * num_topk + k] = is_local ? local : -1;
-                args.recv_topk_weights[int64_t{row} * num_topk + k] = is_local ? __int_as_float(weight_bits) : 0.0f;
+                args.recv_topk_idx[int64_t{row} * num_topk + lane] = is_local ? local : -1;
+                args.recv_topk_weights[int64_t{row} * num_topk + lane] = is_local ? __int_as_float(weight_bits) : 0.0f;
             }
+            if (lane == 0)
+                args.recv_src_idx[row] = token;
         }
-        if (lane == 0)
-            args.recv_src_idx[row] = token;
     }
 }
 
@@ -166,6 +205,7 @@ int clamp_blocks(int num_blocks) { return num_blocks < 1 ? 1 : num_blocks; }
 }  // namespace
 
 void launch_intranode_dispatch_stage(const IntranodeDispatchStageArgs& args) {
+    DEEP_EP_CHECK(args.shape.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k entries per token");
     DEEP_EP_CHECK(args.shape.hidden_bytes % 16 == 0, "the bytes of one x row must be a multiple of 16");
     DEEP_EP_CHECK(args.topk_idx == nullptr || args.topk_weights != nullptr, "topk_idx needs topk_weights");
     intranode_dispatch_stage_kernel<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);

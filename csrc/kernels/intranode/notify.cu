@@ -70,7 +70,16 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(Int
     }
 }
 
+__global__ void intranode_barrier_kernel(IntranodeBarrierArgs args) {
+    nvl_barrier_at_kernel_start(args.peers, args.barrier);
+}
+
 }  // namespace
+
+void launch_intranode_barrier(const IntranodeBarrierArgs& args) {
+    intranode_barrier_kernel<<<1, kMaxNvlRanks, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
 
 void launch_intranode_notify(const IntranodeNotifyArgs& args) {
     DEEP_EP_CHECK(args.num_experts % args.peers.num_ranks == 0, "num_experts must divide evenly over the ranks");
