@@ -276,3 +276,8 @@ def test_back_to_back_iterations(rank_pool):
     _run(
         rank_pool, 4, iterations=100, hidden=2048, tokens=[64, 48, 80, 33], seed=30, routing="with_minus_one"
     )
+
+
+def test_single_rank(rank_pool):
+    """One rank: every row goes to itself; the barriers and the count exchange run with one participant."""
+    _run(rank_pool, 1, tokens=[300], seed=40, bias=1)
