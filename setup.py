@@ -13,6 +13,7 @@ backend only, and says so. Knobs (environment variables):
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -55,6 +56,31 @@ def _nvshmem_dir() -> str | None:
         return list(wheel.__path__)[0]
     except ImportError:
         return None
+
+
+def _shared_libstdcxx_link_args() -> list[str]:
+    """Links the shared libstdc++ that torch runs on when the host compiler has only a static one.
+
+    A compiler built without a shared libstdc++ (seen: CXX=/opt/gcc/bin/g++ on the device image) links a
+    private static copy into deep_ep._C. That copy's locale is never set up, so the first ostream
+    insertion while raising a C++ error segfaults instead of reaching Python. Naming the loaded shared
+    library before g++'s implicit -lstdc++ resolves every symbol there and leaves the archive unused.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    if os.path.isabs(found.strip()):
+        return []  # the compiler links a shared libstdc++ of its own
+    with open("/proc/self/maps") as maps:  # torch (imported by now) has loaded the one it runs on
+        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    if not loaded:
+        _log(f"{cxx} has no shared libstdc++ and none is loaded: C++ errors may crash deep_ep._C")
+        return []
+    path = sorted(loaded)[0]
+    _log(f"{cxx} has no shared libstdc++: linking {path}")
+    return [path]
 
 
 def _extension_modules():
@@ -137,6 +163,7 @@ def _extension_modules():
     else:
         _log("NVSHMEM not found (or DISABLE_NVSHMEM=1): building the intra-node kernels only")
 
+    extra_link_args += _shared_libstdcxx_link_args()
     define_flags = [f"-D{d}" for d in defines]
     extra_compile_args = {"cxx": cxx_flags + define_flags, "nvcc": nvcc_flags + define_flags}
     if nvcc_dlink:
