@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -93,14 +94,14 @@ def _time_hook(group, send, warmup, runs):
     return send_times, recv_times
 
 
-def _bench(rank, num_ranks, group, allow_nvlink, warmup, runs):
+def _bench(rank, num_ranks, group, allow_nvlink, conservative_loads, warmup, runs):
     device = torch.device("cuda", torch.cuda.current_device())
     g = torch.Generator(device=device).manual_seed(rank)
     x = torch.randn(M, HIDDEN, generator=g, device=device).to(torch.bfloat16)
     topk_idx = torch.rand(M, EXPERTS, generator=g, device=device).topk(TOPK, dim=1).indices
     topk_weights = torch.rand(M, TOPK, generator=g, device=device)
     size = low_latency_rdma_size_hint(M, HIDDEN, num_ranks, EXPERTS)
-    backend = LowLatencyCuda(group, rank, num_ranks, size, 60.0, False, allow_nvlink)
+    backend = LowLatencyCuda(group, rank, num_ranks, size, 60.0, conservative_loads, allow_nvlink)
     try:
 
         def dispatch(hook_mode=False):
@@ -162,9 +163,11 @@ def main():
     records = []
     for num_ranks in args.ranks or [2]:
         with RankPool(num_ranks, timeout_s=900) as pool:
-            for allow_nvlink in (True, False):
-                per_rank = pool.run(_bench, allow_nvlink, args.warmup, args.runs)
+            # Both load kinds on both paths: the conservative fallback's cost is a measured number.
+            for allow_nvlink, conservative in itertools.product((True, False), (False, True)):
+                per_rank = pool.run(_bench, allow_nvlink, conservative, args.warmup, args.runs)
                 path = "mapped" if allow_nvlink else "put"
+                loads = "conservative" if conservative else "aggressive"
                 print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {path} path, "
                       f"{per_rank[0]['num_blocks']} blocks per rank")  # fmt: skip
                 print(
@@ -195,7 +198,7 @@ def main():
                         "device": args.device_name, "date": datetime.date.today().isoformat(), "commit": args.commit,
                         "num_ranks": num_ranks, "gpus": min(gpus, num_ranks), "case": case,
                         "num_sms": per_rank[0]["num_blocks"], "tokens": M, "hidden": HIDDEN, "topk": TOPK,
-                        "experts": EXPERTS, "loads": "aggressive", "path": path, "median_us": round(median, 2),
+                        "experts": EXPERTS, "loads": loads, "path": path, "median_us": round(median, 2),
                         "p10_us": round(p10, 2), "p90_us": round(p90, 2), "recv_gbps": round(gbps, 2),
                         "remote_gbps": round(remote, 2), "nccl_median_us": None, "gpu_barrier": GPU_BARRIER,
                     })  # fmt: skip
