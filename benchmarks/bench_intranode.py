@@ -1,4 +1,5 @@
-"""Intra-node normal dispatch/combine: time, bandwidth, SM sweep, both load kinds, NCCL in the same run.
+"""Intra-node normal dispatch/combine: time, bandwidth, SM sweep, both load kinds, direct and staged reads
+of peers' rows, NCCL in the same run.
 
 Shapes (DESIGN section 6): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform routing; BF16 and
 FP8 dispatch (fresh, i.e. with the count exchange and its CPU sync), BF16 cached dispatch (through the
@@ -71,9 +72,10 @@ def _bench_rank(rank, num_ranks, group, opts):
         local_rows = int(prefix[rank][rank]) - (int(prefix[rank - 1][rank]) if rank > 0 else 0)
         bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
         combine_x = recv_x.clone()
-        for sms in opts["sms"]:
+        for reads, sms in [(r, n) for r in opts["reads"] for n in opts["sms"]]:
             if sms > buffer.runtime.sm_cap:
                 continue  # more SMs than this rank may take while it shares the GPU
+            buffer.runtime.direct_reads = reads == "direct"
             config = Config(sms, 8, 256)
             fns = {
                 "intranode_dispatch_bf16": (partial(buffer.dispatch, x, config=config, **layout), bf16_row),
@@ -102,6 +104,7 @@ def _bench_rank(rank, num_ranks, group, opts):
                     dict(
                         case=case,
                         loads=loads,
+                        reads=reads,
                         num_sms=sms,
                         rank=rank,
                         recv_bytes=rows * row_bytes,
@@ -143,16 +146,16 @@ def _bench_rank(rank, num_ranks, group, opts):
 
 
 def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
-    """One row per (case, loads, SMs): the slowest rank's median and spread; GB/s averaged over ranks."""
+    """One row per (case, loads, reads, SMs): the slowest rank's median and spread; GB/s averaged over ranks."""
     groups: dict = {}
     for rank_out in per_rank:
         for r in rank_out["results"]:
             if r["case"] == "hbm_copy_reference":
                 continue
-            groups.setdefault((r["case"], r["loads"], r["num_sms"]), []).append(r)
+            groups.setdefault((r["case"], r["loads"], r["reads"], r["num_sms"]), []).append(r)
     nccl = per_rank[0]["nccl"]
     rows = []
-    for (case, loads, sms), items in groups.items():
+    for (case, loads, reads, sms), items in groups.items():
         slowest = max(items, key=lambda r: r["median_us"])
         recv_gbps = sum(r["recv_bytes"] / r["median_us"] / 1e3 for r in items) / len(items)
         remote_gbps = sum(r["remote_bytes"] / r["median_us"] / 1e3 for r in items) / len(items)
@@ -160,6 +163,7 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
             dict(
                 case=case,
                 loads=loads,
+                reads=reads,
                 num_sms=sms,
                 median_us=slowest["median_us"],
                 aligned_median_us=max(r["aligned_median_us"] for r in items),
@@ -170,7 +174,7 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
                 nccl_median_us=nccl.get(case),
             )
         )
-    rows.sort(key=lambda r: (CASES.index(r["case"]), r["loads"], r["num_sms"]))
+    rows.sort(key=lambda r: (CASES.index(r["case"]), r["loads"], r["reads"], r["num_sms"]))
     return rows
 
 
@@ -181,6 +185,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num-ranks", type=int, nargs="+", default=[2])
     parser.add_argument("--sms", type=int, nargs="+", default=[8, 12, 16, 24])
     parser.add_argument("--loads", choices=["both", "aggressive", "conservative"], default="both")
+    parser.add_argument(
+        "--reads", choices=["both", "direct", "staged"], default="both", help="peer rows: direct or staged"
+    )
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
@@ -200,6 +207,7 @@ def main(argv=None) -> None:
         runs=max(20, args.runs),
         sms=args.sms,
         conservative=conservative,
+        reads=["direct", "staged"] if args.reads == "both" else [args.reads],
     )
     device = args.device_kind or torch.cuda.get_device_name().replace(" ", "-").lower()
     for num_ranks in args.num_ranks:
@@ -225,6 +233,7 @@ def main(argv=None) -> None:
             [
                 ("case", "case", "{}"),
                 ("loads", "loads", "{}"),
+                ("reads", "reads", "{}"),
                 ("num_sms", "SMs", "{}"),
                 ("median_us", "median us", "{:.1f}"),
                 ("aligned_median_us", "GPU-aligned us", "{:.1f}"),
@@ -248,6 +257,7 @@ def main(argv=None) -> None:
                 topk=args.topk,
                 experts=args.experts,
                 loads=r["loads"],
+                reads=r["reads"],
                 median_us=round(r["median_us"], 2),
                 aligned_median_us=round(r["aligned_median_us"], 2),
                 p10_us=round(r["p10_us"], 2),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from typing import Optional
 
 import torch
@@ -28,6 +29,9 @@ from .loads import CONSERVATIVE, resolve_load_kind
 
 TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 100.0
+# Intra-node ops read peers' input tensors directly (one pass over memory) unless this is "0"; they fall
+# back to staging copies by themselves where the tensors cannot be shared (csrc/kernels/api_intranode.cuh).
+DIRECT_READS_ENV = "DEEP_EP_DIRECT_READS"
 
 
 class CommEvent:
@@ -93,6 +97,9 @@ class CudaBackend:
             self.runtime = _C.RuntimeBuffer(rank, num_ranks, num_nvl_bytes, self.timeout_s)
             handles = self._all_gather_object(self.runtime.local_ipc_handle())
             self.runtime.connect(handles)
+            if all(host == everyone[0][0] for host, _ in everyone):
+                self._attach_host_exchange()
+            self.runtime.direct_reads = os.environ.get(DIRECT_READS_ENV, "1") != "0"
 
         self._low_latency = None
         if low_latency_mode:
@@ -116,6 +123,28 @@ class CudaBackend:
             dist.all_gather_object(gathered, obj, group=self.group)
             return gathered
         return list(self.comm.allgather(obj))
+
+    def _attach_host_exchange(self) -> None:
+        """Shared memory for the per-call address exchange of direct reads: rank 0 creates it, the others
+        map it, then the name is removed so that nothing outlives the processes."""
+        name = self._all_gather_object(f"/deep_ep_{os.getpid()}_{uuid.uuid4().hex[:16]}")[0]
+        if self.rank == 0:
+            self.runtime.attach_host_exchange(name, True)
+        self._all_gather_object(None)
+        if self.rank != 0:
+            self.runtime.attach_host_exchange(name, False)
+        self._all_gather_object(None)
+        if self.rank == 0:
+            self.runtime.unlink_host_exchange()
+
+    @property
+    def direct_reads(self) -> bool:
+        return self.runtime is not None and self.runtime.direct_reads
+
+    @direct_reads.setter
+    def direct_reads(self, enabled: bool) -> None:
+        """Every rank must set the same value before its next op (benchmarks and tests compare both)."""
+        self._require_runtime("direct_reads").direct_reads = bool(enabled)
 
     def _require_runtime(self, op: str):
         if self.runtime is None:

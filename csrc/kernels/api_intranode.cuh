@@ -1,9 +1,14 @@
 // Part of the host/device seam (kernels/api.cuh): Intra-node dispatch/combine (NVLink, CUDA IPC).
 //
-// Pull-based, no ring buffers. Every op is: barrier (+ count exchange) -> stage (each rank copies its own
-// rows into its own NVLink buffer) -> barrier -> pull (each rank reads its peers' buffers and writes the
-// final outputs). The barrier that opens an op also proves every peer finished pulling the previous op's
-// data, so staging may overwrite it. Buffer offsets live in kernels/common/buffer_layout.cuh.
+// Pull-based, no ring buffers. Every op is: barrier (+ count exchange) -> stage -> barrier -> pull (each
+// rank reads the rows it receives from its peers and writes the final outputs). Rows are read from one of
+// two places, described to the pull kernels by DispatchSources / CombineSources:
+//   staged: the stage kernel first copies each rank's rows into its own NVLink buffer; the barrier that
+//     opens the next op proves every peer finished pulling, so staging may overwrite them.
+//   direct: peers read the rows straight out of the owner's input tensors, opened through CUDA IPC (the
+//     host exchanges their handles each call); stage only builds the send lists, and a closing barrier
+//     keeps the inputs untouched until every peer is done. Each row then crosses memory once, not twice.
+// Buffer offsets live in kernels/common/buffer_layout.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -63,6 +68,23 @@ struct DispatchRowShape {
     int num_ranks;
 };
 
+/// Where the rows a pull reads lie, as this process maps them: row t of rank r's x is at
+/// x[r] + t * x_stride, and likewise for the other parts (nullptr where the op has no such part).
+struct DispatchSources {
+    const char* x[kMaxNvlRanks];
+    const char* scales[kMaxNvlRanks];
+    const char* topk_idx[kMaxNvlRanks];
+    const char* topk_weights[kMaxNvlRanks];
+    int64_t x_stride, scales_stride, topk_idx_stride, topk_weights_stride;
+    bool topk_idx_is_int64;  // direct reads of int64 ids take the low word (ids < 2^31, -1 stays -1)
+};
+
+struct CombineSources {
+    const char* x[kMaxNvlRanks];
+    const char* topk_weights[kMaxNvlRanks];
+    int64_t x_stride, topk_weights_stride;
+};
+
 /// Dispatch step 1, on this rank only: stage x / scales / top-k rows (once per token however many ranks
 /// receive it), build the per-destination send lists, and write send_head.
 struct IntranodeDispatchStageArgs {
@@ -78,6 +100,7 @@ struct IntranodeDispatchStageArgs {
     const bool* is_token_in_rank;  // [num_tokens, num_ranks]
     const int* rank_prefix_matrix; // [num_ranks, num_ranks]
     int* send_head;                // [num_tokens, num_ranks], written (row in the receiver's recv_x or -1); or nullptr
+    bool stage_rows;               // false with direct reads: only the send lists and send_head
     int num_blocks;
     cudaStream_t stream;
 };
@@ -88,6 +111,7 @@ struct IntranodeDispatchPullArgs {
     NvlPeers peers;
     NvlBarrier barrier;
     DispatchRowShape shape;
+    DispatchSources sources;
     int num_experts;                // local expert range of this rank: [rank * E/R, (rank + 1) * E/R)
     const int* rank_prefix_matrix;  // [num_ranks, num_ranks]
     int num_recv_capacity;          // rows allocated in the outputs (exact count, or num_worst_tokens)
@@ -124,7 +148,8 @@ struct IntranodeCombinePullArgs {
     int hidden;
     int num_topk;
     int num_tokens;
-    const int* send_head;        // [num_tokens, num_ranks]: the staged row on each rank, or -1
+    CombineSources sources;
+    const int* send_head;        // [num_tokens, num_ranks]: the row on each rank, or -1
     const void* bias_0;          // [num_tokens, hidden] bf16 or nullptr
     const void* bias_1;          // [num_tokens, hidden] bf16 or nullptr
     void* combined_x;            // [num_tokens, hidden] bf16

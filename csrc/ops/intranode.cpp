@@ -66,6 +66,79 @@ std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer
     return {counters[1], per_expert};
 }
 
+// Rows in each rank's own staging area (stage copied them there).
+DispatchSources staged_dispatch_sources(const NvlPeers& peers, const DispatchRowShape& shape) {
+    const layout::DispatchRowLayout rows(shape);
+    DispatchSources sources{};
+    for (int r = 0; r < peers.num_ranks; ++r) {
+        const char* first = rows.row(peers.buffers[r], 0);
+        sources.x[r] = first + rows.x_offset;
+        sources.scales[r] = first + rows.scales_offset;
+        sources.topk_idx[r] = first + rows.topk_idx_offset;
+        sources.topk_weights[r] = first + rows.topk_weights_offset;
+    }
+    sources.x_stride = sources.scales_stride = sources.topk_idx_stride = sources.topk_weights_stride = rows.stride;
+    sources.topk_idx_is_int64 = false;  // staged as int32
+    return sources;
+}
+
+// Rows in each rank's input tensors, or nullopt when the ranks could not all export them (then every
+// rank stages: the decision is taken from the same exchanged records everywhere).
+std::optional<DispatchSources> direct_dispatch_sources(runtime::Buffer& buffer, const torch::Tensor& x,
+                                                       const OptionalTensor& x_scales, const OptionalTensor& topk_idx,
+                                                       const OptionalTensor& topk_weights) {
+    auto ptr = [](const OptionalTensor& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
+    std::vector<std::array<const char*, kMaxNvlRanks>> peers;
+    if (!buffer.gather_peer_tensors({x.data_ptr(), ptr(x_scales), ptr(topk_idx), ptr(topk_weights)}, peers))
+        return std::nullopt;
+    DispatchSources sources{};
+    for (int r = 0; r < buffer.num_ranks(); ++r) {
+        sources.x[r] = peers[0][r];
+        sources.scales[r] = peers[1][r];
+        sources.topk_idx[r] = peers[2][r];
+        sources.topk_weights[r] = peers[3][r];
+    }
+    sources.x_stride = x.size(1) * x.element_size();
+    sources.scales_stride = x_scales.has_value() ? x_scales->size(1) * 4 : 0;
+    sources.topk_idx_stride = topk_idx.has_value() ? topk_idx->size(1) * topk_idx->element_size() : 0;
+    sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
+    sources.topk_idx_is_int64 = topk_idx.has_value() && topk_idx->scalar_type() == torch::kInt64;
+    return sources;
+}
+
+CombineSources staged_combine_sources(const NvlPeers& peers, int64_t hidden, int64_t num_topk) {
+    const layout::CombineRowLayout rows(static_cast<int>(hidden), static_cast<int>(num_topk));
+    CombineSources sources{};
+    for (int r = 0; r < peers.num_ranks; ++r) {
+        sources.x[r] = rows.row(peers.buffers[r], 0) + rows.x_offset;
+        sources.topk_weights[r] = rows.row(peers.buffers[r], 0) + rows.topk_weights_offset;
+    }
+    sources.x_stride = sources.topk_weights_stride = rows.stride;
+    return sources;
+}
+
+std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
+                                                     const OptionalTensor& topk_weights) {
+    std::vector<std::array<const char*, kMaxNvlRanks>> peers;
+    if (!buffer.gather_peer_tensors({x.data_ptr(), topk_weights.has_value() ? topk_weights->data_ptr() : nullptr},
+                                    peers))
+        return std::nullopt;
+    CombineSources sources{};
+    for (int r = 0; r < buffer.num_ranks(); ++r) {
+        sources.x[r] = peers[0][r];
+        sources.topk_weights[r] = peers[1][r];
+    }
+    sources.x_stride = x.size(1) * 2;
+    sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
+    return sources;
+}
+
+// Direct reads: peers read this rank's inputs until they pass this barrier, queued after the pull, so the
+// caller's stream (which waits for ours) cannot overwrite or free them earlier.
+void close_direct_op(runtime::Buffer& buffer, const NvlPeers& peers, cudaStream_t stream) {
+    launch_intranode_barrier(IntranodeBarrierArgs{peers, next_barrier(buffer), stream});
+}
+
 }  // namespace
 
 int64_t intranode_dispatch_buffer_bytes(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks,
@@ -138,6 +211,9 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
         rank_prefix_matrix = *cached_rank_prefix_matrix;
     }
 
+    // Host-only (no GPU synchronisation): where every rank's inputs are, for direct reads.
+    const std::optional<DispatchSources> direct = direct_dispatch_sources(buffer, x, x_scales, topk_idx, topk_weights);
+
     IntranodeDispatchStageArgs stage{};
     stage.peers = peers;
     // After notify the op is already open; a cached dispatch opens it here.
@@ -152,6 +228,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     stage.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     stage.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     stage.send_head = cached ? nullptr : send_head->data_ptr<int>();
+    stage.stage_rows = !direct.has_value();
     stage.num_blocks = static_cast<int>(num_sms);
     stage.stream = stream;
     launch_intranode_dispatch_stage(stage);
@@ -181,6 +258,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     pull.peers = peers;
     pull.barrier = next_barrier(buffer);
     pull.shape = shape;
+    pull.sources = direct.has_value() ? *direct : staged_dispatch_sources(peers, shape);
     pull.num_experts = static_cast<int>(num_experts);
     pull.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     pull.num_recv_capacity = num_recv_capacity;
@@ -193,6 +271,8 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     pull.conservative_loads = conservative_loads;
     pull.stream = stream;
     launch_intranode_dispatch_pull(pull);
+    if (direct.has_value())
+        close_direct_op(buffer, peers, stream);
 
     auto to_object = [](const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); };
     return pybind11::make_tuple(recv_x, to_object(recv_x_scales), to_object(recv_topk_idx),
@@ -220,17 +300,20 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     if (topk_weights.has_value())
         combined_topk_weights = torch::empty({num_tokens, num_topk}, topk_weights->options());
 
-    IntranodeCombineStageArgs stage{};
-    stage.peers = peers;
-    stage.barrier = next_barrier(buffer);
-    stage.hidden = static_cast<int>(hidden);
-    stage.num_topk = static_cast<int>(num_topk);
-    stage.num_rows = static_cast<int>(num_rows);
-    stage.x = x.data_ptr();
-    stage.topk_weights = data_or_null<float>(topk_weights);
-    stage.num_blocks = static_cast<int>(num_sms);
-    stage.stream = stream;
-    launch_intranode_combine_stage(stage);
+    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights);
+    if (!direct.has_value()) {
+        IntranodeCombineStageArgs stage{};
+        stage.peers = peers;
+        stage.barrier = next_barrier(buffer);
+        stage.hidden = static_cast<int>(hidden);
+        stage.num_topk = static_cast<int>(num_topk);
+        stage.num_rows = static_cast<int>(num_rows);
+        stage.x = x.data_ptr();
+        stage.topk_weights = data_or_null<float>(topk_weights);
+        stage.num_blocks = static_cast<int>(num_sms);
+        stage.stream = stream;
+        launch_intranode_combine_stage(stage);
+    }
 
     IntranodeCombinePullArgs pull{};
     pull.peers = peers;
@@ -238,6 +321,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     pull.hidden = static_cast<int>(hidden);
     pull.num_topk = static_cast<int>(num_topk);
     pull.num_tokens = static_cast<int>(num_tokens);
+    pull.sources = direct.has_value() ? *direct : staged_combine_sources(peers, hidden, num_topk);
     pull.send_head = send_head.data_ptr<int>();
     pull.bias_0 = bias_0.has_value() ? bias_0->data_ptr() : nullptr;
     pull.bias_1 = bias_1.has_value() ? bias_1->data_ptr() : nullptr;
@@ -247,6 +331,8 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     pull.conservative_loads = conservative_loads;
     pull.stream = stream;
     launch_intranode_combine_pull(pull);
+    if (direct.has_value())
+        close_direct_op(buffer, peers, stream);
 
     return pybind11::make_tuple(combined_x, combined_topk_weights.has_value() ? pybind11::cast(*combined_topk_weights)
                                                                                 : pybind11::none());

@@ -1,5 +1,6 @@
 #include "runtime/buffer.hpp"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 // connect() takes the gathered handles as a Python list of bytes: the list caster lives in stl.h.
 #include <pybind11/stl.h>
@@ -72,6 +73,8 @@ void Buffer::destroy() {
     destroyed_ = true;
     // Kernels of this process may still use the memory; peers synchronise through the Python-side barrier.
     cudaDeviceSynchronize();
+    close_peer_allocations();
+    host_exchange_.reset();
     for (int peer = 0; peer < num_ranks_; ++peer) {
         if (peer_buffers_[peer] == nullptr)
             continue;
@@ -86,6 +89,136 @@ void Buffer::destroy() {
     error_host_ = error_device_ = nullptr;
     mapped_counters_host_ = mapped_counters_device_ = nullptr;
     connected_ = false;
+}
+
+void Buffer::attach_host_exchange(const std::string& name, bool create) {
+    require_usable();
+    host_exchange_ = std::make_unique<HostExchange>(name, rank_, num_ranks_, create, timeout_ns_);
+}
+
+void Buffer::unlink_host_exchange() {
+    if (host_exchange_)
+        host_exchange_->unlink();
+}
+
+namespace {
+
+// What a rank tells its peers about one tensor of a direct-read op.
+struct AllocationRecord {
+    enum State : int32_t { kAbsent = 0, kExported = 1, kNotExportable = 2 };
+    cudaIpcMemHandle_t handle;
+    int64_t offset;  // of the tensor's first byte from the allocation's base
+    int32_t state;
+    int32_t padding;
+};
+
+// The base of the cudaMalloc allocation holding ptr (torch's allocator carves tensors out of larger
+// segments), through the driver entry point: linking libcuda would break the import on machines
+// without a driver.
+bool allocation_base(const void* ptr, CUdeviceptr* base) {
+    using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+    static const GetAddressRange get_address_range = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess ||
+            found != cudaDriverEntryPointSuccess)
+            fn = nullptr;
+        return reinterpret_cast<GetAddressRange>(fn);
+    }();
+    size_t size = 0;
+    return get_address_range != nullptr &&
+           get_address_range(base, &size, reinterpret_cast<CUdeviceptr>(ptr)) == CUDA_SUCCESS;
+}
+
+AllocationRecord export_allocation(const void* ptr) {
+    AllocationRecord record{};
+    if (ptr == nullptr)
+        return record;
+    CUdeviceptr base = 0;
+    record.state = AllocationRecord::kNotExportable;
+    if (allocation_base(ptr, &base) &&
+        cudaIpcGetMemHandle(&record.handle, reinterpret_cast<void*>(base)) == cudaSuccess) {
+        record.offset = static_cast<int64_t>(reinterpret_cast<CUdeviceptr>(ptr) - base);
+        record.state = AllocationRecord::kExported;
+    } else {
+        cudaGetLastError();  // not sticky: clear it so the next launch check does not report it
+    }
+    return record;
+}
+
+}  // namespace
+
+void* Buffer::open_peer_allocation(const std::string& handle_bytes) {
+    if (auto it = opened_.find(handle_bytes); it != opened_.end())
+        return it->second;
+    // Bounded: a program that keeps freeing and allocating segments would otherwise pin them all.
+    if (opened_.size() >= 512)
+        close_peer_allocations();
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, handle_bytes.data(), sizeof(handle));
+    void* ptr = nullptr;
+    DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess));
+    opened_.emplace(handle_bytes, ptr);
+    return ptr;
+}
+
+void Buffer::close_peer_allocations() {
+    if (opened_.empty())
+        return;
+    // Our queued kernels may still read through these mappings.
+    cudaDeviceSynchronize();
+    for (auto& [handle, ptr] : opened_)
+        cudaIpcCloseMemHandle(ptr);
+    opened_.clear();
+}
+
+bool Buffer::gather_peer_tensors(const std::vector<const void*>& local,
+                                 std::vector<std::array<const char*, kMaxNvlRanks>>& out) {
+    require_usable();
+    if (!host_exchange_)
+        return false;
+    const size_t count = local.size();
+    std::string record(sizeof(int32_t) + count * sizeof(AllocationRecord), '\0');
+    const int32_t wants = direct_reads_ ? 1 : 0;
+    std::memcpy(record.data(), &wants, sizeof(wants));
+    for (size_t i = 0; i < count; ++i) {
+        const AllocationRecord exported = export_allocation(local[i]);
+        std::memcpy(record.data() + sizeof(int32_t) + i * sizeof(AllocationRecord), &exported, sizeof(exported));
+    }
+    // Every rank takes the same decision from the same records.
+    const std::vector<std::string> records = host_exchange_->all_gather(record);
+    std::vector<std::vector<AllocationRecord>> parsed(num_ranks_, std::vector<AllocationRecord>(count));
+    for (int peer = 0; peer < num_ranks_; ++peer) {
+        DEEP_EP_CHECK(records[peer].size() == record.size(),
+                      "rank " << peer << " exchanged a different operation (ranks diverged)");
+        int32_t peer_wants = 0;
+        std::memcpy(&peer_wants, records[peer].data(), sizeof(peer_wants));
+        if (!peer_wants)
+            return false;
+        for (size_t i = 0; i < count; ++i) {
+            std::memcpy(&parsed[peer][i], records[peer].data() + sizeof(int32_t) + i * sizeof(AllocationRecord),
+                        sizeof(AllocationRecord));
+            if (parsed[peer][i].state == AllocationRecord::kNotExportable)
+                return false;
+        }
+    }
+    ++num_direct_ops_;
+    out.assign(count, {});
+    for (size_t i = 0; i < count; ++i) {
+        for (int peer = 0; peer < num_ranks_; ++peer) {
+            const AllocationRecord& r = parsed[peer][i];
+            if (r.state == AllocationRecord::kAbsent)
+                out[i][peer] = nullptr;
+            else if (peer == rank_)
+                out[i][peer] = static_cast<const char*>(local[i]);
+            else
+                out[i][peer] = static_cast<const char*>(open_peer_allocation(
+                                   std::string(reinterpret_cast<const char*>(&r.handle), sizeof(r.handle)))) +
+                               r.offset;
+        }
+    }
+    return true;
 }
 
 WaitContext Buffer::wait_context() const { return WaitContext{error_device_, rank_, timeout_ns_}; }
@@ -126,6 +259,11 @@ void register_apis(pybind11::module_& m) {
         .def("connect", &Buffer::connect)
         .def("destroy", &Buffer::destroy)
         .def("raise_if_failed", &Buffer::raise_if_failed)
+        .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
+        .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
+        .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)
+        .def_property_readonly("num_opened_peer_allocations", &Buffer::num_opened_peer_allocations)
+        .def_property_readonly("num_direct_ops", &Buffer::num_direct_ops)
         .def_property_readonly("failed", &Buffer::failed)
         .def_property_readonly("is_connected", &Buffer::is_connected)
         .def_property_readonly("rank", &Buffer::rank)

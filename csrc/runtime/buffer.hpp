@@ -7,10 +7,13 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/api.cuh"
+#include "runtime/host_exchange.hpp"
 
 namespace deep_ep::runtime {
 
@@ -44,6 +47,21 @@ class Buffer {
     const volatile int* mapped_counters_host() const { return mapped_counters_host_; }
     static constexpr int kNumMappedCounters = 4096;
 
+    // Direct peer reads: the host exchange (shared memory among the node's ranks) and the switch.
+    void attach_host_exchange(const std::string& name, bool create);
+    void unlink_host_exchange();
+    bool direct_reads() const { return direct_reads_; }
+    void set_direct_reads(bool enabled) { direct_reads_ = enabled; }
+    int num_opened_peer_allocations() const { return static_cast<int>(opened_.size()); }
+    // Ops that read peers' tensors directly so far (tests check that the fast path really ran).
+    int64_t num_direct_ops() const { return num_direct_ops_; }
+    // Where every rank's tensors of this op are, as this process maps them: out[i][r] is rank r's i-th
+    // tensor (nullptr where it passed none). All ranks call it together with the same number of tensors.
+    // Returns false, and fills nothing, unless every rank has direct reads on and could export every
+    // tensor (CUDA IPC needs cudaMalloc memory: not the expandable segments of torch's allocator).
+    bool gather_peer_tensors(const std::vector<const void*>& local,
+                             std::vector<std::array<const char*, kMaxNvlRanks>>& out);
+
     // Raises RuntimeError with rank, wait site, peer and values if any kernel timed out. Sticky: after a
     // timeout the ranks' barrier epochs disagree, so the Buffer cannot be used again.
     void raise_if_failed() const;
@@ -51,6 +69,8 @@ class Buffer {
 
   private:
     void require_usable() const;
+    void* open_peer_allocation(const std::string& handle_bytes);
+    void close_peer_allocations();
 
     int rank_, num_ranks_, device_;
     int64_t num_nvl_bytes_;
@@ -62,6 +82,12 @@ class Buffer {
     DeviceErrorWord* error_device_ = nullptr;
     int* mapped_counters_host_ = nullptr;
     int* mapped_counters_device_ = nullptr;
+    bool direct_reads_ = true;
+    int64_t num_direct_ops_ = 0;
+    std::unique_ptr<HostExchange> host_exchange_;
+    // Peers' allocations opened for direct reads, by IPC handle (unique per allocation), kept open: torch's
+    // caching allocator hands out the same segments call after call.
+    std::unordered_map<std::string, void*> opened_;
 };
 
 std::string describe_wait_site(int site);

@@ -1,6 +1,7 @@
 // Intra-node combine, the transpose of dispatch: stage (each rank copies its combine input, row i = the
-// i-th row it received, into its own NVLink buffer) and pull (each rank, for every one of its tokens,
-// sums the rows the receivers staged for it, found through send_head, in float32 and stores bf16).
+// i-th row it received, into its own NVLink buffer; skipped with direct reads, which read the input
+// itself) and pull (each rank, for every one of its tokens, sums the rows the receivers hold for it,
+// found through send_head, in float32 and stores bf16).
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
@@ -50,7 +51,6 @@ __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) intranode_combin
         return;
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
     const int num_ranks = args.peers.num_ranks;
-    const layout::CombineRowLayout rows(args.hidden, args.num_topk);
     const int lane = threadIdx.x % kWarpSize;
     const int num_vectors = args.hidden / kBf16PerVector;
 
@@ -66,25 +66,30 @@ __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) intranode_combin
         const int head = next_head;
         next_head = load_heads(token + num_global_warps());
         const unsigned has_row = __ballot_sync(0xffffffffu, head >= 0);
-        const char* slots[kMaxSources];
+        const CombineSources& from = args.sources;
+        const int4* sources[kMaxSources];
+        const int* weight_words[kMaxSources];
         int num_sources = 0;
 #pragma unroll
         for (int d = 0; d < kMaxSources; ++d) {
-            const int staged_row = __shfl_sync(0xffffffffu, head, d);
+            const int row = __shfl_sync(0xffffffffu, head, d);
             if (d < num_ranks && ((has_row >> d) & 1)) {
-                const char* slot = rows.row(args.peers.buffers[d], staged_row);
-                // Static indices only, so slots[] stays in registers.
+                const auto* x_row = reinterpret_cast<const int4*>(from.x[d] + row * from.x_stride);
+                const auto* w_row = reinterpret_cast<const int*>(from.topk_weights[d] + row * from.topk_weights_stride);
+                // Static indices only, so the arrays stay in registers.
 #pragma unroll
                 for (int j = 0; j < kMaxSources; ++j)
-                    if (j == num_sources)
-                        slots[j] = slot;
+                    if (j == num_sources) {
+                        sources[j] = x_row;
+                        weight_words[j] = w_row;
+                    }
                 ++num_sources;
             }
         }
-        const int4* sources[kMaxSources];
 #pragma unroll
         for (int j = 0; j < kMaxSources; ++j)
-            sources[j] = reinterpret_cast<const int4*>(j < num_sources ? slots[j] + rows.x_offset : nullptr);
+            if (j >= num_sources)
+                sources[j] = nullptr;
 
         // The weights' loads go first so that they fly with the hidden vectors'.
         float staged_weights[kMaxSources];
@@ -92,8 +97,7 @@ __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) intranode_combin
 #pragma unroll
         for (int j = 0; j < kMaxSources; ++j)
             if (sums_weight && j < num_sources)
-                staged_weights[j] = __int_as_float(ptx::ld_peer<kKind>(
-                    reinterpret_cast<const int*>(slots[j] + rows.topk_weights_offset) + lane));
+                staged_weights[j] = __int_as_float(ptx::ld_peer<kKind>(weight_words[j] + lane));
 
         const int64_t row_offset = int64_t{token} * num_vectors;
         const auto* bias_0 = static_cast<const int4*>(args.bias_0);

@@ -68,6 +68,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) intranode_dispatch_stage_ker
     // The first blocks also build the send lists; a list costs a few microseconds, a row copy pass more.
     for (int dst = blockIdx.x; dst < args.peers.num_ranks; dst += gridDim.x)
         build_send_list(args, rows, dst);
+    if (!args.stage_rows)
+        return;
 
     const int lane = threadIdx.x % kWarpSize;
     const int num_topk = args.shape.num_topk, num_scales = args.shape.num_scales;
@@ -167,25 +169,28 @@ __global__ void __launch_bounds__(kPullThreads, 1) intranode_dispatch_pull_kerne
                 write_padding_row(args, row, lane);
                 continue;
             }
-            const char* slot = rows.row(args.peers.buffers[source_of_row(first_row, num_ranks, row)], token);
+            const int src = source_of_row(first_row, num_ranks, row);
+            const DispatchSources& from = args.sources;
             // Scales and top-k first: their loads fly with the hidden vector's instead of after it.
-            const int* staged_scales = reinterpret_cast<const int*>(slot + rows.scales_offset);
+            const int* src_scales = reinterpret_cast<const int*>(from.scales[src] + token * from.scales_stride);
             LaneWords<kScaleWordsPerLane> scales;
             if (args.recv_x_scales != nullptr)
-                scales.load(staged_scales, num_scales, lane, [](const int* p) { return ptx::ld_peer<kKind>(p); });
+                scales.load(src_scales, num_scales, lane, [](const int* p) { return ptx::ld_peer<kKind>(p); });
             int expert = -1, weight_bits = 0;
             if (args.recv_topk_idx != nullptr && lane < num_topk) {
-                expert = ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_idx_offset) + lane);
-                weight_bits = ptx::ld_peer<kKind>(reinterpret_cast<const int*>(slot + rows.topk_weights_offset) + lane);
+                const int* ids = reinterpret_cast<const int*>(from.topk_idx[src] + token * from.topk_idx_stride);
+                expert = ptx::ld_peer<kKind>(ids + (from.topk_idx_is_int64 ? 2 * lane : lane));
+                weight_bits = ptx::ld_peer<kKind>(
+                    reinterpret_cast<const int*>(from.topk_weights[src] + token * from.topk_weights_stride) + lane);
             }
             warp_copy_peer_vectors<kKind, kRowUnroll>(
                 reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + int64_t{row} * args.shape.hidden_bytes),
-                reinterpret_cast<const int4*>(slot + rows.x_offset), args.shape.hidden_bytes / 16, lane);
+                reinterpret_cast<const int4*>(from.x[src] + token * from.x_stride), args.shape.hidden_bytes / 16, lane);
             if (args.recv_x_scales != nullptr) {
                 int* recv_scales = reinterpret_cast<int*>(args.recv_x_scales + int64_t{row} * num_scales);
                 scales.store(recv_scales, num_scales, lane);
                 if (num_scales > scales.kCapacity)
-                    warp_copy_peer_words<kKind>(recv_scales + scales.kCapacity, staged_scales + scales.kCapacity,
+                    warp_copy_peer_words<kKind>(recv_scales + scales.kCapacity, src_scales + scales.kCapacity,
                                                 num_scales - scales.kCapacity, lane);
             }
             if (args.recv_topk_idx != nullptr && lane < num_topk) {
