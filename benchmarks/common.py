@@ -24,6 +24,10 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 # --- timing ------------------------------------------------------------------------------------------------
 
 
+# ~300 us on an H100: longer than the host takes to enqueue one operation from Python.
+LAUNCH_COVER_CYCLES = 500_000
+
+
 def time_op(
     group,
     fn: Callable[[], None],
@@ -36,9 +40,12 @@ def time_op(
 
     The host barrier (a group collective after a device synchronisation) is what a user's code would do; the
     ranks then leave it tens of microseconds apart, and the first one's time includes waiting for the last.
-    With `device_barrier` (a barrier kernel enqueued on the current stream after the host barrier) the start
-    event is recorded once every rank's GPU reached the barrier, so the time is the operation's own, with
-    the host's launch work for it overlapped by the barrier wait.
+    With `device_barrier` (a barrier kernel enqueued on the current stream after the host barrier, then a
+    GPU sleep of LAUNCH_COVER_CYCLES) the start event is recorded once every rank's GPU passed the barrier
+    and the sleep, by which time the host has enqueued the operation: the time is the GPU's, as in a
+    pipeline where the host runs ahead, not Python's launch work. What the host must still do while the GPU
+    waits (a fresh dispatch's wait for the receive counts, then its output allocation and launches) is
+    counted.
     """
     for _ in range(warmup):
         fn()
@@ -48,6 +55,7 @@ def time_op(
         dist.barrier(group=group)
         if device_barrier is not None:
             device_barrier()
+            torch.cuda._sleep(LAUNCH_COVER_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

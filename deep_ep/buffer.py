@@ -169,6 +169,10 @@ class Buffer:
         return self._backend.load_kind
 
     @property
+    def _ids_checked_on_device(self) -> bool:
+        return getattr(self._backend, "checks_expert_ids_on_device", False)
+
+    @property
     def runtime(self):
         """The backend object (V1 exposes its C++ runtime under this name)."""
         return None if self._destroyed else self._backend
@@ -259,7 +263,11 @@ class Buffer:
         self._check_usable("get_dispatch_layout")
         validation.check_common(None, previous_event)
         num_experts = validation.validate_layout(
-            topk_idx, num_experts, num_ranks=self.group_size, device=self.device
+            topk_idx,
+            num_experts,
+            num_ranks=self.group_size,
+            device=self.device,
+            ids_checked_on_device=self._ids_checked_on_device,
         )
         per_rank, per_rdma_rank, per_expert, in_rank, event = self._backend.get_dispatch_layout(
             topk_idx,
@@ -310,6 +318,7 @@ class Buffer:
             num_ranks=self.group_size,
             device=self.device,
             num_nvl_bytes=self.num_nvl_bytes,
+            ids_checked_on_device=self._ids_checked_on_device,
         )
         x_scales = None if args.x_scales is None else args.x_scales.contiguous()
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = (

@@ -138,6 +138,20 @@ class CudaBackend:
             self.runtime.unlink_host_exchange()
 
     @property
+    def checks_expert_ids_on_device(self) -> bool:
+        """Layout and dispatch range-check expert ids on the GPU: validation skips its host-syncing check."""
+        return self.runtime is not None
+
+    def _raise_invalid_expert_id(self) -> None:
+        """Raises what the GPU check flagged, once the call's collective work is queued on every rank. The
+        caller's stream first waits for ours, so the failed call's tensors may be freed safely."""
+        try:
+            self.runtime.raise_if_invalid_expert_id()
+        except ValueError:
+            torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
+            raise
+
+    @property
     def direct_reads(self) -> bool:
         return self.runtime is not None and self.runtime.direct_reads
 
@@ -190,11 +204,13 @@ class CudaBackend:
         compute = self._begin(previous_event)
         with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
             per_rank, per_expert, in_rank = _C.get_dispatch_layout(
-                topk_idx.contiguous(), num_experts, self.num_ranks, self.comm_stream.cuda_stream
+                self.runtime, topk_idx.contiguous(), num_experts, self.num_ranks, self.comm_stream.cuda_stream
             )
         event = self._finish(
             compute, async_finish, allocate_on_comm_stream, (topk_idx,), (per_rank, per_expert, in_rank)
         )
+        if self.runtime is not None:
+            self._raise_invalid_expert_id()
         return per_rank, None, per_expert, in_rank, event
 
     def dispatch(
@@ -279,6 +295,7 @@ class CudaBackend:
         event = self._finish(
             compute, async_finish, allocate_on_comm_stream, inputs, tuple(outputs[:4]) + tuple(new_handle)
         )
+        self._raise_invalid_expert_id()
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
 
     def combine(
@@ -325,6 +342,7 @@ class CudaBackend:
         event = self._finish(
             compute, async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_topk_weights)
         )
+        self._raise_invalid_expert_id()
         return combined_x, combined_topk_weights, event
 
     def barrier_on_current_stream(self) -> None:

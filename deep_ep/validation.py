@@ -5,8 +5,11 @@ leaves the Buffer exactly as it was. Errors name the offending argument first:
     TypeError  - wrong Python type or tensor dtype
     ValueError - wrong shape, device, contiguity, value range, or a buffer too small for the call
 The checks read only shapes and dtypes, with one exception: expert ids are range-checked with one
-`aminmax` over `topk_idx`, which on a CUDA tensor synchronizes the host with the current stream (a few
-microseconds; the price of turning an out-of-range id into an exception instead of a memory fault).
+`aminmax` over `topk_idx`, which on a CUDA tensor synchronizes the host with the current stream: the GPU
+then drains and waits for the host's launches. A backend that checks the ids on the GPU itself says so
+(`ids_checked_on_device=True`) and skips it: the intra-node CUDA ops flag a bad id in host-mapped memory,
+treat it as -1, complete the collective (so peers never hang) and raise the ValueError when the call ends
+(deep_ep/cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -101,12 +104,18 @@ def check_num_experts(num_experts: Any, num_ranks: int) -> int:
 
 
 def check_topk_idx(
-    topk_idx: Any, num_tokens: Optional[int], num_experts: int, max_topk: int, device
+    topk_idx: Any,
+    num_tokens: Optional[int],
+    num_experts: int,
+    max_topk: int,
+    device,
+    ids_checked_on_device: bool = False,
 ) -> torch.Tensor:
     check_tensor("topk_idx", topk_idx, dtypes=TOPK_IDX_DTYPES, shape=(num_tokens, None), device=device)
     if not 1 <= topk_idx.size(1) <= max_topk:
         raise ValueError(f"topk_idx: top-k must be in [1, {max_topk}], got {topk_idx.size(1)}")
-    check_expert_ids("topk_idx", topk_idx, num_experts)
+    if not (ids_checked_on_device and topk_idx.is_cuda):
+        check_expert_ids("topk_idx", topk_idx, num_experts)
     return topk_idx
 
 
@@ -133,9 +142,16 @@ def check_capacity(name: str, needed: int, available: int, buffer_arg: str, what
 # ---------------------------------------------------------------------------------------------------------
 
 
-def validate_layout(topk_idx: Any, num_experts: Any, *, num_ranks: int, device: torch.device) -> int:
+def validate_layout(
+    topk_idx: Any,
+    num_experts: Any,
+    *,
+    num_ranks: int,
+    device: torch.device,
+    ids_checked_on_device: bool = False,
+) -> int:
     num_experts = check_num_experts(num_experts, num_ranks)
-    check_topk_idx(topk_idx, None, num_experts, MAX_NUM_TOPK, device)
+    check_topk_idx(topk_idx, None, num_experts, MAX_NUM_TOPK, device, ids_checked_on_device)
     return num_experts
 
 
@@ -234,6 +250,7 @@ def validate_dispatch(
     num_ranks: int,
     device: torch.device,
     num_nvl_bytes: int,
+    ids_checked_on_device: bool = False,
 ) -> DispatchArgs:
     check_common(config, previous_event)
     expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1)
@@ -285,7 +302,7 @@ def validate_dispatch(
             raise ValueError("topk_weights: topk_idx and topk_weights must be given together (or both None)")
         num_topk = 0
         if topk_idx is not None:
-            check_topk_idx(topk_idx, num_tokens, num_experts, MAX_NUM_TOPK, device)
+            check_topk_idx(topk_idx, num_tokens, num_experts, MAX_NUM_TOPK, device, ids_checked_on_device)
             num_topk = topk_idx.size(1)
             check_tensor(
                 "topk_weights",

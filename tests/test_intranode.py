@@ -262,3 +262,85 @@ def test_direct_reads_run_and_mixed_settings_fall_back_together(rank_pool):
     # ...none when turned off, and none on any rank when only rank 0 turns them off (results stay exact).
     assert _run(rank_pool, 2, tokens=[900, 1000], hidden=4096, seed=51, direct=False) == [0, 0]
     assert _run(rank_pool, 4, tokens=[90, 100, 0, 7], seed=52, direct="mixed") == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("hidden", [2048, 4096, 7168])
+def test_hidden_sizes(rank_pool, hidden):
+    _run(rank_pool, 2, hidden=hidden, routing="with_minus_one", seed=hidden, bias=2)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_zero_and_one_token(rank_pool, num_ranks):
+    tokens = [0, 1] + [200] * (num_ranks - 2)
+    _run(rank_pool, num_ranks, tokens=tokens, seed=7)
+    _run(rank_pool, num_ranks, tokens=[0] * num_ranks, seed=8)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_all_tokens_to_one_rank(rank_pool, num_ranks):
+    _run(rank_pool, num_ranks, routing="all_to_one_rank", seed=num_ranks + 1, bias=1)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_worst_tokens_and_alignment(rank_pool, num_ranks):
+    tokens = [150 + 10 * r for r in range(num_ranks)]
+    _run(rank_pool, num_ranks, tokens=tokens, worst=sum(tokens), seed=11)
+    _run(rank_pool, num_ranks, tokens=tokens, alignment=64, seed=12, routing="with_minus_one")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_async_previous_event(rank_pool, fp8):
+    _run(rank_pool, 2, fp8=fp8, seed=13, bias=1, **{"async": True})
+
+
+@pytest.mark.parametrize("num_sms", [8, 16, 24])
+def test_sm_budgets(rank_pool, num_sms):
+    _run(rank_pool, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512])
+
+
+def test_back_to_back_iterations(rank_pool):
+    """100 rounds with fresh data: catches barrier epochs and buffer reuse races between ops."""
+    _run(
+        rank_pool, 4, iterations=100, hidden=2048, tokens=[64, 48, 80, 33], seed=30, routing="with_minus_one"
+    )
+
+
+def test_single_rank(rank_pool):
+    """One rank: every row goes to itself; the barriers and the count exchange run with one participant."""
+    _run(rank_pool, 1, tokens=[300], seed=40, bias=1)
+
+
+def _rank_bad_expert_id(rank, num_ranks, group):
+    """Rank 0 dispatches one expert id out of range: it gets a ValueError once the dispatch is queued (the
+    ids are checked on the GPU), rank 1 finishes normally, and both Buffers keep working."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, False)
+    topk_idx = torch.randint(0, NUM_EXPERTS, (64, TOPK), device=device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    bad = topk_idx.clone()
+    if rank == 0:
+        bad[3, 2] = NUM_EXPERTS + 5
+    x = torch.randn(64, 2048, device=device).to(torch.bfloat16)
+    raised = None
+    try:
+        buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=bad,
+            topk_weights=torch.rand(64, TOPK, device=device),
+        )
+    except ValueError as error:
+        raised = str(error)
+    _check_one_round(rank, num_ranks, group, {"tokens": [50, 70], "hidden": 2048}, buffer, seed=60)
+    torch.cuda.synchronize()
+    return raised
+
+
+def test_out_of_range_expert_id_raises_and_buffers_stay_usable(rank_pool):
+    raised = rank_pool(2).run(_rank_bad_expert_id)
+    assert raised[1] is None
+    assert raised[0] is not None and f"found {NUM_EXPERTS + 5}" in raised[0] and "topk_idx" in raised[0], (
+        raised
+    )

@@ -38,6 +38,25 @@ struct WaitContext {
     uint64_t timeout_ns;
 };
 
+/// Host-mapped, one per Buffer: the first out-of-range expert id a kernel met. Unlike DeviceErrorWord it
+/// aborts nothing (the kernels treat such an id as -1); the host raises it as a ValueError and clears it.
+struct InvalidExpertIdWord {
+    int found;        // 0 or 1
+    int value;        // the id
+    int num_experts;  // the bound it broke
+};
+
+/// Flags the first id outside [-1, num_experts) of topk_idx in `invalid`; the host checks after a sync.
+struct CheckExpertIdsArgs {
+    const void* topk_idx;  // [numel], int64 or int32
+    bool topk_idx_is_int64;
+    int64_t numel;
+    int num_experts;
+    InvalidExpertIdWord* invalid;
+    cudaStream_t stream;
+};
+void launch_check_expert_ids(const CheckExpertIdsArgs& args);
+
 /// The layout kernel: per-rank and per-expert token counts and token-to-rank membership.
 struct DispatchLayoutArgs {
     const void* topk_idx;  // [num_tokens, num_topk], int64 or int32, -1 = no expert
@@ -49,6 +68,7 @@ struct DispatchLayoutArgs {
     int* num_tokens_per_rank;    // [num_ranks], written
     int* num_tokens_per_expert;  // [num_experts], written
     bool* is_token_in_rank;      // [num_tokens, num_ranks], written
+    InvalidExpertIdWord* invalid;  // flagged on an id outside [-1, num_experts) (skipped then); or nullptr
     cudaStream_t stream;
 };
 void launch_dispatch_layout(const DispatchLayoutArgs& args);

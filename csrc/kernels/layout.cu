@@ -1,4 +1,7 @@
 // get_dispatch_layout: which ranks and experts each token goes to, counted.
+#include <algorithm>
+#include <climits>
+
 #include "kernels/api.cuh"
 #include "runtime/errors.hpp"
 
@@ -6,6 +9,26 @@ namespace deep_ep {
 namespace {
 
 constexpr int kLayoutThreads = 256;
+constexpr int kCheckThreads = 256;
+
+// Only the first offender is recorded: one compare-and-swap per bad id, none for good ones.
+__device__ __forceinline__ bool expert_id_is_valid(int64_t expert, int num_experts, InvalidExpertIdWord* invalid) {
+    if (expert >= -1 && expert < num_experts)
+        return true;
+    if (invalid != nullptr && atomicCAS(&invalid->found, 0, 1) == 0) {
+        invalid->value = static_cast<int>(expert < INT32_MIN ? INT32_MIN : expert > INT32_MAX ? INT32_MAX : expert);
+        invalid->num_experts = num_experts;
+        __threadfence_system();
+    }
+    return false;
+}
+
+template <typename IndexT>
+__global__ void __launch_bounds__(kCheckThreads) check_expert_ids_kernel(CheckExpertIdsArgs args) {
+    const auto* ids = static_cast<const IndexT*>(args.topk_idx);
+    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < args.numel; i += int64_t{gridDim.x} * blockDim.x)
+        expert_id_is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
+}
 
 // One thread per token. Counts go to shared-memory histograms first, so each block adds to global memory
 // once per expert and rank instead of once per token (8 topk x 4096 tokens would serialise on atomics).
@@ -25,9 +48,10 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
         // A token is counted once per rank however many of its experts live there; ranks <= 64 fit a mask.
         uint64_t rank_mask = 0;
         for (int k = 0; k < args.num_topk; ++k) {
-            const int expert = static_cast<int>(topk_idx[static_cast<int64_t>(token) * args.num_topk + k]);
-            if (expert < 0)
+            const int64_t id = static_cast<int64_t>(topk_idx[static_cast<int64_t>(token) * args.num_topk + k]);
+            if (id == -1 || !expert_id_is_valid(id, args.num_experts, args.invalid))
                 continue;
+            const int expert = static_cast<int>(id);
             atomicAdd(&block_tokens_per_expert[expert], 1);
             rank_mask |= 1ull << (expert / experts_per_rank);
         }
@@ -49,6 +73,17 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
 }
 
 }  // namespace
+
+void launch_check_expert_ids(const CheckExpertIdsArgs& args) {
+    if (args.numel == 0)
+        return;
+    const int blocks = static_cast<int>(std::min<int64_t>((args.numel + kCheckThreads - 1) / kCheckThreads, 32));
+    if (args.topk_idx_is_int64)
+        check_expert_ids_kernel<int64_t><<<blocks, kCheckThreads, 0, args.stream>>>(args);
+    else
+        check_expert_ids_kernel<int><<<blocks, kCheckThreads, 0, args.stream>>>(args);
+    DEEP_EP_LAUNCH_CHECK();
+}
 
 void launch_dispatch_layout(const DispatchLayoutArgs& args) {
     DEEP_EP_CHECK(args.num_ranks >= 1 && args.num_ranks <= 64, "layout supports 1..64 ranks, got " << args.num_ranks);

@@ -184,6 +184,12 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     if (!cached) {
         DEEP_EP_CHECK(num_tokens_per_rank.has_value() && num_tokens_per_expert.has_value(),
                       "a non-cached dispatch needs num_tokens_per_rank and num_tokens_per_expert");
+        // Validation left the id range to the GPU (a host check would drain the stream first); the caller
+        // raises what this flags once the op is queued, so peers are never left waiting.
+        if (topk_idx.has_value())
+            launch_check_expert_ids(CheckExpertIdsArgs{topk_idx->data_ptr(), topk_idx->scalar_type() == torch::kInt64,
+                                                       topk_idx->numel(), static_cast<int>(num_experts),
+                                                       buffer.invalid_expert_id_device(), stream});
         rank_prefix_matrix = torch::empty({num_ranks, num_ranks}, int_options);
         channel_prefix_matrix = torch::empty({num_ranks, 1}, int_options);
         recv_channel_prefix_matrix = torch::empty({num_ranks, 1}, int_options);

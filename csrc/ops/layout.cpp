@@ -3,11 +3,14 @@
 
 #include "kernels/api.cuh"
 #include "ops/ops.hpp"
+#include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
 
 namespace deep_ep::ops {
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(const torch::Tensor& topk_idx,
+// buffer (or None) receives the GPU-side expert id check's finding; without one, validation checked them.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(runtime::Buffer* buffer,
+                                                                            const torch::Tensor& topk_idx,
                                                                             int64_t num_experts, int64_t num_ranks,
                                                                             int64_t stream) {
     const auto int_options = topk_idx.options().dtype(torch::kInt32);
@@ -24,13 +27,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(cons
     args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    args.invalid = buffer == nullptr ? nullptr : buffer->invalid_expert_id_device();
     args.stream = reinterpret_cast<cudaStream_t>(stream);
     launch_dispatch_layout(args);
     return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
 }
 
 void register_layout_apis(pybind11::module_& m) {
-    m.def("get_dispatch_layout", &get_dispatch_layout, pybind11::arg("topk_idx"), pybind11::arg("num_experts"),
+    m.def("get_dispatch_layout", &get_dispatch_layout, pybind11::arg("buffer").none(true), pybind11::arg("topk_idx"), pybind11::arg("num_experts"),
           pybind11::arg("num_ranks"), pybind11::arg("stream"));
 }
 

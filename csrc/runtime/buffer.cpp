@@ -31,6 +31,10 @@ Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
     std::memset(mapped_counters_host_, 0, sizeof(int) * kNumMappedCounters);
     DEEP_EP_CUDA_CHECK(
         cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped_counters_device_), mapped_counters_host_, 0));
+    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&invalid_expert_id_host_, sizeof(InvalidExpertIdWord), cudaHostAllocMapped));
+    std::memset(invalid_expert_id_host_, 0, sizeof(InvalidExpertIdWord));
+    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&invalid_expert_id_device_),
+                                                invalid_expert_id_host_, 0));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -86,6 +90,8 @@ void Buffer::destroy() {
     }
     cudaFreeHost(error_host_);
     cudaFreeHost(mapped_counters_host_);
+    cudaFreeHost(invalid_expert_id_host_);
+    invalid_expert_id_host_ = invalid_expert_id_device_ = nullptr;
     error_host_ = error_device_ = nullptr;
     mapped_counters_host_ = mapped_counters_device_ = nullptr;
     connected_ = false;
@@ -246,6 +252,19 @@ void Buffer::raise_if_failed() const {
     throw std::runtime_error(message.str());
 }
 
+void Buffer::raise_if_invalid_expert_id() {
+    volatile InvalidExpertIdWord* word = invalid_expert_id_host_;
+    if (word == nullptr || word->found == 0)
+        return;
+    const int value = word->value, num_experts = word->num_experts;
+    word->value = 0;
+    word->found = 0;
+    std::ostringstream message;
+    message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value
+            << " (rank " << rank_ << "; checked on the GPU: the call that passed it completed on every rank, and its outputs are not valid)";
+    throw std::invalid_argument(message.str());
+}
+
 void Buffer::require_usable() const {
     DEEP_EP_CHECK(!destroyed_, "Buffer was destroyed");
     raise_if_failed();
@@ -259,6 +278,7 @@ void register_apis(pybind11::module_& m) {
         .def("connect", &Buffer::connect)
         .def("destroy", &Buffer::destroy)
         .def("raise_if_failed", &Buffer::raise_if_failed)
+        .def("raise_if_invalid_expert_id", &Buffer::raise_if_invalid_expert_id)
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
         .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)

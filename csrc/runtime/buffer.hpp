@@ -62,6 +62,11 @@ class Buffer {
     bool gather_peer_tensors(const std::vector<const void*>& local,
                              std::vector<std::array<const char*, kMaxNvlRanks>>& out);
 
+    // Expert ids are range-checked on the GPU (no host sync before launching); a bad one is raised as a
+    // ValueError at the next host synchronisation point or op, then cleared: the Buffer stays usable.
+    InvalidExpertIdWord* invalid_expert_id_device() const { return invalid_expert_id_device_; }
+    void raise_if_invalid_expert_id();
+
     // Raises RuntimeError with rank, wait site, peer and values if any kernel timed out. Sticky: after a
     // timeout the ranks' barrier epochs disagree, so the Buffer cannot be used again.
     void raise_if_failed() const;
@@ -81,6 +86,8 @@ class Buffer {
     DeviceErrorWord* error_host_ = nullptr;
     DeviceErrorWord* error_device_ = nullptr;
     int* mapped_counters_host_ = nullptr;
+    InvalidExpertIdWord* invalid_expert_id_host_ = nullptr;
+    InvalidExpertIdWord* invalid_expert_id_device_ = nullptr;
     int* mapped_counters_device_ = nullptr;
     bool direct_reads_ = true;
     int64_t num_direct_ops_ = 0;
