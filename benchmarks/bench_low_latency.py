@@ -168,7 +168,7 @@ def main():
                 per_rank = pool.run(_bench, allow_nvlink, conservative, args.warmup, args.runs)
                 path = "mapped" if allow_nvlink else "put"
                 loads = "conservative" if conservative else "aggressive"
-                print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {path} path, "
+                print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {path} path, {loads} loads, "
                       f"{per_rank[0]['num_blocks']} blocks per rank")  # fmt: skip
                 print(
                     f"{'case':<24}{'median us':>10}{'p10':>9}{'p90':>9}{'recv GB/s':>11}{'remote GB/s':>13}"

@@ -49,13 +49,24 @@ class CommEvent:
         self.event.wait()
 
 
-def _as_tensor_of(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 tensor viewing `nbytes` of device memory at `ptr` (not owned: the runtime keeps it alive)."""
+def local_buffer_view(
+    base: int, num_bytes: int, device: torch.device, dtype, size, offset: int
+) -> torch.Tensor:
+    """A tensor of `dtype` viewing this rank's communication buffer at `base` from byte `offset` on (not
+    owned: the runtime keeps the memory alive), shaped `size` or 1-D over what is left."""
+    available = max(0, num_bytes - offset)
 
     class _View:
-        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+        __cuda_array_interface__ = {
+            "shape": (available,),
+            "typestr": "|u1",
+            "data": (base + offset, False),
+            "version": 3,
+        }
 
-    return torch.as_tensor(_View(), device=device)
+    raw = torch.as_tensor(_View(), device=device)
+    tensor = raw[: available // dtype.itemsize * dtype.itemsize].view(dtype)
+    return tensor if size is None else tensor[: torch.Size(size).numel()].view(size)
 
 
 class CudaBackend:
@@ -377,15 +388,11 @@ class CudaBackend:
     def get_local_buffer_tensor(self, dtype, size, offset, use_rdma_buffer):
         if use_rdma_buffer:
             low_latency = self._require_low_latency("get_local_buffer_tensor(use_rdma_buffer=True)")
-            if not hasattr(low_latency, "get_local_buffer_tensor"):
-                raise NotImplementedError("get_local_buffer_tensor: the RDMA buffer is not exposed")
             return low_latency.get_local_buffer_tensor(dtype, size, offset)
         runtime = self._require_runtime("get_local_buffer_tensor")
-        available = runtime.num_nvl_bytes - offset
-        raw = _as_tensor_of(runtime.local_buffer_ptr + offset, max(0, available), self.device)
-        count = available // dtype.itemsize
-        tensor = raw[: count * dtype.itemsize].view(dtype)
-        return tensor if size is None else tensor[: torch.Size(size).numel()].view(size)
+        return local_buffer_view(
+            runtime.local_buffer_ptr, runtime.num_nvl_bytes, self.device, dtype, size, offset
+        )
 
     def get_comm_stream(self):
         return self.comm_stream

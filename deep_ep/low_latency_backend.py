@@ -119,6 +119,12 @@ class LowLatencyCuda:
         self.destroyed = False
         dist.barrier(group=group)
 
+    def get_local_buffer_tensor(self, dtype, size, offset):
+        """This rank's NVSHMEM symmetric buffer (what V1 calls the RDMA buffer)."""
+        from .cuda_backend import local_buffer_view  # noqa: PLC0415 - cuda_backend imports this module lazily
+
+        return local_buffer_view(self.symmetric_base, self.num_rdma_bytes, self.device, dtype, size, offset)
+
     # --- helpers -------------------------------------------------------------------------------------
 
     def _take_set(self) -> int:

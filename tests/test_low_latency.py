@@ -425,7 +425,10 @@ def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks):
 
 def _through_buffer(rank, num_ranks, group):
     """deep_ep.Buffer(low_latency_mode=True) with the CUDA backend: V1 return shapes, same bytes."""
+    import torch.distributed as dist  # noqa: PLC0415
+
     import deep_ep  # noqa: PLC0415
+    from deep_ep.cuda_backend import local_buffer_view  # noqa: PLC0415
 
     device = torch.device("cuda", torch.cuda.current_device())
     m, hidden, num_experts, topk = 64, 4096, 8 * num_ranks, 4
@@ -454,6 +457,22 @@ def _through_buffer(rank, num_ranks, group):
             [w.packed_recv_src_info for w in want], [w.packed_recv_layout_range for w in want], num_experts,
         )  # fmt: skip
         assert torch.equal(combined, expected)
+        # The RDMA buffer is this rank's NVSHMEM symmetric buffer: a peer reads what we write into it.
+        mine = buffer.get_local_buffer_tensor(torch.int32, (num_ranks,), 0, use_rdma_buffer=True)
+        assert mine.data_ptr() == buffer.runtime._low_latency.symmetric_base
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        mine.fill_(1000 + rank)
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+        if buffer.runtime._low_latency.all_ranks_mapped:
+            peer = (rank + 1) % num_ranks
+            peer_ptr = int(buffer.runtime._low_latency.mapped_bases[peer])
+            seen = local_buffer_view(peer_ptr, 4 * num_ranks, device, torch.int32, (num_ranks,), 0)
+            assert torch.equal(seen.cpu(), torch.full((num_ranks,), 1000 + peer, dtype=torch.int32))
+        buffer.clean_low_latency_buffer(m, hidden, num_experts)
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
     finally:
         buffer.destroy()
     return True
