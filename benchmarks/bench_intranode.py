@@ -92,14 +92,17 @@ def _bench_rank(rank, num_ranks, group, opts):
             for case, (fn, row_bytes) in fns.items():
                 times = common.time_op(group, fn, warmup=opts["warmup"], runs=opts["runs"])
                 stats = common.summarize(times)
+                host = []
                 aligned = common.time_op(
                     group,
                     fn,
                     warmup=1,
                     runs=opts["runs"],
                     device_barrier=buffer.runtime.barrier_on_current_stream,
+                    host_times=host,
                 )
                 stats["aligned_median_us"] = common.summarize(aligned)["median_us"]
+                stats["host_call_us"] = common.summarize(host)["median_us"]
                 results.append(
                     dict(
                         case=case,
@@ -167,6 +170,7 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
                 num_sms=sms,
                 median_us=slowest["median_us"],
                 aligned_median_us=max(r["aligned_median_us"] for r in items),
+                host_call_us=max(r["host_call_us"] for r in items),
                 p10_us=slowest["p10_us"],
                 p90_us=slowest["p90_us"],
                 recv_gbps=recv_gbps,
@@ -237,6 +241,7 @@ def main(argv=None) -> None:
                 ("num_sms", "SMs", "{}"),
                 ("median_us", "median us", "{:.1f}"),
                 ("aligned_median_us", "GPU-aligned us", "{:.1f}"),
+                ("host_call_us", "host call us", "{:.0f}"),
                 ("p10_us", "p10", "{:.1f}"),
                 ("p90_us", "p90", "{:.1f}"),
                 ("recv_gbps", "recv GB/s", "{:.0f}"),
@@ -260,6 +265,7 @@ def main(argv=None) -> None:
                 reads=r["reads"],
                 median_us=round(r["median_us"], 2),
                 aligned_median_us=round(r["aligned_median_us"], 2),
+                host_call_us=round(r["host_call_us"], 1),
                 p10_us=round(r["p10_us"], 2),
                 p90_us=round(r["p90_us"], 2),
                 recv_gbps=round(r["recv_gbps"], 1),

@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Optional
 
@@ -35,6 +36,7 @@ def time_op(
     warmup: int = 5,
     runs: int = 20,
     device_barrier: Optional[Callable[[], None]] = None,
+    host_times: Optional[list] = None,
 ) -> list[float]:
     """Microseconds of `fn` per run, CUDA events on the current stream, a group barrier before each run.
 
@@ -58,7 +60,10 @@ def time_op(
             torch.cuda._sleep(LAUNCH_COVER_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        host_start = time.perf_counter()
         fn()
+        if host_times is not None:  # how long the host spent in the call (launch work, CPU waits)
+            host_times.append((time.perf_counter() - host_start) * 1e6)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0)

@@ -320,26 +320,16 @@ class Buffer:
             num_nvl_bytes=self.num_nvl_bytes,
             ids_checked_on_device=self._ids_checked_on_device,
         )
-        x_scales = None if args.x_scales is None else args.x_scales.contiguous()
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = (
             self._backend.dispatch(
-                args.x,
-                x_scales,
-                args.handle,
-                args.num_tokens_per_rank,
-                args.is_token_in_rank,
-                args.num_tokens_per_expert,
-                args.topk_idx,
-                args.topk_weights,
-                args.expert_alignment,
-                args.num_worst_tokens,
+                args,
                 config if config is not None else self._default_config("dispatch"),
                 getattr(previous_event, "event", None),
                 async_finish,
                 allocate_on_comm_stream,
             )
         )
-        recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        recv = (recv_x, recv_x_scales) if args.x_scales is not None else recv_x
         if args.handle is not None:
             return recv, None, None, None, None, EventOverlap(event)
         return (
@@ -378,11 +368,7 @@ class Buffer:
             num_nvl_bytes=self.num_nvl_bytes,
         )
         combined_x, combined_topk_weights, event = self._backend.combine(
-            args.x,
-            args.handle,
-            args.topk_weights,
-            args.bias_0,
-            args.bias_1,
+            args,
             config if config is not None else self._default_config("combine"),
             getattr(previous_event, "event", None),
             async_finish,

@@ -224,26 +224,11 @@ class CudaBackend:
             self._raise_invalid_expert_id()
         return per_rank, None, per_expert, in_rank, event
 
-    def dispatch(
-        self,
-        x,
-        x_scales,
-        handle,
-        num_tokens_per_rank,
-        is_token_in_rank,
-        num_tokens_per_expert,
-        topk_idx,
-        topk_weights,
-        expert_alignment,
-        num_worst_tokens,
-        config,
-        previous_event,
-        async_finish,
-        allocate_on_comm_stream,
-    ):
+    def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
+        x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = args[:6]
+        topk_idx, topk_weights, expert_alignment, num_worst_tokens = args[6:]
         runtime = self._require_runtime("dispatch")
         x = x.contiguous()
-        x_scales = None if x_scales is None else x_scales.contiguous()
         topk_idx = None if topk_idx is None else topk_idx.contiguous()
         topk_weights = None if topk_weights is None else topk_weights.contiguous().float()
         cached = handle is not None
@@ -309,18 +294,8 @@ class CudaBackend:
         self._raise_invalid_expert_id()
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
 
-    def combine(
-        self,
-        x,
-        handle,
-        topk_weights,
-        bias_0,
-        bias_1,
-        config,
-        previous_event,
-        async_finish,
-        allocate_on_comm_stream,
-    ):
+    def combine(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
+        x, handle, topk_weights, bias_0, bias_1 = args
         runtime = self._require_runtime("combine")
         x = x.contiguous()
         topk_weights = None if topk_weights is None else topk_weights.contiguous().float()

@@ -17,15 +17,13 @@ every argument first (deep_ep.validation), fills in defaults, and then calls, wi
     .name -> str ("reference" | "cuda");  .load_kind -> "aggressive" | "conservative" | "n/a"
     .get_dispatch_layout(topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
         -> (num_tokens_per_rank, num_tokens_per_rdma_rank | None, num_tokens_per_expert, is_token_in_rank, event)
-    .dispatch(x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-              topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
-              allocate_on_comm_stream)
+    .dispatch(args: deep_ep.validation.DispatchArgs, config, previous_event, async_finish, allocate_on_comm_stream)
         -> (recv_x, recv_x_scales | None, recv_topk_idx | None, recv_topk_weights | None,
             num_recv_tokens_per_expert_list | None, handle: IntranodeHandle, event)
-        x_scales is None for BF16; handle is None for a fresh dispatch, an IntranodeHandle for a cached one
-        (then topk_* and num_tokens_* are None and is_token_in_rank is handle.is_token_in_rank).
-    .combine(x, handle, topk_weights, bias_0, bias_1, config, previous_event, async_finish,
-             allocate_on_comm_stream) -> (combined_x, combined_topk_weights | None, event)
+        args.x_scales is None for BF16; args.handle is None for a fresh dispatch, an IntranodeHandle for a
+        cached one (then topk_* and num_tokens_* are None and is_token_in_rank is handle.is_token_in_rank).
+    .combine(args: deep_ep.validation.CombineArgs, config, previous_event, async_finish, allocate_on_comm_stream)
+        -> (combined_x, combined_topk_weights | None, event)
     .low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                           cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
                           round_scale, use_ue8m0, async_finish, return_recv_hook)
@@ -425,23 +423,9 @@ class ReferenceBackend:
         per_rank, per_expert, in_rank = dispatch_layout(topk_idx, num_experts, self.num_ranks)
         return per_rank, None, per_expert, in_rank, self._event(async_finish)
 
-    def dispatch(
-        self,
-        x,
-        x_scales,
-        handle,
-        num_tokens_per_rank,
-        is_token_in_rank,
-        num_tokens_per_expert,
-        topk_idx,
-        topk_weights,
-        expert_alignment,
-        num_worst_tokens,
-        config,
-        previous_event,
-        async_finish,
-        allocate_on_comm_stream,
-    ):
+    def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
+        x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = args[:6]
+        topk_idx, topk_weights, expert_alignment, num_worst_tokens = args[6:]
         self._wait(previous_event)
         if handle is not None:
             is_token_in_rank = handle.is_token_in_rank
@@ -481,18 +465,8 @@ class ReferenceBackend:
         )
         return (*result, self._event(async_finish))
 
-    def combine(
-        self,
-        x,
-        handle,
-        topk_weights,
-        bias_0,
-        bias_1,
-        config,
-        previous_event,
-        async_finish,
-        allocate_on_comm_stream,
-    ):
+    def combine(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
+        x, handle, topk_weights, bias_0, bias_1 = args
         self._wait(previous_event)
         gathered = self._all_gather([x, handle.recv_src_idx, handle.rank_prefix_matrix, topk_weights])
         xs, src_idx, prefix, weights = (list(col) for col in zip(*gathered))

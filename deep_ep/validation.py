@@ -221,6 +221,8 @@ def validate_handle(handle: Any, *, num_ranks: int, device: torch.device) -> Int
 
 
 class DispatchArgs(NamedTuple):
+    """A validated dispatch, as backends receive it (x_scales is None for BF16)."""
+
     x: torch.Tensor
     x_scales: Optional[torch.Tensor]
     handle: Optional[IntranodeHandle]
@@ -318,7 +320,7 @@ def validate_dispatch(
     check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", f"dispatching {num_tokens} tokens")
     return DispatchArgs(
         data,
-        scales,
+        None if scales is None else scales.contiguous(),
         handle,
         num_tokens_per_rank,
         is_token_in_rank,
@@ -351,6 +353,8 @@ def split_bias(
 
 
 class CombineArgs(NamedTuple):
+    """A validated combine, as backends receive it (bias split into its 0, 1 or 2 tensors)."""
+
     x: torch.Tensor
     handle: IntranodeHandle
     topk_weights: Optional[torch.Tensor]

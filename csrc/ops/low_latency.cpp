@@ -33,6 +33,32 @@ LowLatencySymmetricArgs symmetric_args(int64_t local_base, const torch::Tensor& 
                                    all_ranks_mapped};
 }
 
+/// What dispatch and combine Args share: where the buffers are, which set and half to run, how to wait.
+struct LowLatencyLaunch {
+    runtime::Buffer& runtime;
+    LowLatencyLayout layout;
+    int64_t buffer_set;
+    bool do_send, do_recv;
+    LowLatencySymmetricArgs symmetric;
+    int64_t num_blocks;
+    bool conservative_loads;
+    int64_t stream;
+
+    template <typename Args>
+    void fill(Args& args) const {
+        args.layout = layout;
+        args.buffer_set = static_cast<int>(buffer_set);
+        args.do_send = do_send;
+        args.do_recv = do_recv;
+        args.symmetric = symmetric;
+        args.wait = runtime.wait_context();
+        args.rank = runtime.rank();
+        args.num_blocks = static_cast<int>(num_blocks);
+        args.conservative_loads = conservative_loads;
+        args.stream = reinterpret_cast<cudaStream_t>(stream);
+    }
+};
+
 /// Returns [recv_x, recv_scales (empty without FP8), recv_count, recv_src_info, recv_layout_range].
 /// With do_send only (the hook's first half) the outputs are allocated and returned unfilled; the hook
 /// passes them back in `outputs` with do_recv only.
@@ -70,10 +96,9 @@ std::vector<torch::Tensor> low_latency_dispatch(
     }
 
     LowLatencyDispatchArgs args{};
-    args.layout = layout;
-    args.buffer_set = static_cast<int>(buffer_set);
-    args.do_send = do_send;
-    args.do_recv = do_recv;
+    LowLatencyLaunch{runtime, layout, buffer_set, do_send, do_recv,
+                     symmetric_args(local_base, mapped_bases, all_ranks_mapped), num_blocks, conservative_loads, stream}
+        .fill(args);
     args.x = x.data_ptr();
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
@@ -89,12 +114,6 @@ std::vector<torch::Tensor> low_latency_dispatch(
     args.recv_layout_range = out[4].data_ptr<int64_t>();
     args.cumulative_local_expert_recv_stats = cumulative_stats.has_value() ? cumulative_stats->data_ptr<int>() : nullptr;
     args.dispatch_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
-    args.symmetric = symmetric_args(local_base, mapped_bases, all_ranks_mapped);
-    args.wait = runtime.wait_context();
-    args.rank = runtime.rank();
-    args.num_blocks = static_cast<int>(num_blocks);
-    args.conservative_loads = conservative_loads;
-    args.stream = reinterpret_cast<cudaStream_t>(stream);
     launch_low_latency_dispatch(args);
     return out;
 }
@@ -114,10 +133,9 @@ torch::Tensor low_latency_combine(runtime::Buffer& runtime, int64_t local_base, 
     auto combined = out.has_value() ? *out : torch::empty({topk_idx.size(0), hidden}, x.options());
 
     LowLatencyCombineArgs args{};
-    args.layout = layout;
-    args.buffer_set = static_cast<int>(buffer_set);
-    args.do_send = do_send;
-    args.do_recv = do_recv;
+    LowLatencyLaunch{runtime, layout, buffer_set, do_send, do_recv,
+                     symmetric_args(local_base, mapped_bases, all_ranks_mapped), num_blocks, conservative_loads, stream}
+        .fill(args);
     args.x = x.data_ptr();
     args.zero_copy = zero_copy;
     args.src_info = src_info.data_ptr<int>();
@@ -129,12 +147,6 @@ torch::Tensor low_latency_combine(runtime::Buffer& runtime, int64_t local_base, 
     args.num_topk = static_cast<int>(topk_idx.size(1));
     args.out = combined.data_ptr();
     args.done_blocks = done_blocks.data_ptr<int>();
-    args.symmetric = symmetric_args(local_base, mapped_bases, all_ranks_mapped);
-    args.wait = runtime.wait_context();
-    args.rank = runtime.rank();
-    args.num_blocks = static_cast<int>(num_blocks);
-    args.conservative_loads = conservative_loads;
-    args.stream = reinterpret_cast<cudaStream_t>(stream);
     launch_low_latency_combine(args);
     return combined;
 }

@@ -18,6 +18,7 @@ enum class LoadKind : int {
 };
 
 #if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
+#define DEEP_EP_NC_LOADS_COMPILED_OUT 1
 inline constexpr bool kAggressiveLoadsCompiled = false;
 #else
 inline constexpr bool kAggressiveLoadsCompiled = true;
@@ -34,58 +35,6 @@ __device__ __forceinline__ uint64_t mov_u64_globaltimer() {
 
 /// Loads ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ int4 ld_global_nc_L1_no_allocate_L2_256B(const int4* address) {
-    int4 v;
-#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
-    // Compiled out by the build knob: keep the symbol so templates instantiate, but never emit .nc.
-    asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-#else
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-#endif
-    return v;
-}
-
-__device__ __forceinline__ int ld_global_nc_L1_no_allocate_L2_256B(const int* address) {
-    int v;
-#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
-    asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(address));
-#else
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.s32 %0, [%1];" : "=r"(v) : "l"(address));
-#endif
-    return v;
-}
-
-// Plain non-coherent load that DOES allocate in L1: the deliberately unsafe variant the coherence check
-// uses to show it can detect stale data (lines cached earlier in the same kernel are served again).
-// The build knob compiles it out like the aggressive load, so that build emits no .nc load at all.
-__device__ __forceinline__ int ld_global_nc(const int* address) {
-    int v;
-#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
-    asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(address));
-#else
-    asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(address));
-#endif
-    return v;
-}
-
-__device__ __forceinline__ int4 ld_global_nc(const int4* address) {
-    int4 v;
-#if defined(DEEP_EP_DISABLE_AGGRESSIVE_PTX_INSTRS) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900)
-    asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-#else
-    asm volatile("ld.global.nc.v4.s32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-#endif
-    return v;
-}
-
 __device__ __forceinline__ int4 ld_volatile_global(const int4* address) {
     int4 v;
     asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
@@ -98,6 +47,54 @@ __device__ __forceinline__ int ld_volatile_global(const int* address) {
     int v;
     asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(address));
     return v;
+}
+
+// Under DEEP_EP_NC_LOADS_COMPILED_OUT (see kAggressiveLoadsCompiled) the .nc wrappers keep their names, so
+// the templates that use them still instantiate, but they emit ld.volatile.global instead.
+__device__ __forceinline__ int4 ld_global_nc_L1_no_allocate_L2_256B(const int4* address) {
+#ifdef DEEP_EP_NC_LOADS_COMPILED_OUT
+    return ld_volatile_global(address);
+#else
+    int4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+    return v;
+#endif
+}
+
+__device__ __forceinline__ int ld_global_nc_L1_no_allocate_L2_256B(const int* address) {
+#ifdef DEEP_EP_NC_LOADS_COMPILED_OUT
+    return ld_volatile_global(address);
+#else
+    int v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.s32 %0, [%1];" : "=r"(v) : "l"(address));
+    return v;
+#endif
+}
+
+// Plain non-coherent load that DOES allocate in L1: the deliberately unsafe variant the coherence check
+// uses to show it can detect stale data (lines cached earlier in the same kernel are served again).
+__device__ __forceinline__ int ld_global_nc(const int* address) {
+#ifdef DEEP_EP_NC_LOADS_COMPILED_OUT
+    return ld_volatile_global(address);
+#else
+    int v;
+    asm volatile("ld.global.nc.s32 %0, [%1];" : "=r"(v) : "l"(address));
+    return v;
+#endif
+}
+
+__device__ __forceinline__ int4 ld_global_nc(const int4* address) {
+#ifdef DEEP_EP_NC_LOADS_COMPILED_OUT
+    return ld_volatile_global(address);
+#else
+    int4 v;
+    asm volatile("ld.global.nc.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+    return v;
+#endif
 }
 
 // Pairs with st_release_sys_global: everything the writer stored before its release is visible to
