@@ -25,10 +25,11 @@ struct NvlPeers {
     int num_ranks;
 };
 
-/// One cross-rank barrier: the arrival epoch every rank writes into every peer's signal slot. 0 = skip.
+/// One cross-rank barrier at the start of a kernel (or none: active = false). Its epoch is counted on the
+/// GPU (kernels/common/barrier.cuh), so captured kernels stay correct on CUDA-graph replay.
 struct NvlBarrier {
     WaitContext wait;
-    int epoch;
+    bool active;
 };
 
 /// A bare group barrier on a stream: one block. Benchmarks use it to line the ranks up on the GPU itself.

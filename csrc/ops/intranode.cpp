@@ -29,7 +29,7 @@ NvlPeers nvl_peers(const runtime::Buffer& buffer) {
     return peers;
 }
 
-NvlBarrier next_barrier(runtime::Buffer& buffer) { return NvlBarrier{buffer.wait_context(), buffer.next_barrier_epoch()}; }
+NvlBarrier next_barrier(const runtime::Buffer& buffer) { return NvlBarrier{buffer.wait_context(), true}; }
 
 template <typename T>
 T* data_or_null(const OptionalTensor& tensor) {
@@ -86,10 +86,10 @@ DispatchSources staged_dispatch_sources(const NvlPeers& peers, const DispatchRow
 // rank stages: the decision is taken from the same exchanged records everywhere).
 std::optional<DispatchSources> direct_dispatch_sources(runtime::Buffer& buffer, const torch::Tensor& x,
                                                        const OptionalTensor& x_scales, const OptionalTensor& topk_idx,
-                                                       const OptionalTensor& topk_weights) {
+                                                       const OptionalTensor& topk_weights, cudaStream_t stream) {
     auto ptr = [](const OptionalTensor& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
     std::vector<std::array<const char*, kMaxNvlRanks>> peers;
-    if (!buffer.gather_peer_tensors({x.data_ptr(), ptr(x_scales), ptr(topk_idx), ptr(topk_weights)}, peers))
+    if (!buffer.gather_peer_tensors({x.data_ptr(), ptr(x_scales), ptr(topk_idx), ptr(topk_weights)}, stream, peers))
         return std::nullopt;
     DispatchSources sources{};
     for (int r = 0; r < buffer.num_ranks(); ++r) {
@@ -118,10 +118,10 @@ CombineSources staged_combine_sources(const NvlPeers& peers, int64_t hidden, int
 }
 
 std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
-                                                     const OptionalTensor& topk_weights) {
+                                                     const OptionalTensor& topk_weights, cudaStream_t stream) {
     std::vector<std::array<const char*, kMaxNvlRanks>> peers;
     if (!buffer.gather_peer_tensors({x.data_ptr(), topk_weights.has_value() ? topk_weights->data_ptr() : nullptr},
-                                    peers))
+                                    stream, peers))
         return std::nullopt;
     CombineSources sources{};
     for (int r = 0; r < buffer.num_ranks(); ++r) {
@@ -210,7 +210,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
         // With num_worst_tokens nobody waits for the counts, and a late write could be mistaken for a
         // later dispatch's: only the waited-for notify touches the host-mapped counters.
         notify.mapped_counters = num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();
-        notify.mapped_tag = notify_tag = notify.barrier.epoch;
+        notify.mapped_tag = notify_tag = buffer.next_notify_tag();
         notify.stream = stream;
         launch_intranode_notify(notify);
     } else {
@@ -218,12 +218,12 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     }
 
     // Host-only (no GPU synchronisation): where every rank's inputs are, for direct reads.
-    const std::optional<DispatchSources> direct = direct_dispatch_sources(buffer, x, x_scales, topk_idx, topk_weights);
+    const std::optional<DispatchSources> direct = direct_dispatch_sources(buffer, x, x_scales, topk_idx, topk_weights, stream);
 
     IntranodeDispatchStageArgs stage{};
     stage.peers = peers;
     // After notify the op is already open; a cached dispatch opens it here.
-    stage.barrier = cached ? next_barrier(buffer) : NvlBarrier{buffer.wait_context(), 0};
+    stage.barrier = cached ? next_barrier(buffer) : NvlBarrier{buffer.wait_context(), false};
     stage.shape = shape;
     stage.num_tokens = static_cast<int>(num_tokens);
     stage.x = x.data_ptr();
@@ -306,7 +306,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     if (topk_weights.has_value())
         combined_topk_weights = torch::empty({num_tokens, num_topk}, topk_weights->options());
 
-    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights);
+    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
     if (!direct.has_value()) {
         IntranodeCombineStageArgs stage{};
         stage.peers = peers;

@@ -179,16 +179,18 @@ void Buffer::close_peer_allocations() {
     opened_.clear();
 }
 
-bool Buffer::gather_peer_tensors(const std::vector<const void*>& local,
+bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStream_t stream,
                                  std::vector<std::array<const char*, kMaxNvlRanks>>& out) {
     require_usable();
     if (!host_exchange_)
         return false;
     const size_t count = local.size();
     std::string record(sizeof(int32_t) + count * sizeof(AllocationRecord), '\0');
-    const int32_t wants = direct_reads_ ? 1 : 0;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const int32_t wants = direct_reads_ && capture == cudaStreamCaptureStatusNone ? 1 : 0;
     std::memcpy(record.data(), &wants, sizeof(wants));
-    for (size_t i = 0; i < count; ++i) {
+    for (size_t i = 0; i < count && wants; ++i) {
         const AllocationRecord exported = export_allocation(local[i]);
         std::memcpy(record.data() + sizeof(int32_t) + i * sizeof(AllocationRecord), &exported, sizeof(exported));
     }

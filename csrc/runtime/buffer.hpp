@@ -39,8 +39,9 @@ class Buffer {
 
     // Every kernel waiting on peers gets this; the timeout is the Buffer's, the error word is shared.
     WaitContext wait_context() const;
-    // Each cross-rank barrier gets the next epoch; all ranks issue the same sequence, so epochs agree.
-    int next_barrier_epoch() { return ++barrier_epoch_; }
+    // Tags the host-mapped receive counts of each waited-for count exchange, so a wait never mistakes an
+    // earlier exchange's counts for its own.
+    int next_notify_tag() { return ++notify_tag_; }
     const std::array<void*, kMaxNvlRanks>& peer_buffers() const { return peer_buffers_; }
     // Host-mapped ints the notify kernel writes (received token and expert counts); read after a sync.
     int* mapped_counters_device() const { return mapped_counters_device_; }
@@ -57,9 +58,10 @@ class Buffer {
     int64_t num_direct_ops() const { return num_direct_ops_; }
     // Where every rank's tensors of this op are, as this process maps them: out[i][r] is rank r's i-th
     // tensor (nullptr where it passed none). All ranks call it together with the same number of tensors.
-    // Returns false, and fills nothing, unless every rank has direct reads on and could export every
-    // tensor (CUDA IPC needs cudaMalloc memory: not the expandable segments of torch's allocator).
-    bool gather_peer_tensors(const std::vector<const void*>& local,
+    // Returns false, and fills nothing, unless every rank has direct reads on, is not capturing `stream`
+    // into a CUDA graph (opening IPC handles is not allowed then) and could export every tensor (CUDA
+    // IPC needs cudaMalloc memory: not the expandable segments of torch's allocator).
+    bool gather_peer_tensors(const std::vector<const void*>& local, cudaStream_t stream,
                              std::vector<std::array<const char*, kMaxNvlRanks>>& out);
 
     // Expert ids are range-checked on the GPU (no host sync before launching); a bad one is raised as a
@@ -81,7 +83,7 @@ class Buffer {
     int64_t num_nvl_bytes_;
     uint64_t timeout_ns_;
     bool connected_ = false, destroyed_ = false;
-    int barrier_epoch_ = 0;
+    int notify_tag_ = 0;
     std::array<void*, kMaxNvlRanks> peer_buffers_{};
     DeviceErrorWord* error_host_ = nullptr;
     DeviceErrorWord* error_device_ = nullptr;

@@ -4,6 +4,7 @@
 //   [0, kControlBytes)            control region
 //     [0, 32)                     barrier signals: int[kMaxNvlRanks]; slot p is written by rank p only
 //     [64, 68)                    staged_num_tokens: tokens the owner staged for the dispatch in flight
+//     [128, 136)                  the owner's barrier epoch counter and the exit count of the kernel in flight
 //     [kCountAreaOffset, ...)     dispatch count exchange: for each source rank s, the counts s sends here
 //   [kControlBytes, end)          data region: the staged rows of the op in flight
 #pragma once
@@ -17,6 +18,8 @@ namespace deep_ep::layout {
 inline constexpr int64_t kControlBytes = 1 << 20;
 inline constexpr int64_t kBarrierSignalOffset = 0;
 inline constexpr int64_t kStagedNumTokensOffset = 64;  // int: tokens this rank staged for the dispatch in flight
+inline constexpr int64_t kEpochCounterOffset = 128;   // int: epoch of the owner's last completed barrier
+inline constexpr int64_t kKernelExitsOffset = 132;    // int: blocks of the barrier kernel in flight that left
 inline constexpr int64_t kCountAreaOffset = 4096;
 // Local experts per rank the count exchange can carry; the host-mapped counters (4096 ints) hold 2 + this.
 inline constexpr int kMaxLocalExperts = 2048;
@@ -25,6 +28,14 @@ __host__ __device__ constexpr int64_t align16(int64_t bytes) { return (bytes + 1
 
 __host__ __device__ inline int* barrier_signals(void* buffer) {
     return reinterpret_cast<int*>(static_cast<char*>(buffer) + kBarrierSignalOffset);
+}
+
+__host__ __device__ inline int* epoch_counter(void* buffer) {
+    return reinterpret_cast<int*>(static_cast<char*>(buffer) + kEpochCounterOffset);
+}
+
+__host__ __device__ inline int* kernel_exits(void* buffer) {
+    return reinterpret_cast<int*>(static_cast<char*>(buffer) + kKernelExitsOffset);
 }
 
 __host__ __device__ inline int* staged_num_tokens(void* buffer) {

@@ -26,7 +26,8 @@ __device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.
 
 __global__ void __launch_bounds__(kStageThreads, 1) intranode_combine_stage_kernel(IntranodeCombineStageArgs args) {
     // Opens the op: after it, every peer has finished pulling whatever the previous op left in our buffer.
-    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    if (!barrier.passed())
         return;
     const layout::CombineRowLayout rows(args.hidden, args.num_topk);
     void* own = args.peers.buffers[args.peers.rank];
@@ -47,7 +48,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) intranode_combine_stage_kern
 
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) intranode_combine_pull_kernel(IntranodeCombinePullArgs args) {
-    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    if (!barrier.passed())
         return;
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
     const int num_ranks = args.peers.num_ranks;

@@ -57,7 +57,8 @@ __device__ void build_send_list(const IntranodeDispatchStageArgs& args, const la
 }
 
 __global__ void __launch_bounds__(kStageThreads, 1) intranode_dispatch_stage_kernel(IntranodeDispatchStageArgs args) {
-    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    if (!barrier.passed())
         return;
     const layout::DispatchRowLayout rows(args.shape);
     void* own = args.peers.buffers[args.peers.rank];
@@ -132,7 +133,8 @@ __device__ __forceinline__ void write_padding_row(const IntranodeDispatchPullArg
 
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) intranode_dispatch_pull_kernel(IntranodeDispatchPullArgs args) {
-    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    if (!barrier.passed())
         return;
     const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
     const layout::DispatchRowLayout rows(args.shape);

@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(Int
             args.num_tokens_per_expert[dst * num_local_experts + e];
     }
     __syncthreads();
-    if (!nvl_barrier_at_kernel_start(args.peers, args.barrier))
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    if (!barrier.passed())
         return;
 
     void* own = args.peers.buffers[rank];
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(Int
 }
 
 __global__ void intranode_barrier_kernel(IntranodeBarrierArgs args) {
-    nvl_barrier_at_kernel_start(args.peers, args.barrier);
+    const NvlKernelBarrier barrier(args.peers, args.barrier);
 }
 
 }  // namespace
