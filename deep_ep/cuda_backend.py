@@ -11,7 +11,8 @@ current stream waits for the communication stream before the call returns.
 
 A non-cached dispatch synchronises with the CPU once (the receive counts decide the output sizes), unless
 `num_worst_tokens` fixes them; a cached dispatch, a combine and the layout never do, so they can be captured
-in CUDA graphs.
+in CUDA graphs (barrier epochs are counted on the GPU, so replays stay synchronised; while a stream is being
+captured the ops read through staging, since opening peers' IPC handles is not allowed then).
 """
 
 from __future__ import annotations
