@@ -1,6 +1,5 @@
 // get_dispatch_layout: which ranks and experts each token goes to, counted.
 #include <algorithm>
-#include <climits>
 
 #include "kernels/api.cuh"
 #include "runtime/errors.hpp"

@@ -284,7 +284,6 @@ void register_apis(pybind11::module_& m) {
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
         .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)
-        .def_property_readonly("num_opened_peer_allocations", &Buffer::num_opened_peer_allocations)
         .def_property_readonly("num_direct_ops", &Buffer::num_direct_ops)
         .def_property_readonly("failed", &Buffer::failed)
         .def_property_readonly("is_connected", &Buffer::is_connected)

@@ -53,7 +53,6 @@ class Buffer {
     void unlink_host_exchange();
     bool direct_reads() const { return direct_reads_; }
     void set_direct_reads(bool enabled) { direct_reads_ = enabled; }
-    int num_opened_peer_allocations() const { return static_cast<int>(opened_.size()); }
     // Ops that read peers' tensors directly so far (tests check that the fast path really ran).
     int64_t num_direct_ops() const { return num_direct_ops_; }
     // Where every rank's tensors of this op are, as this process maps them: out[i][r] is rank r's i-th
