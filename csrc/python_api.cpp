@@ -4,6 +4,7 @@
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/nvshmem.hpp"
+#include "runtime/op_streams.hpp"
 
 namespace {
 
@@ -30,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("is_sm90_compiled", &is_sm90_compiled);
     m.def("aggressive_loads_compiled", &aggressive_loads_compiled);
     deep_ep::runtime::register_apis(m);
+    deep_ep::runtime::register_stream_apis(m);
     deep_ep::runtime::nvshmem::register_apis(m);
     deep_ep::ops::register_layout_apis(m);
     deep_ep::ops::register_intranode_apis(m);

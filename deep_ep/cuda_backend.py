@@ -7,7 +7,8 @@ Streams: every op runs on this backend's communication stream, which first waits
 the current stream when none is given). Outputs are allocated on the current stream, or on the communication
 stream with `allocate_on_comm_stream`. With `async_finish` the op returns a `CommEvent` recorded on the
 communication stream that keeps the op's inputs and outputs alive until it is waited for; otherwise the
-current stream waits for the communication stream before the call returns.
+current stream waits for the communication stream before the call returns. The C++ op does this ordering
+(csrc/runtime/op_streams.hpp): torch's Python stream and event calls cost more host time than the kernels.
 
 A non-cached dispatch synchronises with the CPU once (the receive counts decide the output sizes), unless
 `num_worst_tokens` fixes them; a cached dispatch, a combine and the layout never do, so they can be captured
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C
+from .device_memory import local_buffer_view
 from .loads import CONSERVATIVE, resolve_load_kind
 
 TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"
@@ -48,26 +50,6 @@ class CommEvent:
 
     def current_stream_wait(self) -> None:
         self.event.wait()
-
-
-def local_buffer_view(
-    base: int, num_bytes: int, device: torch.device, dtype, size, offset: int
-) -> torch.Tensor:
-    """A tensor of `dtype` viewing this rank's communication buffer at `base` from byte `offset` on (not
-    owned: the runtime keeps the memory alive), shaped `size` or 1-D over what is left."""
-    available = max(0, num_bytes - offset)
-
-    class _View:
-        __cuda_array_interface__ = {
-            "shape": (available,),
-            "typestr": "|u1",
-            "data": (base + offset, False),
-            "version": 3,
-        }
-
-    raw = torch.as_tensor(_View(), device=device)
-    tensor = raw[: available // dtype.itemsize * dtype.itemsize].view(dtype)
-    return tensor if size is None else tensor[: torch.Size(size).numel()].view(size)
 
 
 class CudaBackend:
@@ -95,6 +77,7 @@ class CudaBackend:
         self.timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         self.num_nvl_bytes = num_nvl_bytes
         self.comm_stream = torch.cuda.Stream(self.device)
+        self._stream_options_cache: dict = {}
 
         # Ranks on one GPU share its SMs: a spinning kernel of one must never keep another's off the GPU.
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(self.device).uuid))
@@ -157,6 +140,8 @@ class CudaBackend:
     def _raise_invalid_expert_id(self) -> None:
         """Raises what the GPU check flagged, once the call's collective work is queued on every rank. The
         caller's stream first waits for ours, so the failed call's tensors may be freed safely."""
+        if self.runtime is None:  # no GPU-side check ran: validation checked the ids on the host
+            return
         try:
             self.runtime.raise_if_invalid_expert_id()
         except ValueError:
@@ -181,48 +166,45 @@ class CudaBackend:
     def _num_sms(self, config) -> int:
         return max(1, min(config.num_sms, self.sm_cap))
 
-    def _begin(self, previous_event) -> torch.cuda.Stream:
-        """Order the communication stream after the caller's work; returns the caller's stream."""
-        compute = torch.cuda.current_stream(self.device)
+    def _stream_options(self, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
+        """How the op orders itself around the caller's stream (csrc/runtime/op_streams.hpp does it in C++,
+        cheaper than torch's Python stream calls). After `previous_event` instead of the caller's stream."""
         if previous_event is not None:
             previous_event.wait(self.comm_stream)
-        else:
-            self.comm_stream.wait_stream(compute)
-        return compute
+        key = (previous_event is None, bool(allocate_on_comm_stream), not async_finish)
+        options = self._stream_options_cache.get(key)
+        if options is None:
+            options = _C.StreamOptions(self.comm_stream.cuda_stream, *key)
+            self._stream_options_cache[key] = options
+        return options
 
-    def _finish(
-        self, compute, async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple, outputs: tuple
-    ):
+    def _finish(self, async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple, outputs: tuple):
+        """The caller's stream already waits for ours unless `async_finish`: then an event is returned."""
         outputs = tuple(t for t in outputs if isinstance(t, torch.Tensor))
         if allocate_on_comm_stream:
             # Allocated in the communication stream's pool, used on the caller's: tell the allocator.
+            compute = torch.cuda.current_stream(self.device)
             for t in outputs:
                 t.record_stream(compute)
         if async_finish:
             return CommEvent(
                 self.comm_stream, tuple(t for t in inputs if isinstance(t, torch.Tensor)) + outputs
             )
-        compute.wait_stream(self.comm_stream)
         return None
-
-    def _alloc_stream(self, compute, allocate_on_comm_stream: bool) -> torch.cuda.Stream:
-        return self.comm_stream if allocate_on_comm_stream else compute
 
     # --- normal mode ----------------------------------------------------------------------------------
 
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
     ):
-        compute = self._begin(previous_event)
-        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
-            per_rank, per_expert, in_rank = _C.get_dispatch_layout(
-                self.runtime, topk_idx.contiguous(), num_experts, self.num_ranks, self.comm_stream.cuda_stream
-            )
-        event = self._finish(
-            compute, async_finish, allocate_on_comm_stream, (topk_idx,), (per_rank, per_expert, in_rank)
+        streams = self._stream_options(previous_event, async_finish, allocate_on_comm_stream)
+        per_rank, per_expert, in_rank = _C.get_dispatch_layout(
+            self.runtime, topk_idx.contiguous(), num_experts, self.num_ranks, streams
         )
-        if self.runtime is not None:
-            self._raise_invalid_expert_id()
+        event = self._finish(
+            async_finish, allocate_on_comm_stream, (topk_idx,), (per_rank, per_expert, in_rank)
+        )
+        self._raise_invalid_expert_id()
         return per_rank, None, per_expert, in_rank, event
 
     def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
@@ -253,26 +235,24 @@ class CudaBackend:
             )
         num_experts = 0 if num_tokens_per_expert is None else num_tokens_per_expert.numel()
 
-        compute = self._begin(previous_event)
-        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
-            outputs = _C.intranode_dispatch(
-                runtime,
-                x,
-                x_scales,
-                topk_idx,
-                topk_weights,
-                is_token_in_rank,
-                None if cached else num_tokens_per_rank.contiguous(),
-                None if cached else num_tokens_per_expert.contiguous(),
-                num_experts,
-                handle.rank_prefix_matrix if cached else None,
-                handle.recv_src_idx.size(0) if cached else 0,
-                expert_alignment,
-                0 if cached else num_worst_tokens,
-                self._num_sms(config),
-                self.conservative_loads,
-                self.comm_stream.cuda_stream,
-            )
+        outputs = _C.intranode_dispatch(
+            runtime,
+            x,
+            x_scales,
+            topk_idx,
+            topk_weights,
+            is_token_in_rank,
+            None if cached else num_tokens_per_rank.contiguous(),
+            None if cached else num_tokens_per_expert.contiguous(),
+            num_experts,
+            handle.rank_prefix_matrix if cached else None,
+            handle.recv_src_idx.size(0) if cached else 0,
+            expert_alignment,
+            0 if cached else num_worst_tokens,
+            self._num_sms(config),
+            self.conservative_loads,
+            self._stream_options(previous_event, async_finish, allocate_on_comm_stream),
+        )
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert = outputs[:5]
         if cached:
             new_handle = handle._replace(recv_src_idx=outputs[8]) if hasattr(handle, "_replace") else handle
@@ -290,7 +270,7 @@ class CudaBackend:
             num_tokens_per_expert,
         )
         event = self._finish(
-            compute, async_finish, allocate_on_comm_stream, inputs, tuple(outputs[:4]) + tuple(new_handle)
+            async_finish, allocate_on_comm_stream, inputs, tuple(outputs[:4]) + tuple(new_handle)
         )
         self._raise_invalid_expert_id()
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
@@ -312,22 +292,20 @@ class CudaBackend:
                 f"{self.num_nvl_bytes} (see Config.get_nvl_buffer_size_hint)"
             )
         send_head = handle.send_head.contiguous()
-        compute = self._begin(previous_event)
-        with torch.cuda.stream(self._alloc_stream(compute, allocate_on_comm_stream)):
-            combined_x, combined_topk_weights = _C.intranode_combine(
-                runtime,
-                x,
-                topk_weights,
-                bias_0,
-                bias_1,
-                send_head,
-                self._num_sms(config),
-                self.conservative_loads,
-                self.comm_stream.cuda_stream,
-            )
+        combined_x, combined_topk_weights = _C.intranode_combine(
+            runtime,
+            x,
+            topk_weights,
+            bias_0,
+            bias_1,
+            send_head,
+            self._num_sms(config),
+            self.conservative_loads,
+            self._stream_options(previous_event, async_finish, allocate_on_comm_stream),
+        )
         inputs = (x, topk_weights, bias_0, bias_1, send_head)
         event = self._finish(
-            compute, async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_topk_weights)
+            async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_topk_weights)
         )
         self._raise_invalid_expert_id()
         return combined_x, combined_topk_weights, event

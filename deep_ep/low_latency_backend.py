@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import LOW_LATENCY_SUPPORTED_HIDDEN
+from .device_memory import local_buffer_view
 from .event import record_event
 from .handles import LowLatencyHandle
 
@@ -121,8 +122,6 @@ class LowLatencyCuda:
 
     def get_local_buffer_tensor(self, dtype, size, offset):
         """This rank's NVSHMEM symmetric buffer (what V1 calls the RDMA buffer)."""
-        from .cuda_backend import local_buffer_view  # noqa: PLC0415 - cuda_backend imports this module lazily
-
         return local_buffer_view(self.symmetric_base, self.num_rdma_bytes, self.device, dtype, size, offset)
 
     # --- helpers -------------------------------------------------------------------------------------

@@ -46,9 +46,10 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def check_int(name: str, value: Any, *, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
+    if type(value) is not int:  # the abstract-class check is slow: only for the uncommon types
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
     return value
@@ -64,21 +65,26 @@ def check_tensor(
     device: Optional[torch.device] = None,
     contiguous: bool = True,
 ) -> torch.Tensor:
-    """Type, dtype, shape (None = any size), device and contiguity of one tensor argument."""
+    """Type, dtype, shape (None = any size), device and contiguity of one tensor argument. Runs for every
+    tensor of every op, so the common case takes the fewest Python operations."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         wanted = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name}: expected dtype {wanted}, got {t.dtype}")
     if shape is not None:
-        ndim = len(shape)
-    if ndim is not None and t.dim() != ndim:
-        wanted = _shape_str(shape) if shape is not None else f"a {ndim}-D tensor"
-        raise ValueError(f"{name}: expected shape {wanted}, got {list(t.shape)}")
-    if shape is not None and any(w is not None and w != g for w, g in zip(shape, t.shape)):
-        raise ValueError(f"{name}: expected shape {_shape_str(shape)}, got {list(t.shape)}")
-    if device is not None and not _same_device(t.device, device):
-        raise ValueError(f"{name}: must be on the buffer's device {device}, found {t.device}")
+        got = t.shape
+        if len(got) != len(shape):
+            raise ValueError(f"{name}: expected shape {_shape_str(shape)}, got {list(got)}")
+        for wanted_size, got_size in zip(shape, got):
+            if wanted_size is not None and wanted_size != got_size:
+                raise ValueError(f"{name}: expected shape {_shape_str(shape)}, got {list(got)}")
+    elif ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected shape a {ndim}-D tensor, got {list(t.shape)}")
+    if device is not None:
+        got_device = t.device
+        if got_device != device and not _same_device(got_device, device):
+            raise ValueError(f"{name}: must be on the buffer's device {device}, found {got_device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous")
     return t

@@ -413,3 +413,91 @@ def _rank_graph_replay(rank, num_ranks, group):
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_cuda_graph_replay_of_layout_dispatch_and_combine(rank_pool, num_ranks):
     assert all(rank_pool(num_ranks).run(_rank_graph_replay))
+
+
+# ~1 ms on an H100: long enough that an op not ordered after (or before) it would visibly race with it.
+_HOLD_UP_CYCLES = 2_000_000
+
+
+def _rank_stream_order(rank, num_ranks, group, use_events):
+    """No host synchronisation anywhere: each op must wait for the caller's pending writes to its inputs
+    (or for `previous_event`), and the caller's stream must see the outputs even while the communication
+    stream is held up (or once it waits for the returned event)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, False)
+    tokens, hidden = [120 + 7 * r for r in range(num_ranks)], 2048
+    inputs = make_inputs(80, num_ranks, tokens, hidden, NUM_EXPERTS, TOPK, "uniform", torch.bfloat16)
+    layouts, expected = _expected_dispatches(inputs, {}, num_ranks)
+    topk_idx = inputs[rank].topk_idx.to(device)
+    weights = inputs[rank].topk_weights.to(device)
+    source = inputs[rank].x.to(device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    torch.cuda.synchronize()
+
+    def write_late(values):
+        """A tensor the caller's stream fills only after a hold-up; NaN until then."""
+        late = torch.full_like(values, float("nan"))
+        torch.cuda._sleep(_HOLD_UP_CYCLES)
+        late.copy_(values)
+        return late
+
+    def hold_up_comm_stream():
+        with torch.cuda.stream(buffer.get_comm_stream()):
+            torch.cuda._sleep(_HOLD_UP_CYCLES)
+
+    def order_kwargs():
+        if not use_events:
+            return {}
+        return {"previous_event": deep_ep.Buffer.capture(), "async_finish": True}
+
+    def caller_view(tensor, event):
+        if use_events:
+            event.current_stream_wait()
+        return tensor.clone()  # on the caller's stream, right away
+
+    x = write_late(source)
+    recv_x, _, recv_weights, _, handle, event = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=weights,
+        **order_kwargs(),
+    )
+    got_recv_x = caller_view(recv_x, event)
+
+    cached_source = (source.float() * -1.5).to(torch.bfloat16)
+    cached_x = write_late(cached_source)
+    kwargs = order_kwargs()
+    hold_up_comm_stream()
+    cached_recv_x, _, _, _, _, event = buffer.dispatch(cached_x, handle=handle, **kwargs)
+    got_cached = caller_view(cached_recv_x, event)
+
+    combine_x = write_late(_combine_input(recv_x, rank))
+    kwargs = order_kwargs()
+    hold_up_comm_stream()
+    combined, _, event = buffer.combine(combine_x, handle, **kwargs)
+    got_combined = caller_view(combined, event)
+
+    torch.cuda.synchronize()
+    where = f"rank {rank}, events {use_events}"
+    assert bytes_equal(got_recv_x.cpu(), expected[rank].recv_x), f"{where}: recv_x"
+    want_cached = reference.intranode_dispatch(
+        rank, [(i.x.float() * -1.5).to(torch.bfloat16) for i in inputs], [lay[2] for lay in layouts]
+    )
+    assert bytes_equal(got_cached.cpu(), want_cached.recv_x), f"{where}: cached recv_x"
+    want_combined, _ = reference.intranode_combine(
+        rank,
+        [_combine_input(e.recv_x, d) for d, e in enumerate(expected)],
+        [e.handle.recv_src_idx for e in expected],
+        [e.handle.rank_prefix_matrix for e in expected],
+        tokens[rank],
+    )
+    assert bytes_equal(got_combined.cpu(), want_combined), f"{where}: combined_x"
+    return True
+
+
+@pytest.mark.parametrize("use_events", [False, True], ids=["caller_stream", "previous_event_async"])
+def test_ops_are_ordered_with_the_caller_stream(rank_pool, use_events):
+    assert all(rank_pool(2).run(_rank_stream_order, use_events))

@@ -428,7 +428,7 @@ def _through_buffer(rank, num_ranks, group):
     import torch.distributed as dist  # noqa: PLC0415
 
     import deep_ep  # noqa: PLC0415
-    from deep_ep.cuda_backend import local_buffer_view  # noqa: PLC0415
+    from deep_ep.device_memory import local_buffer_view  # noqa: PLC0415
 
     device = torch.device("cuda", torch.cuda.current_device())
     m, hidden, num_experts, topk = 64, 4096, 8 * num_ranks, 4

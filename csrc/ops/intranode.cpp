@@ -1,6 +1,6 @@
 // Intra-node dispatch and combine: the Python layer (deep_ep/cuda_backend.py) has validated shapes,
-// dtypes, devices and the buffer size, picked the stream outputs are allocated on (the current one) and
-// the stream kernels run on (passed here as a raw cudaStream_t). Each op: fill Args, launch, return.
+// dtypes, devices and the buffer size; runtime::OpStreams orders each op between the caller's stream and
+// the communication stream. Each op: fill Args, launch, return.
 #include <torch/extension.h>
 
 #include <chrono>
@@ -12,6 +12,7 @@
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/op_streams.hpp"
 
 namespace deep_ep::ops {
 namespace {
@@ -162,9 +163,10 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
                                    const OptionalTensor& num_tokens_per_expert, int64_t num_experts,
                                    const OptionalTensor& cached_rank_prefix_matrix, int64_t cached_num_recv_tokens,
                                    int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
-                                   bool conservative_loads, int64_t stream_handle) {
+                                   bool conservative_loads, const runtime::StreamOptions& stream_options) {
     buffer.raise_if_failed();
-    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    runtime::OpStreams streams(buffer.device(), stream_options);
+    const cudaStream_t stream = streams.comm();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_ranks = peers.num_ranks, num_tokens = x.size(0);
     const int64_t hidden_bytes = x.size(1) * x.element_size();
@@ -279,6 +281,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     launch_intranode_dispatch_pull(pull);
     if (direct.has_value())
         close_direct_op(buffer, peers, stream);
+    streams.finish();
 
     auto to_object = [](const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); };
     return pybind11::make_tuple(recv_x, to_object(recv_x_scales), to_object(recv_topk_idx),
@@ -292,9 +295,10 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
 pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& x, const OptionalTensor& topk_weights,
                                   const OptionalTensor& bias_0, const OptionalTensor& bias_1,
                                   const torch::Tensor& send_head, int64_t num_sms, bool conservative_loads,
-                                  int64_t stream_handle) {
+                                  const runtime::StreamOptions& stream_options) {
     buffer.raise_if_failed();
-    const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+    runtime::OpStreams streams(buffer.device(), stream_options);
+    const cudaStream_t stream = streams.comm();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
@@ -339,6 +343,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     launch_intranode_combine_pull(pull);
     if (direct.has_value())
         close_direct_op(buffer, peers, stream);
+    streams.finish();
 
     return pybind11::make_tuple(combined_x, combined_topk_weights.has_value() ? pybind11::cast(*combined_topk_weights)
                                                                                 : pybind11::none());
@@ -363,10 +368,10 @@ void register_intranode_apis(pybind11::module_& m) {
           py::arg("topk_idx"), py::arg("topk_weights"), py::arg("is_token_in_rank"), py::arg("num_tokens_per_rank"),
           py::arg("num_tokens_per_expert"), py::arg("num_experts"), py::arg("cached_rank_prefix_matrix"),
           py::arg("cached_num_recv_tokens"), py::arg("expert_alignment"), py::arg("num_worst_tokens"),
-          py::arg("num_sms"), py::arg("conservative_loads"), py::arg("stream"));
+          py::arg("num_sms"), py::arg("conservative_loads"), py::arg("streams"));
     m.def("intranode_combine", &intranode_combine, py::arg("buffer"), py::arg("x"), py::arg("topk_weights"),
           py::arg("bias_0"), py::arg("bias_1"), py::arg("send_head"), py::arg("num_sms"),
-          py::arg("conservative_loads"), py::arg("stream"));
+          py::arg("conservative_loads"), py::arg("streams"));
 }
 
 }  // namespace deep_ep::ops

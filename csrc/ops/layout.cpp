@@ -5,6 +5,7 @@
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/op_streams.hpp"
 
 namespace deep_ep::ops {
 
@@ -12,7 +13,8 @@ namespace deep_ep::ops {
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(runtime::Buffer* buffer,
                                                                             const torch::Tensor& topk_idx,
                                                                             int64_t num_experts, int64_t num_ranks,
-                                                                            int64_t stream) {
+                                                                            const runtime::StreamOptions& stream_options) {
+    runtime::OpStreams streams(topk_idx.get_device(), stream_options);
     const auto int_options = topk_idx.options().dtype(torch::kInt32);
     auto num_tokens_per_rank = torch::empty({num_ranks}, int_options);
     auto num_tokens_per_expert = torch::empty({num_experts}, int_options);
@@ -28,14 +30,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(runt
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     args.invalid = buffer == nullptr ? nullptr : buffer->invalid_expert_id_device();
-    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    args.stream = streams.comm();
     launch_dispatch_layout(args);
+    streams.finish();
     return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
 }
 
 void register_layout_apis(pybind11::module_& m) {
     m.def("get_dispatch_layout", &get_dispatch_layout, pybind11::arg("buffer").none(true), pybind11::arg("topk_idx"), pybind11::arg("num_experts"),
-          pybind11::arg("num_ranks"), pybind11::arg("stream"));
+          pybind11::arg("num_ranks"), pybind11::arg("streams"));
 }
 
 }  // namespace deep_ep::ops

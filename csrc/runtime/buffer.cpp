@@ -165,6 +165,7 @@ void* Buffer::open_peer_allocation(const std::string& handle_bytes) {
     std::memcpy(&handle, handle_bytes.data(), sizeof(handle));
     void* ptr = nullptr;
     DEEP_EP_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess));
+    ++num_peer_allocation_opens_;
     opened_.emplace(handle_bytes, ptr);
     return ptr;
 }
@@ -195,7 +196,12 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
         std::memcpy(record.data() + sizeof(int32_t) + i * sizeof(AllocationRecord), &exported, sizeof(exported));
     }
     // Every rank takes the same decision from the same records.
-    const std::vector<std::string> records = host_exchange_->all_gather(record);
+    std::vector<std::string> records;
+    {
+        // Peers may arrive late (or, until the timeout, never): let other Python threads run meanwhile.
+        pybind11::gil_scoped_release release;
+        records = host_exchange_->all_gather(record);
+    }
     std::vector<std::vector<AllocationRecord>> parsed(num_ranks_, std::vector<AllocationRecord>(count));
     for (int peer = 0; peer < num_ranks_; ++peer) {
         DEEP_EP_CHECK(records[peer].size() == record.size(),
@@ -285,6 +291,7 @@ void register_apis(pybind11::module_& m) {
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
         .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)
         .def_property_readonly("num_direct_ops", &Buffer::num_direct_ops)
+        .def_property_readonly("num_peer_allocation_opens", &Buffer::num_peer_allocation_opens)
         .def_property_readonly("failed", &Buffer::failed)
         .def_property_readonly("is_connected", &Buffer::is_connected)
         .def_property_readonly("rank", &Buffer::rank)

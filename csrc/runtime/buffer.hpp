@@ -55,6 +55,9 @@ class Buffer {
     void set_direct_reads(bool enabled) { direct_reads_ = enabled; }
     // Ops that read peers' tensors directly so far (tests check that the fast path really ran).
     int64_t num_direct_ops() const { return num_direct_ops_; }
+    // Peer allocations mapped so far (each a cudaIpcOpenMemHandle; mappings are cached, so this stays flat
+    // while ops reuse the same tensors' memory).
+    int64_t num_peer_allocation_opens() const { return num_peer_allocation_opens_; }
     // Where every rank's tensors of this op are, as this process maps them: out[i][r] is rank r's i-th
     // tensor (nullptr where it passed none). All ranks call it together with the same number of tensors.
     // Returns false, and fills nothing, unless every rank has direct reads on, is not capturing `stream`
@@ -92,6 +95,7 @@ class Buffer {
     int* mapped_counters_device_ = nullptr;
     bool direct_reads_ = true;
     int64_t num_direct_ops_ = 0;
+    int64_t num_peer_allocation_opens_ = 0;
     std::unique_ptr<HostExchange> host_exchange_;
     // Peers' allocations opened for direct reads, by IPC handle (unique per allocation), kept open: torch's
     // caching allocator hands out the same segments call after call.
