@@ -98,8 +98,10 @@ def _profile_rank(rank, num_ranks, group, opts):
             for _ in range(opts["runs"]):
                 torch.cuda.synchronize()
                 dist.barrier(group=group)
-                # Keep the GPU busy so the call never waits for earlier work (only for its own peers).
-                torch.cuda._sleep(common.LAUNCH_COVER_CYCLES)
+                # Keep the GPU busy so the call never waits for earlier work (only for its own peers); without
+                # it a fresh dispatch's host time is what a caller sees: launches, the count wait, the rest.
+                if opts["gpu_lead_cycles"] > 0:
+                    torch.cuda._sleep(opts["gpu_lead_cycles"])
                 start = time.perf_counter()
                 fn()
                 host_us.append((time.perf_counter() - start) * 1e6)
@@ -165,9 +167,15 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--gpu-lead-cycles",
+        type=int,
+        default=common.LAUNCH_COVER_CYCLES,
+        help="GPU sleep before each call (0: none, so a fresh dispatch's count wait is not hidden)",
+    )
     args = parser.parse_args(argv)
     opts = dict(tokens=args.tokens, hidden=args.hidden, experts=args.experts, topk=args.topk)
-    opts.update(runs=args.runs)
+    opts.update(runs=args.runs, gpu_lead_cycles=args.gpu_lead_cycles)
     for num_ranks in args.num_ranks:
         with RankPool(num_ranks, timeout_s=900) as pool:
             per_rank = pool.run(_profile_rank, opts)
