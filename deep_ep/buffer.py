@@ -28,6 +28,9 @@ from .handles import IntranodeHandle, LowLatencyHandle
 
 BACKENDS = ("auto", "cuda", "reference")
 CONSERVATIVE_LOADS_ENV = "DEEP_EP_CONSERVATIVE_LOADS"
+# "1": check expert ids on the host before any kernel runs, as the reference does (one GPU synchronisation
+# per layout / dispatch call), instead of on the GPU (see the README's "Bad arguments").
+HOST_EXPERT_ID_CHECK_ENV = "DEEP_EP_HOST_EXPERT_ID_CHECK"
 
 
 def _cuda_extension():
@@ -143,6 +146,9 @@ class Buffer:
             conservative_loads=conservative_loads,  # None: the backend follows DEEP_EP_CONSERVATIVE_LOADS
         )
         self._destroyed = False
+        self._ids_checked_on_device = getattr(self._backend, "checks_expert_ids_on_device", False) and (
+            os.environ.get(HOST_EXPERT_ID_CHECK_ENV, "0") != "1"
+        )
         if self._backend.load_kind == "n/a":
             self.conservative_loads = (
                 _env_wants_conservative_loads() if conservative_loads is None else conservative_loads
@@ -167,10 +173,6 @@ class Buffer:
     def load_kind(self) -> str:
         """'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' for the reference."""
         return self._backend.load_kind
-
-    @property
-    def _ids_checked_on_device(self) -> bool:
-        return getattr(self._backend, "checks_expert_ids_on_device", False)
 
     @property
     def runtime(self):

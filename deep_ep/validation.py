@@ -9,7 +9,7 @@ The checks read only shapes and dtypes, with one exception: expert ids are range
 then drains and waits for the host's launches. A backend that checks the ids on the GPU itself says so
 (`ids_checked_on_device=True`) and skips it: the intra-node CUDA ops flag a bad id in host-mapped memory,
 treat it as -1, complete the collective (so peers never hang) and raise the ValueError when the call ends
-(deep_ep/cuda_backend.py).
+(deep_ep/cuda_backend.py), unless DEEP_EP_HOST_EXPERT_ID_CHECK=1 asks for the host check (deep_ep/buffer.py).
 """
 
 from __future__ import annotations

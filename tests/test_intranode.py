@@ -17,6 +17,8 @@ What is compared, and how:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -344,6 +346,53 @@ def test_out_of_range_expert_id_raises_and_buffers_stay_usable(rank_pool):
     assert raised[0] is not None and f"found {NUM_EXPERTS + 5}" in raised[0] and "topk_idx" in raised[0], (
         raised
     )
+
+
+def _rank_host_expert_id_check(rank, num_ranks, group):
+    """With DEEP_EP_HOST_EXPERT_ID_CHECK=1 a bad expert id raises in validation, before any kernel runs: every
+    rank passes one (so no peer waits in a collective), and the GPU-side check never sees it (a later good
+    call on the same Buffer does not raise)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    os.environ["DEEP_EP_HOST_EXPERT_ID_CHECK"] = "1"
+    try:
+        size = nvl_buffer_size_hint(2048 * 2, num_ranks, num_max_tokens_per_rank=MAX_TOKENS_PER_RANK)
+        buffer = deep_ep.Buffer(group, num_nvl_bytes=size, backend="cuda", explicitly_destroy=True)
+    finally:
+        del os.environ["DEEP_EP_HOST_EXPERT_ID_CHECK"]
+    topk_idx = torch.randint(0, NUM_EXPERTS, (64, TOPK), device=device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    bad = topk_idx.clone()
+    bad[5, 1] = NUM_EXPERTS + 7
+    messages = []
+    for call in (
+        lambda: buffer.get_dispatch_layout(bad, NUM_EXPERTS),
+        lambda: buffer.dispatch(
+            torch.zeros(64, 2048, dtype=torch.bfloat16, device=device),
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=bad,
+            topk_weights=torch.rand(64, TOPK, device=device),
+        ),
+    ):
+        with pytest.raises(ValueError) as raised:
+            call()
+        messages.append(str(raised.value))
+    torch.cuda.synchronize()
+    buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)  # would raise here had a kernel seen the bad id
+    torch.cuda.synchronize()
+    _check_one_round(rank, num_ranks, group, {"tokens": [50, 70], "hidden": 2048}, buffer, seed=61)
+    torch.cuda.synchronize()
+    buffer.destroy()
+    return messages
+
+
+def test_host_expert_id_check_raises_before_any_kernel(rank_pool):
+    for messages in rank_pool(2).run(_rank_host_expert_id_check):
+        assert len(messages) == 2
+        for message in messages:
+            assert f"found {NUM_EXPERTS + 7}" in message and "topk_idx" in message, message
+            assert "checked on the GPU" not in message, message
 
 
 def _rank_graph_replay(rank, num_ranks, group):
