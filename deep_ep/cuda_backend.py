@@ -179,7 +179,8 @@ class CudaBackend:
         return options
 
     def _finish(self, async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple, outputs: tuple):
-        """The caller's stream already waits for ours unless `async_finish`: then an event is returned."""
+        """The caller's stream already waits for ours unless `async_finish`: then an event is returned. Ops
+        call it only when one of the two flags is set (building the tuples costs host time)."""
         outputs = tuple(t for t in outputs if isinstance(t, torch.Tensor))
         if allocate_on_comm_stream:
             # Allocated in the communication stream's pool, used on the caller's: tell the allocator.
@@ -201,54 +202,40 @@ class CudaBackend:
         per_rank, per_expert, in_rank = _C.get_dispatch_layout(
             self.runtime, topk_idx.contiguous(), num_experts, self.num_ranks, streams
         )
-        event = self._finish(
-            async_finish, allocate_on_comm_stream, (topk_idx,), (per_rank, per_expert, in_rank)
-        )
+        event = None
+        if async_finish or allocate_on_comm_stream:
+            outputs = (per_rank, per_expert, in_rank)
+            event = self._finish(async_finish, allocate_on_comm_stream, (topk_idx,), outputs)
         self._raise_invalid_expert_id()
         return per_rank, None, per_expert, in_rank, event
 
     def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = args[:6]
-        topk_idx, topk_weights, expert_alignment, num_worst_tokens = args[6:]
+        # Validation checked the row size (16-byte multiple) and the capacity of the NVLink buffer; its
+        # formula bounds the C++ layout's from above (tests/test_extension.py), and the C++ op checks again.
         runtime = self._require_runtime("dispatch")
-        x = x.contiguous()
-        topk_idx = None if topk_idx is None else topk_idx.contiguous()
-        topk_weights = None if topk_weights is None else topk_weights.contiguous().float()
+        handle = args.handle
         cached = handle is not None
-        if cached:
-            is_token_in_rank = handle.is_token_in_rank
-        is_token_in_rank = is_token_in_rank.contiguous()
-        hidden_bytes = x.size(1) * x.element_size()
-        if hidden_bytes % 16 != 0:
-            raise ValueError(
-                f"x: a row must be a multiple of 16 bytes for the CUDA backend, got {hidden_bytes}"
-            )
-        num_scales = 0 if x_scales is None else x_scales.size(1)
-        num_topk = 0 if topk_idx is None else topk_idx.size(1)
-        needed = _C.intranode_dispatch_buffer_bytes(
-            hidden_bytes, num_scales, num_topk, self.num_ranks, x.size(0)
-        )
-        if needed > self.num_nvl_bytes:
-            raise ValueError(
-                f"num_nvl_bytes: this dispatch of {x.size(0)} tokens needs {needed} bytes, the Buffer has "
-                f"{self.num_nvl_bytes} (see Config.get_nvl_buffer_size_hint)"
-            )
+        x = args.x.contiguous()
+        topk_idx = None if args.topk_idx is None else args.topk_idx.contiguous()
+        topk_weights = None if args.topk_weights is None else args.topk_weights.contiguous().float()
+        is_token_in_rank = (handle.is_token_in_rank if cached else args.is_token_in_rank).contiguous()
+        num_tokens_per_expert = args.num_tokens_per_expert
         num_experts = 0 if num_tokens_per_expert is None else num_tokens_per_expert.numel()
 
         outputs = _C.intranode_dispatch(
             runtime,
             x,
-            x_scales,
+            args.x_scales,
             topk_idx,
             topk_weights,
             is_token_in_rank,
-            None if cached else num_tokens_per_rank.contiguous(),
+            None if cached else args.num_tokens_per_rank.contiguous(),
             None if cached else num_tokens_per_expert.contiguous(),
             num_experts,
             handle.rank_prefix_matrix if cached else None,
             handle.recv_src_idx.size(0) if cached else 0,
-            expert_alignment,
-            0 if cached else num_worst_tokens,
+            args.expert_alignment,
+            0 if cached else args.num_worst_tokens,
             self._num_sms(config),
             self.conservative_loads,
             self._stream_options(previous_event, async_finish, allocate_on_comm_stream),
@@ -260,38 +247,29 @@ class CudaBackend:
         else:
             new_handle = tuple(outputs[5:10])
             new_handle = new_handle[:4] + (is_token_in_rank,) + new_handle[4:]
-        inputs = (
-            x,
-            x_scales,
-            topk_idx,
-            topk_weights,
-            is_token_in_rank,
-            num_tokens_per_rank,
-            num_tokens_per_expert,
-        )
-        event = self._finish(
-            async_finish, allocate_on_comm_stream, inputs, tuple(outputs[:4]) + tuple(new_handle)
-        )
+        event = None
+        if async_finish or allocate_on_comm_stream:
+            inputs = (
+                x,
+                args.x_scales,
+                topk_idx,
+                topk_weights,
+                is_token_in_rank,
+                args.num_tokens_per_rank,
+                num_tokens_per_expert,
+            )
+            outputs = tuple(outputs[:4]) + tuple(new_handle)
+            event = self._finish(async_finish, allocate_on_comm_stream, inputs, outputs)
         self._raise_invalid_expert_id()
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
 
     def combine(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        x, handle, topk_weights, bias_0, bias_1 = args
         runtime = self._require_runtime("combine")
-        x = x.contiguous()
-        topk_weights = None if topk_weights is None else topk_weights.contiguous().float()
-        bias_0 = None if bias_0 is None else bias_0.contiguous()
-        bias_1 = None if bias_1 is None else bias_1.contiguous()
-        if x.size(1) % 8 != 0:
-            raise ValueError(f"x: hidden must be a multiple of 8 for the CUDA backend, got {x.size(1)}")
-        num_topk = 0 if topk_weights is None else topk_weights.size(1)
-        needed = _C.intranode_combine_buffer_bytes(x.size(1), num_topk, x.size(0))
-        if needed > self.num_nvl_bytes:
-            raise ValueError(
-                f"num_nvl_bytes: this combine of {x.size(0)} rows needs {needed} bytes, the Buffer has "
-                f"{self.num_nvl_bytes} (see Config.get_nvl_buffer_size_hint)"
-            )
-        send_head = handle.send_head.contiguous()
+        x = args.x.contiguous()
+        topk_weights = None if args.topk_weights is None else args.topk_weights.contiguous().float()
+        bias_0 = None if args.bias_0 is None else args.bias_0.contiguous()
+        bias_1 = None if args.bias_1 is None else args.bias_1.contiguous()
+        send_head = args.handle.send_head.contiguous()
         combined_x, combined_topk_weights = _C.intranode_combine(
             runtime,
             x,
@@ -303,10 +281,11 @@ class CudaBackend:
             self.conservative_loads,
             self._stream_options(previous_event, async_finish, allocate_on_comm_stream),
         )
-        inputs = (x, topk_weights, bias_0, bias_1, send_head)
-        event = self._finish(
-            async_finish, allocate_on_comm_stream, inputs, (combined_x, combined_topk_weights)
-        )
+        event = None
+        if async_finish or allocate_on_comm_stream:
+            inputs = (x, topk_weights, bias_0, bias_1, send_head)
+            outputs = (combined_x, combined_topk_weights)
+            event = self._finish(async_finish, allocate_on_comm_stream, inputs, outputs)
         self._raise_invalid_expert_id()
         return combined_x, combined_topk_weights, event
 

@@ -424,20 +424,18 @@ class ReferenceBackend:
         return per_rank, None, per_expert, in_rank, self._event(async_finish)
 
     def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert = args[:6]
-        topk_idx, topk_weights, expert_alignment, num_worst_tokens = args[6:]
         self._wait(previous_event)
-        if handle is not None:
-            is_token_in_rank = handle.is_token_in_rank
+        handle = args.handle
+        is_token_in_rank = args.is_token_in_rank if handle is None else handle.is_token_in_rank
         gathered = self._all_gather(
             [
-                x,
-                x_scales,
+                args.x,
+                args.x_scales,
                 is_token_in_rank,
-                num_tokens_per_rank,
-                num_tokens_per_expert,
-                topk_idx,
-                topk_weights,
+                args.num_tokens_per_rank,
+                args.num_tokens_per_expert,
+                args.topk_idx,
+                args.topk_weights,
             ]
         )
         xs, scales, in_rank, per_rank, per_expert, idx, weights = (list(col) for col in zip(*gathered))
@@ -459,8 +457,8 @@ class ReferenceBackend:
             topk_idx=None if idx[0] is None else idx,
             topk_weights=None if weights[0] is None else weights,
             num_tokens_per_expert=None if handle is not None else per_expert,
-            expert_alignment=expert_alignment,
-            num_worst_tokens=num_worst_tokens if handle is None else 0,
+            expert_alignment=args.expert_alignment,
+            num_worst_tokens=args.num_worst_tokens if handle is None else 0,
             num_recv_rows=None if handle is None else handle.recv_src_idx.size(0),
         )
         return (*result, self._event(async_finish))

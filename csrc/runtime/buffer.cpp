@@ -118,6 +118,11 @@ struct AllocationRecord {
     int32_t padding;
 };
 
+// One rank's message: an int32 "wants direct reads" flag, then one AllocationRecord per tensor.
+constexpr size_t kWantsFlagBytes = sizeof(int32_t);
+constexpr size_t message_bytes(size_t count) { return kWantsFlagBytes + count * sizeof(AllocationRecord); }
+constexpr size_t record_offset(size_t i) { return message_bytes(i); }
+
 // The base of the cudaMalloc allocation holding ptr (torch's allocator carves tensors out of larger
 // segments), through the driver entry point: linking libcuda would break the import on machines
 // without a driver.
@@ -186,14 +191,14 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
     if (!host_exchange_)
         return false;
     const size_t count = local.size();
-    std::string record(sizeof(int32_t) + count * sizeof(AllocationRecord), '\0');
+    std::string record(message_bytes(count), '\0');
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     const int32_t wants = direct_reads_ && capture == cudaStreamCaptureStatusNone ? 1 : 0;
     std::memcpy(record.data(), &wants, sizeof(wants));
     for (size_t i = 0; i < count && wants; ++i) {
         const AllocationRecord exported = export_allocation(local[i]);
-        std::memcpy(record.data() + sizeof(int32_t) + i * sizeof(AllocationRecord), &exported, sizeof(exported));
+        std::memcpy(record.data() + record_offset(i), &exported, sizeof(exported));
     }
     // Every rank takes the same decision from the same records.
     std::vector<std::string> records;
@@ -211,8 +216,7 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
         if (!peer_wants)
             return false;
         for (size_t i = 0; i < count; ++i) {
-            std::memcpy(&parsed[peer][i], records[peer].data() + sizeof(int32_t) + i * sizeof(AllocationRecord),
-                        sizeof(AllocationRecord));
+            std::memcpy(&parsed[peer][i], records[peer].data() + record_offset(i), sizeof(AllocationRecord));
             if (parsed[peer][i].state == AllocationRecord::kNotExportable)
                 return false;
         }
