@@ -75,7 +75,6 @@ class CudaBackend:
         self.load_kind = resolve_load_kind(conservative_loads, self.device.index)
         self.conservative_loads = self.load_kind == CONSERVATIVE
         self.timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        self.num_nvl_bytes = num_nvl_bytes
         self.comm_stream = torch.cuda.Stream(self.device)
         self._stream_options_cache: dict = {}
 
