@@ -11,6 +11,24 @@
 #include "runtime/errors.hpp"
 
 namespace deep_ep::runtime {
+namespace {
+
+// Zeroed host memory that kernels write and the host reads without a copy: count objects of T, seen by
+// the host at *host and by kernels at *device.
+template <typename T>
+void allocate_mapped(size_t count, T** host, T** device) {
+    DEEP_EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(host), sizeof(T) * count, cudaHostAllocMapped));
+    std::memset(*host, 0, sizeof(T) * count);
+    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(device), *host, 0));
+}
+
+template <typename T>
+void free_mapped(T** host, T** device) {
+    cudaFreeHost(*host);
+    *host = *device = nullptr;
+}
+
+}  // namespace
 
 Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
     : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes),
@@ -24,17 +42,9 @@ Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
         // Barrier signals and counters start at zero; epochs count up from there on every rank.
         DEEP_EP_CUDA_CHECK(cudaMemset(peer_buffers_[rank_], 0, num_nvl_bytes_));
     }
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&error_host_, sizeof(DeviceErrorWord), cudaHostAllocMapped));
-    std::memset(error_host_, 0, sizeof(DeviceErrorWord));
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0));
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&mapped_counters_host_, sizeof(int) * kNumMappedCounters, cudaHostAllocMapped));
-    std::memset(mapped_counters_host_, 0, sizeof(int) * kNumMappedCounters);
-    DEEP_EP_CUDA_CHECK(
-        cudaHostGetDevicePointer(reinterpret_cast<void**>(&mapped_counters_device_), mapped_counters_host_, 0));
-    DEEP_EP_CUDA_CHECK(cudaHostAlloc(&invalid_expert_id_host_, sizeof(InvalidExpertIdWord), cudaHostAllocMapped));
-    std::memset(invalid_expert_id_host_, 0, sizeof(InvalidExpertIdWord));
-    DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&invalid_expert_id_device_),
-                                                invalid_expert_id_host_, 0));
+    allocate_mapped(1, &error_host_, &error_device_);
+    allocate_mapped(kNumMappedCounters, &mapped_counters_host_, &mapped_counters_device_);
+    allocate_mapped(1, &invalid_expert_id_host_, &invalid_expert_id_device_);
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -88,12 +98,9 @@ void Buffer::destroy() {
             cudaIpcCloseMemHandle(peer_buffers_[peer]);
         peer_buffers_[peer] = nullptr;
     }
-    cudaFreeHost(error_host_);
-    cudaFreeHost(mapped_counters_host_);
-    cudaFreeHost(invalid_expert_id_host_);
-    invalid_expert_id_host_ = invalid_expert_id_device_ = nullptr;
-    error_host_ = error_device_ = nullptr;
-    mapped_counters_host_ = mapped_counters_device_ = nullptr;
+    free_mapped(&error_host_, &error_device_);
+    free_mapped(&mapped_counters_host_, &mapped_counters_device_);
+    free_mapped(&invalid_expert_id_host_, &invalid_expert_id_device_);
     connected_ = false;
 }
 
