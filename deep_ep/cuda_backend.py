@@ -199,7 +199,7 @@ class CudaBackend:
     ):
         streams = self._stream_options(previous_event, async_finish, allocate_on_comm_stream)
         per_rank, per_expert, in_rank = _C.get_dispatch_layout(
-            self.runtime, topk_idx.contiguous(), num_experts, self.num_ranks, streams
+            self.runtime, topk_idx, num_experts, self.num_ranks, streams
         )
         event = None
         if async_finish or allocate_on_comm_stream:
@@ -209,27 +209,25 @@ class CudaBackend:
         return per_rank, None, per_expert, in_rank, event
 
     def dispatch(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        # Validation checked the row size (16-byte multiple) and the capacity of the NVLink buffer; its
-        # formula bounds the C++ layout's from above (tests/test_extension.py), and the C++ op checks again.
+        # Validation checked every tensor's dtype and contiguity, the row size (16-byte multiple) and the
+        # capacity of the NVLink buffer; its formula bounds the C++ layout's from above
+        # (tests/test_extension.py), and the C++ op checks the capacity again.
         runtime = self._require_runtime("dispatch")
         handle = args.handle
         cached = handle is not None
-        x = args.x.contiguous()
-        topk_idx = None if args.topk_idx is None else args.topk_idx.contiguous()
-        topk_weights = None if args.topk_weights is None else args.topk_weights.contiguous().float()
-        is_token_in_rank = (handle.is_token_in_rank if cached else args.is_token_in_rank).contiguous()
+        is_token_in_rank = handle.is_token_in_rank if cached else args.is_token_in_rank
         num_tokens_per_expert = args.num_tokens_per_expert
         num_experts = 0 if num_tokens_per_expert is None else num_tokens_per_expert.numel()
 
         outputs = _C.intranode_dispatch(
             runtime,
-            x,
+            args.x,
             args.x_scales,
-            topk_idx,
-            topk_weights,
+            args.topk_idx,
+            args.topk_weights,
             is_token_in_rank,
-            None if cached else args.num_tokens_per_rank.contiguous(),
-            None if cached else num_tokens_per_expert.contiguous(),
+            None if cached else args.num_tokens_per_rank,  # cached: the handle has the counts
+            None if cached else num_tokens_per_expert,
             num_experts,
             handle.rank_prefix_matrix if cached else None,
             handle.recv_src_idx.size(0) if cached else 0,
@@ -249,10 +247,10 @@ class CudaBackend:
         event = None
         if async_finish or allocate_on_comm_stream:
             inputs = (
-                x,
+                args.x,
                 args.x_scales,
-                topk_idx,
-                topk_weights,
+                args.topk_idx,
+                args.topk_weights,
                 is_token_in_rank,
                 args.num_tokens_per_rank,
                 num_tokens_per_expert,
@@ -263,18 +261,14 @@ class CudaBackend:
         return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
 
     def combine(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        runtime = self._require_runtime("combine")
-        x = args.x.contiguous()
-        topk_weights = None if args.topk_weights is None else args.topk_weights.contiguous().float()
-        bias_0 = None if args.bias_0 is None else args.bias_0.contiguous()
-        bias_1 = None if args.bias_1 is None else args.bias_1.contiguous()
-        send_head = args.handle.send_head.contiguous()
+        runtime = self._require_runtime("combine")  # validation checked dtypes and contiguity
+        send_head = args.handle.send_head
         combined_x, combined_topk_weights = _C.intranode_combine(
             runtime,
-            x,
-            topk_weights,
-            bias_0,
-            bias_1,
+            args.x,
+            args.topk_weights,
+            args.bias_0,
+            args.bias_1,
             send_head,
             self._num_sms(config),
             self.conservative_loads,
@@ -282,7 +276,7 @@ class CudaBackend:
         )
         event = None
         if async_finish or allocate_on_comm_stream:
-            inputs = (x, topk_weights, bias_0, bias_1, send_head)
+            inputs = (args.x, args.topk_weights, args.bias_0, args.bias_1, send_head)
             outputs = (combined_x, combined_topk_weights)
             event = self._finish(async_finish, allocate_on_comm_stream, inputs, outputs)
         self._raise_invalid_expert_id()

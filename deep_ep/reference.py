@@ -464,9 +464,11 @@ class ReferenceBackend:
         return (*result, self._event(async_finish))
 
     def combine(self, args, config, previous_event, async_finish, allocate_on_comm_stream):
-        x, handle, topk_weights, bias_0, bias_1 = args
         self._wait(previous_event)
-        gathered = self._all_gather([x, handle.recv_src_idx, handle.rank_prefix_matrix, topk_weights])
+        handle = args.handle
+        gathered = self._all_gather(
+            [args.x, handle.recv_src_idx, handle.rank_prefix_matrix, args.topk_weights]
+        )
         xs, src_idx, prefix, weights = (list(col) for col in zip(*gathered))
         _check_agree("x", [t.size(1) for t in xs])
         _check_agree("topk_weights", [None if w is None else w.size(1) for w in weights])
@@ -477,8 +479,8 @@ class ReferenceBackend:
             prefix,
             handle.is_token_in_rank.size(0),
             topk_weights=None if weights[0] is None else weights,
-            bias_0=bias_0,
-            bias_1=bias_1,
+            bias_0=args.bias_0,
+            bias_1=args.bias_1,
         )
         return combined, combined_weights, self._event(async_finish)
 
