@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_ep  # noqa: E402
 from benchmarks import common  # noqa: E402
 from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
-from deep_ep.launch import RankPool  # noqa: E402
+from deep_ep.tools.launch import RankPool  # noqa: E402
 
 # Functions timed inclusively on every call (wrappers cost well under a microsecond each).
 PHASES = (

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import validation
+from .backends import validation
 from .config import (
     SUPPORTED_NUM_RANKS,
     Config,
@@ -127,9 +127,9 @@ class Buffer:
             )
 
         if backend_name == "cuda":
-            from .cuda_backend import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension
+            from .backends.cuda import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension
         else:
-            from .reference import ReferenceBackend as backend_cls  # noqa: PLC0415
+            from .backends.reference import ReferenceBackend as backend_cls  # noqa: PLC0415
         self._backend = backend_cls(
             group,
             self.rank,

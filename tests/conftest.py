@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deep_ep.launch import RankPool
+from deep_ep.tools.launch import RankPool
 
 
 def pytest_configure(config: pytest.Config) -> None:

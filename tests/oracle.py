@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from deep_ep.fp8 import per_token_cast_to_fp8
+from deep_ep.backends.fp8 import per_token_cast_to_fp8
 from deep_ep.handles import unpack_layout_range
 
 ROUTINGS = ("uniform", "all_to_one_rank", "with_minus_one")

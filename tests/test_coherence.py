@@ -15,7 +15,7 @@ except ImportError:
 if _C is None or not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU and deep_ep._C", allow_module_level=True)
 
-from deep_ep import check  # noqa: E402 - after the skip: check imports the extension lazily but needs CUDA
+from deep_ep.tools import check  # noqa: E402 - after the skip: check imports the extension lazily but needs CUDA
 
 MIN_CHECKED_LOADS = 10**6
 
@@ -30,7 +30,7 @@ def _rank_counts():
 
 @pytest.fixture(scope="module", params=_rank_counts())
 def stress(request):
-    from deep_ep.launch import RankPool
+    from deep_ep.tools.launch import RankPool
 
     with RankPool(request.param) as pool:
         return check.run_coherence(pool, rounds=1000, timeout_s=20.0)

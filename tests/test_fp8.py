@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deep_ep.fp8 import (
+from deep_ep.backends.fp8 import (
     compute_scales,
     pack_ue8m0,
     per_token_cast_back,

@@ -35,7 +35,7 @@ if _C is None or not torch.cuda.is_available() or not hasattr(_C, "intranode_dis
 from oracle import bytes_equal, make_inputs  # noqa: E402
 
 import deep_ep  # noqa: E402
-from deep_ep import reference  # noqa: E402
+from deep_ep.backends import reference  # noqa: E402
 from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
 
 NUM_EXPERTS = 256

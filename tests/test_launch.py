@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from deep_ep.launch import ALWAYS_ENV, RankError, RankPool
+from deep_ep.tools.launch import ALWAYS_ENV, RankError, RankPool
 
 
 def rank_identity(rank, num_ranks, group, tag):

@@ -22,12 +22,12 @@ except ImportError:
 if _C is None or not torch.cuda.is_available() or not getattr(_C, "low_latency_compiled", False):
     pytest.skip("needs a CUDA GPU and deep_ep._C built with NVSHMEM", allow_module_level=True)
 
-from deep_ep import reference  # noqa: E402
+from deep_ep.backends import reference  # noqa: E402
 from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
-from deep_ep.fp8 import per_token_cast_back  # noqa: E402
+from deep_ep.backends.fp8 import per_token_cast_back  # noqa: E402
 from deep_ep.handles import LowLatencyHandle  # noqa: E402
-from deep_ep.launch import RankPool  # noqa: E402
-from deep_ep.low_latency_backend import LowLatencyCuda  # noqa: E402
+from deep_ep.tools.launch import RankPool  # noqa: E402
+from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
 
 TIMEOUT_S = 60.0
 
@@ -428,7 +428,7 @@ def _through_buffer(rank, num_ranks, group):
     import torch.distributed as dist  # noqa: PLC0415
 
     import deep_ep  # noqa: PLC0415
-    from deep_ep.device_memory import local_buffer_view  # noqa: PLC0415
+    from deep_ep.backends.device_memory import local_buffer_view  # noqa: PLC0415
 
     device = torch.device("cuda", torch.cuda.current_device())
     m, hidden, num_experts, topk = 64, 4096, 8 * num_ranks, 4
@@ -480,7 +480,7 @@ def _through_buffer(rank, num_ranks, group):
 
 def test_through_the_public_buffer_api(pool):
     try:
-        import deep_ep.cuda_backend  # noqa: F401, PLC0415
+        import deep_ep.backends.cuda  # noqa: F401, PLC0415
     except ImportError as e:
         pytest.skip(f"deep_ep.cuda_backend not importable: {e}")
     assert all(pool.run(_through_buffer))

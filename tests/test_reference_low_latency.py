@@ -14,9 +14,9 @@ from oracle import BF16_ULP, assert_low_latency_dispatch_equivalent, bytes_equal
 
 import deep_ep
 from deep_ep.config import nvl_buffer_size_hint
-from deep_ep.fp8 import per_token_cast_back
+from deep_ep.backends.fp8 import per_token_cast_back
 from deep_ep.handles import LowLatencyHandle
-from deep_ep.reference import low_latency_dispatch
+from deep_ep.backends.reference import low_latency_dispatch
 
 RANK_COUNTS = (2, 4)
 SEED = 11

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import _C
+from .. import _C
 from .device_memory import local_buffer_view
 from .loads import CONSERVATIVE, resolve_load_kind
 
@@ -97,7 +97,7 @@ class CudaBackend:
 
         self._low_latency = None
         if low_latency_mode:
-            from .low_latency_backend import LowLatencyCuda  # noqa: PLC0415 - NVSHMEM only when asked for
+            from .low_latency import LowLatencyCuda  # noqa: PLC0415 - NVSHMEM only when asked for
 
             self._low_latency = LowLatencyCuda(
                 group,

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .config import (
+from ..config import (
     FP8_SCALE_BLOCK,
     LOW_LATENCY_MAX_NUM_TOPK,
     LOW_LATENCY_SUPPORTED_HIDDEN,
@@ -29,8 +29,8 @@ from .config import (
     low_latency_buffer_bytes_needed,
     nvl_buffer_bytes_needed,
 )
-from .event import EventOverlap
-from .handles import IntranodeHandle, LowLatencyHandle
+from ..event import EventOverlap
+from ..handles import IntranodeHandle, LowLatencyHandle
 
 TOPK_IDX_DTYPES = (torch.int64, torch.int32)
 # Rows are copied with 16-byte vector accesses, so a row's byte size must be a multiple of 16.

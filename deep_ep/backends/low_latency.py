@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import LOW_LATENCY_SUPPORTED_HIDDEN
+from ..config import LOW_LATENCY_SUPPORTED_HIDDEN
 from .device_memory import local_buffer_view
-from .event import record_event
-from .handles import LowLatencyHandle
+from ..event import record_event
+from ..handles import LowLatencyHandle
 
 _nvshmem_members: Optional[tuple[int, int]] = None  # (rank, num_ranks) NVSHMEM was initialised with
 
