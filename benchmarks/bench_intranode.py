@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deep_ep  # noqa: E402
 from benchmarks import common  # noqa: E402
-from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
 from deep_ep.backends.fp8 import per_token_cast_to_fp8  # noqa: E402
+from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
 from deep_ep.tools.launch import RankPool, visible_gpu_count  # noqa: E402
 
 NVLINK_CEILING_GBPS = 478.0

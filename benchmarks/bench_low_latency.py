@@ -28,10 +28,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deep_ep import _C  # noqa: E402
+from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
 from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
 from deep_ep.handles import LowLatencyHandle  # noqa: E402
 from deep_ep.tools.launch import RankPool, visible_gpu_count  # noqa: E402
-from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
 
 M, HIDDEN, EXPERTS, TOPK = 128, 7168, 288, 8
 # GPU cycles of torch.cuda._sleep queued before each timed call (~150 us on an H100): the host enqueues

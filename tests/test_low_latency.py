@@ -23,11 +23,11 @@ if _C is None or not torch.cuda.is_available() or not getattr(_C, "low_latency_c
     pytest.skip("needs a CUDA GPU and deep_ep._C built with NVSHMEM", allow_module_level=True)
 
 from deep_ep.backends import reference  # noqa: E402
-from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
 from deep_ep.backends.fp8 import per_token_cast_back  # noqa: E402
+from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
+from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
 from deep_ep.handles import LowLatencyHandle  # noqa: E402
 from deep_ep.tools.launch import RankPool  # noqa: E402
-from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
 
 TIMEOUT_S = 60.0
 

@@ -13,8 +13,8 @@ import torch
 from oracle import BF16_HALF_ULP, bytes_equal, make_inputs
 
 import deep_ep
-from deep_ep.config import nvl_buffer_size_hint
 from deep_ep.backends.fp8 import per_token_cast_back, per_token_cast_to_fp8
+from deep_ep.config import nvl_buffer_size_hint
 from deep_ep.handles import IntranodeHandle
 
 RANK_COUNTS = (2, 4)

@@ -13,10 +13,10 @@ import torch
 from oracle import BF16_ULP, assert_low_latency_dispatch_equivalent, bytes_equal, make_inputs
 
 import deep_ep
-from deep_ep.config import nvl_buffer_size_hint
 from deep_ep.backends.fp8 import per_token_cast_back
-from deep_ep.handles import LowLatencyHandle
 from deep_ep.backends.reference import low_latency_dispatch
+from deep_ep.config import nvl_buffer_size_hint
+from deep_ep.handles import LowLatencyHandle
 
 RANK_COUNTS = (2, 4)
 SEED = 11

@@ -11,9 +11,9 @@ import torch
 from oracle import make_inputs
 
 import deep_ep
+from deep_ep.backends.fp8 import per_token_cast_to_fp8
 from deep_ep.config import NVL_CONTROL_BYTES, nvl_buffer_size_hint
 from deep_ep.event import EventOverlap
-from deep_ep.backends.fp8 import per_token_cast_to_fp8
 
 NUM_RANKS = 2
 T, H, K, E, M = 8, 2048, 4, 16, 8  # tokens, hidden (a low-latency size), top-k, experts, LL max tokens

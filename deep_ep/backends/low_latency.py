@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import LOW_LATENCY_SUPPORTED_HIDDEN
-from .device_memory import local_buffer_view
 from ..event import record_event
 from ..handles import LowLatencyHandle
+from .device_memory import local_buffer_view
 
 _nvshmem_members: Optional[tuple[int, int]] = None  # (rank, num_ranks) NVSHMEM was initialised with
 

@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 
 from ..event import EventOverlap, record_event
-from .fp8 import pack_ue8m0, per_token_cast_to_fp8
 from ..handles import IntranodeHandle, LowLatencyHandle, unpack_layout_range
+from .fp8 import pack_ue8m0, per_token_cast_to_fp8
 
 Tensors = Sequence[torch.Tensor]
 
