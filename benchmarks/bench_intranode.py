@@ -11,8 +11,12 @@ received x row bytes, FP8 rows counted with their scales; combine: the same rows
 averaged over ranks. The remote-only bytes are reported too; their fraction of the NVLink ceiling (478 GB/s
 per direction per GPU) only means something when every rank has its own GPU.
 
+With `--backend reference` (a CPU machine: gloo, no CUDA) the cases run on the reference backend, timed
+with host timers, once (no load kinds, read modes, GPU-aligned pass or copy reference).
+
     python benchmarks/bench_intranode.py --num-ranks 2 4
     python -m deep_ep.bench intranode --num-ranks 2
+    python benchmarks/bench_intranode.py --backend reference --tokens 256 --sms 24 --runs 20
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deep_ep  # noqa: E402
 from benchmarks import common  # noqa: E402
-from deep_ep.backends.fp8 import per_token_cast_to_fp8  # noqa: E402
 from deep_ep.config import Config, nvl_buffer_size_hint  # noqa: E402
 from deep_ep.tools.launch import RankPool, visible_gpu_count  # noqa: E402
 
@@ -42,10 +45,10 @@ CASES = (
 
 
 def _bench_rank(rank, num_ranks, group, opts):
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if common.on_gpu() else torch.device("cpu")
     tokens, hidden, experts, topk = opts["tokens"], opts["hidden"], opts["experts"], opts["topk"]
     x = common.random_bf16(tokens, hidden, 100 + rank, device)
-    x_fp8 = per_token_cast_to_fp8(x)
+    x_fp8 = common.per_token_cast_to_fp8(x)
     topk_idx = common.uniform_routing(tokens, experts, topk, 200 + rank, device)
     topk_weights = torch.rand(tokens, topk, device=device)
     num_gpus = min(num_ranks, visible_gpu_count())
@@ -56,11 +59,15 @@ def _bench_rank(rank, num_ranks, group, opts):
         buffer = deep_ep.Buffer(
             group,
             num_nvl_bytes=size,
-            backend="cuda",
+            backend=opts["backend"],
             conservative_loads=conservative,
             explicitly_destroy=True,
         )
         loads = buffer.load_kind
+        runtime = buffer.runtime
+        # CUDA backend only: a group barrier on the GPU (lines the ranks up), the SM share of a rank.
+        device_barrier = getattr(runtime, "barrier_on_current_stream", None) if common.on_gpu() else None
+        sm_cap = getattr(runtime, "sm_cap", None)
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
         layout = dict(
             num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
@@ -72,10 +79,12 @@ def _bench_rank(rank, num_ranks, group, opts):
         local_rows = int(prefix[rank][rank]) - (int(prefix[rank - 1][rank]) if rank > 0 else 0)
         bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
         combine_x = recv_x.clone()
-        for reads, sms in [(r, n) for r in opts["reads"] for n in opts["sms"]]:
-            if sms > buffer.runtime.sm_cap:
+        reads_modes = opts["reads"] if hasattr(runtime, "direct_reads") else ["n/a"]
+        for reads, sms in [(r, n) for r in reads_modes for n in opts["sms"]]:
+            if sm_cap is not None and sms > sm_cap:
                 continue  # more SMs than this rank may take while it shares the GPU
-            buffer.runtime.direct_reads = reads == "direct"
+            if reads != "n/a":
+                runtime.direct_reads = reads == "direct"
             config = Config(sms, 8, 256)
             fns = {
                 "intranode_dispatch_bf16": (partial(buffer.dispatch, x, config=config, **layout), bf16_row),
@@ -90,18 +99,16 @@ def _bench_rank(rank, num_ranks, group, opts):
                 ),
             }
             for case, (fn, row_bytes) in fns.items():
-                times = common.time_op(group, fn, warmup=opts["warmup"], runs=opts["runs"])
+                host = []  # host time inside the call: of the GPU-aligned runs where there are some
+                times = common.time_op(group, fn, warmup=opts["warmup"], runs=opts["runs"], host_times=host)
                 stats = common.summarize(times)
-                host = []
-                aligned = common.time_op(
-                    group,
-                    fn,
-                    warmup=1,
-                    runs=opts["runs"],
-                    device_barrier=buffer.runtime.barrier_on_current_stream,
-                    host_times=host,
-                )
-                stats["aligned_median_us"] = common.summarize(aligned)["median_us"]
+                stats["aligned_median_us"] = None
+                if device_barrier is not None:
+                    host = []
+                    aligned = common.time_op(
+                        group, fn, warmup=1, runs=opts["runs"], device_barrier=device_barrier, host_times=host
+                    )
+                    stats["aligned_median_us"] = common.summarize(aligned)["median_us"]
                 stats["host_call_us"] = common.summarize(host)["median_us"]
                 results.append(
                     dict(
@@ -115,7 +122,7 @@ def _bench_rank(rank, num_ranks, group, opts):
                         **stats,
                     )
                 )
-        if conservative == opts["conservative"][0]:
+        if conservative == opts["conservative"][0] and device_barrier is not None:
             # What the same bytes cost as one plain device copy per rank, all SMs, ranks lined up on the GPU:
             # the stage (own tokens) plus the pull (received rows) of a BF16 dispatch.
             copy_bytes = (tokens + rows) * bf16_row
@@ -126,7 +133,7 @@ def _bench_rank(rank, num_ranks, group, opts):
                 partial(dst.copy_, src),
                 warmup=2,
                 runs=opts["runs"],
-                device_barrier=buffer.runtime.barrier_on_current_stream,
+                device_barrier=device_barrier,
             )
             copy_us = common.summarize(copy)["median_us"]
             results.append(dict(case="hbm_copy_reference", rank=rank, copy_us=copy_us, copy_bytes=copy_bytes))
@@ -169,7 +176,9 @@ def _aggregate(per_rank: list[dict], num_ranks: int) -> list[dict]:
                 reads=reads,
                 num_sms=sms,
                 median_us=slowest["median_us"],
-                aligned_median_us=max(r["aligned_median_us"] for r in items),
+                aligned_median_us=None
+                if any(r["aligned_median_us"] is None for r in items)
+                else max(r["aligned_median_us"] for r in items),
                 host_call_us=max(r["host_call_us"] for r in items),
                 p10_us=slowest["p10_us"],
                 p90_us=slowest["p90_us"],
@@ -192,6 +201,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--reads", choices=["both", "direct", "staged"], default="both", help="peer rows: direct or staged"
     )
+    parser.add_argument("--backend", choices=["cuda", "reference", "auto"], default="cuda")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
@@ -202,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results-dir", default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     conservative = {"both": [False, True], "aggressive": [False], "conservative": [True]}[args.loads]
+    if args.backend == "reference":
+        conservative = [None]  # the reference has no peer loads
     opts = dict(
         tokens=args.tokens,
         hidden=args.hidden,
@@ -209,23 +221,23 @@ def main(argv=None) -> None:
         topk=args.topk,
         warmup=args.warmup,
         runs=max(20, args.runs),
+        backend=args.backend,
         sms=args.sms,
         conservative=conservative,
         reads=["direct", "staged"] if args.reads == "both" else [args.reads],
     )
-    device = args.device_kind or torch.cuda.get_device_name().replace(" ", "-").lower()
+    device = common.device_kind(args.device_kind)
     for num_ranks in args.num_ranks:
         with RankPool(num_ranks, timeout_s=900) as pool:
             per_rank = pool.run(_bench_rank, opts)
         gpus = per_rank[0]["gpus"]
         rows = _aggregate(per_rank, num_ranks)
         shared = gpus < num_ranks
+        why_not = "n/a (no GPU)" if gpus == 0 else "n/a (shared GPU)"
         for r in rows:
-            r["link_fraction"] = (
-                "n/a (shared GPU)" if shared else f"{r['remote_gbps'] / NVLINK_CEILING_GBPS:.0%}"
-            )
+            r["link_fraction"] = why_not if shared else f"{r['remote_gbps'] / NVLINK_CEILING_GBPS:.0%}"
             if r["nccl_median_us"] is None:
-                r["nccl"] = "n/a (ranks share a GPU)" if shared else "n/a"
+                r["nccl"] = ("n/a (no GPU)" if gpus == 0 else "n/a (ranks share a GPU)") if shared else "n/a"
             else:
                 r["nccl"] = f"{r['nccl_median_us']:.0f}"
         print(
@@ -264,7 +276,9 @@ def main(argv=None) -> None:
                 loads=r["loads"],
                 reads=r["reads"],
                 median_us=round(r["median_us"], 2),
-                aligned_median_us=round(r["aligned_median_us"], 2),
+                aligned_median_us=None
+                if r["aligned_median_us"] is None
+                else round(r["aligned_median_us"], 2),
                 host_call_us=round(r["host_call_us"], 1),
                 p10_us=round(r["p10_us"], 2),
                 p90_us=round(r["p90_us"], 2),

@@ -1,36 +1,41 @@
-"""Low-latency dispatch/combine timing (DESIGN section 6 shapes): 128 tokens per rank, hidden 7168, top-8 of
-288 experts, FP8 dispatch, BF16 combine; uniform random routing (scores rand, then topk).
+"""Low-latency dispatch/combine timing through the public `deep_ep.Buffer(..., low_latency_mode=True)`
+(DESIGN section 6 shapes): 128 tokens per rank, hidden 7168, top-8 of 288 experts, FP8 dispatch, BF16
+combine; uniform random routing (scores rand, then topk).
 
 Per rank, CUDA events around each call, warm-up first, a group barrier (and a device synchronisation)
 before every run, then a GPU sleep (the host enqueues the call meanwhile, so Python's launch overhead is
 not timed) and a device-side NVSHMEM barrier (so ranks' launch skew is not timed either; set
-DEEP_EP_BENCH_GPU_BARRIER=0 to time with the skew), median and spread over --runs runs. Cases: dispatch, combine, dispatch + combine,
-and with return_recv_hook the send launch and the receive launch (the hook) timed apart. With ranks
-sharing one GPU no NCCL baseline is possible (NCCL refuses two ranks on one device): nccl_median_us is
-null there. Writes JSON records to benchmarks/results/ (one object per line) and prints a table.
+DEEP_EP_BENCH_GPU_BARRIER=0 to time with the skew), median and spread over --runs runs. Cases: dispatch,
+combine, dispatch + combine, and with return_recv_hook the send launch and the receive launch (the hook)
+timed apart. Each is run on both paths (`allow_nvlink_for_low_latency_mode`: mapped stores or NVSHMEM
+puts) with both load kinds. "host us" is the host time inside the call (perf_counter around it, median over
+the runs, the slowest rank's); the host-cost benchmark proper is bench_host.py. With ranks sharing one GPU
+no NCCL baseline is possible (NCCL refuses two ranks on one device): nccl_median_us is null there. Writes
+JSON records to benchmarks/results/ (one object per line) and prints a table.
 
-    python benchmarks/bench_low_latency.py --ranks 2 [--ranks 4] [--commit SHA] [--device-name nvidia-h100-x1]
+With `--backend reference` (a CPU machine: gloo, no CUDA) the same cases run on the reference backend,
+timed with host timers, once (no paths or load kinds), without the GPU sleep and barrier.
+
+    python benchmarks/bench_low_latency.py --num-ranks 2 4 [--commit SHA] [--device-name nvidia-h200]
+    python benchmarks/bench_low_latency.py --backend reference --runs 20 --experts 16
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deep_ep import _C  # noqa: E402
-from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
-from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
-from deep_ep.handles import LowLatencyHandle  # noqa: E402
+import deep_ep  # noqa: E402
+from benchmarks import common  # noqa: E402
 from deep_ep.tools.launch import RankPool, visible_gpu_count  # noqa: E402
 
 M, HIDDEN, EXPERTS, TOPK = 128, 7168, 288, 8
@@ -40,140 +45,234 @@ SLEEP_CYCLES = 250_000
 GPU_BARRIER = os.environ.get("DEEP_EP_BENCH_GPU_BARRIER", "1") == "1"
 
 
-def _line_up_gpus():
+def _line_up_gpus(line_up: bool) -> None:
     """Queue a GPU sleep (the host enqueues the timed call meanwhile), then a device-side NVSHMEM barrier,
-    so every rank's timed kernels start within a few microseconds of each other."""
+    so every rank's timed kernels start within a few microseconds of each other (CUDA backend only)."""
+    if not line_up:
+        return
     torch.cuda._sleep(SLEEP_CYCLES)
     if GPU_BARRIER:
+        from deep_ep import _C  # noqa: PLC0415 - the compiled extension, CUDA backend only
+
         _C.low_latency_barrier(torch.cuda.current_stream().cuda_stream)
 
 
-def _time(group, fn, warmup, runs):
-    """Per-run microseconds of fn() on this rank (events on the current stream)."""
+class _Timer:
+    """Times a stretch of the current stream with CUDA events, or with host timers without CUDA."""
+
+    def __init__(self) -> None:
+        self.use_events = common.on_gpu()
+        if self.use_events:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.use_events:
+            self.start_event.record()
+        self.host_start = time.perf_counter()
+
+    def stop(self) -> None:
+        self.host_us = (time.perf_counter() - self.host_start) * 1e6
+        if self.use_events:
+            self.end_event.record()
+
+    def elapsed_us(self) -> float:
+        """After the device finished the stretch (or right away without CUDA)."""
+        if self.use_events:
+            return self.start_event.elapsed_time(self.end_event) * 1000.0
+        return self.host_us
+
+
+def _time(group, fn, warmup, runs, line_up):
+    """(per-run microseconds of fn() on this rank, per-run host microseconds inside the call)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
+    common.synchronize()
+    times, host_times = [], []
     for _ in range(runs):
         dist.barrier(group=group)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _line_up_gpus()
-        start.record()
+        common.synchronize()
+        timer = _Timer()
+        _line_up_gpus(line_up)
+        timer.start()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return times
+        timer.stop()
+        common.synchronize()
+        times.append(timer.elapsed_us())
+        host_times.append(timer.host_us)
+    return times, host_times
 
 
-def _time_hook(group, send, warmup, runs):
-    """(send_us, recv_us) per run: send() returns the hook; the hook launch is timed on its own."""
+def _time_hook(group, send, warmup, runs, line_up):
+    """((send_us, send_host_us), (recv_us, recv_host_us)) per run: send() returns the hook; the hook launch
+    is timed on its own."""
     for _ in range(warmup):
         send()()
-    torch.cuda.synchronize()
-    send_times, recv_times = [], []
+    common.synchronize()
+    send_times, recv_times, send_host, recv_host = [], [], [], []
     for _ in range(runs):
         dist.barrier(group=group)
-        torch.cuda.synchronize()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        _line_up_gpus()
-        events[0].record()
+        common.synchronize()
+        send_timer, recv_timer = _Timer(), _Timer()
+        _line_up_gpus(line_up)
+        send_timer.start()
         hook = send()
-        events[1].record()
+        send_timer.stop()
         # Let every rank's sends land first (what the compute between the two halves is for).
-        torch.cuda.synchronize()
+        common.synchronize()
         dist.barrier(group=group)
-        _line_up_gpus()
-        events[2].record()
+        _line_up_gpus(line_up)
+        recv_timer.start()
         hook()
-        events[3].record()
-        events[3].synchronize()
-        send_times.append(events[0].elapsed_time(events[1]) * 1000.0)
-        recv_times.append(events[2].elapsed_time(events[3]) * 1000.0)
-    return send_times, recv_times
+        recv_timer.stop()
+        common.synchronize()
+        send_times.append(send_timer.elapsed_us())
+        recv_times.append(recv_timer.elapsed_us())
+        send_host.append(send_timer.host_us)
+        recv_host.append(recv_timer.host_us)
+    return (send_times, send_host), (recv_times, recv_host)
 
 
-def _bench(rank, num_ranks, group, allow_nvlink, conservative_loads, warmup, runs):
-    device = torch.device("cuda", torch.cuda.current_device())
+def _bench(rank, num_ranks, group, allow_nvlink, conservative_loads, opts):
+    device = torch.device("cuda", torch.cuda.current_device()) if common.on_gpu() else torch.device("cpu")
+    tokens, hidden, experts, topk = opts["tokens"], opts["hidden"], opts["experts"], opts["topk"]
+    warmup, runs = opts["warmup"], opts["runs"]
     g = torch.Generator(device=device).manual_seed(rank)
-    x = torch.randn(M, HIDDEN, generator=g, device=device).to(torch.bfloat16)
-    topk_idx = torch.rand(M, EXPERTS, generator=g, device=device).topk(TOPK, dim=1).indices
-    topk_weights = torch.rand(M, TOPK, generator=g, device=device)
-    size = low_latency_rdma_size_hint(M, HIDDEN, num_ranks, EXPERTS)
-    backend = LowLatencyCuda(group, rank, num_ranks, size, 60.0, conservative_loads, allow_nvlink)
+    x = torch.randn(tokens, hidden, generator=g, device=device).to(torch.bfloat16)
+    topk_idx = torch.rand(tokens, experts, generator=g, device=device).topk(topk, dim=1).indices
+    topk_weights = torch.rand(tokens, topk, generator=g, device=device)
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(tokens, hidden, num_ranks, experts)
+    buffer = deep_ep.Buffer(
+        group,
+        num_rdma_bytes=size,
+        low_latency_mode=True,
+        num_qps_per_rank=max(1, experts // num_ranks),  # as DeepEP V1's tests create it
+        allow_nvlink_for_low_latency_mode=allow_nvlink,
+        explicitly_destroy=True,
+        backend=opts["backend"],
+        conservative_loads=conservative_loads,
+    )
+    backend_name = getattr(buffer, "backend_name", None) or (
+        "cuda" if opts["backend"] != "reference" and common.on_gpu() else "reference"
+    )
+    line_up = backend_name == "cuda"
     try:
 
         def dispatch(hook_mode=False):
-            return backend.low_latency_dispatch(
-                x, topk_idx, M, EXPERTS, None, None, True, False, False, False, hook_mode
+            return buffer.low_latency_dispatch(
+                x, topk_idx, tokens, experts, use_fp8=True, return_recv_hook=hook_mode
             )
 
-        recv_x, recv_scales, recv_count, src_info, layout_range, _, _ = dispatch()
-        handle = LowLatencyHandle(src_info, layout_range, M, HIDDEN, EXPERTS)
+        (recv_x, _), recv_count, handle, _, _ = dispatch()
         expert_out = torch.randn(recv_x.shape, device=device).to(torch.bfloat16)
 
         def combine(hook_mode=False):
-            return backend.low_latency_combine(
-                expert_out, topk_idx, topk_weights, handle, False, False, False, hook_mode, None
+            return buffer.low_latency_combine(
+                expert_out, topk_idx, topk_weights, handle, return_recv_hook=hook_mode
             )
 
         def both():
             dispatch()
             combine()
 
+        layout_range = handle[1]  # packed_recv_layout_range [L, R]: (begin << 32) | count per source rank
         recv_rows = int(recv_count.sum())
-        fp8_row_bytes = HIDDEN + HIDDEN // 128 * 4
+        fp8_row_bytes = hidden + hidden // 128 * 4
         dispatch_bytes = recv_rows * fp8_row_bytes
-        combine_bytes = int((topk_idx >= 0).sum()) * HIDDEN * 2
+        sent_pairs = int((topk_idx >= 0).sum())
+        combine_bytes = sent_pairs * hidden * 2
         # Remote-only: rows from (dispatch) or to (combine) experts on other ranks.
-        local = slice(rank * (EXPERTS // num_ranks), (rank + 1) * (EXPERTS // num_ranks))
+        local = slice(rank * (experts // num_ranks), (rank + 1) * (experts // num_ranks))
         own_rows = int(((topk_idx >= local.start) & (topk_idx < local.stop)).sum())
         remote_dispatch_rows = recv_rows - int(layout_range[:, rank].bitwise_and(0xFFFFFFFF).sum())
-        results = {
-            "dispatch": (_time(group, dispatch, warmup, runs), dispatch_bytes, remote_dispatch_rows * fp8_row_bytes),
-            "combine": (_time(group, combine, warmup, runs), combine_bytes, (int((topk_idx >= 0).sum()) - own_rows) * HIDDEN * 2),
-            "dispatch+combine": (_time(group, both, warmup, runs), dispatch_bytes + combine_bytes, 0),
-        }  # fmt: skip
-        send, recv = _time_hook(group, lambda: dispatch(True)[-1], warmup, runs)
-        results["dispatch send (hook)"] = (send, 0, 0)
-        results["dispatch recv (hook)"] = (recv, dispatch_bytes, 0)
-        send, recv = _time_hook(group, lambda: combine(True)[-1], warmup, runs)
-        results["combine send (hook)"] = (send, 0, 0)
-        results["combine recv (hook)"] = (recv, combine_bytes, 0)
-        torch.cuda.synchronize()
-        backend.raise_if_failed()
-        return {"num_blocks": backend.num_blocks, "results": results}
+        results = {}
+        for name, fn, recv_bytes, remote_bytes in (
+            ("dispatch", dispatch, dispatch_bytes, remote_dispatch_rows * fp8_row_bytes),
+            ("combine", combine, combine_bytes, (sent_pairs - own_rows) * hidden * 2),
+            ("dispatch+combine", both, dispatch_bytes + combine_bytes, 0),
+        ):
+            times, host = _time(group, fn, warmup, runs, line_up)
+            results[name] = (times, recv_bytes, remote_bytes, host)
+        send, recv = _time_hook(group, lambda: dispatch(True)[-1], warmup, runs, line_up)
+        results["dispatch send (hook)"] = (send[0], 0, 0, send[1])
+        results["dispatch recv (hook)"] = (recv[0], dispatch_bytes, 0, recv[1])
+        send, recv = _time_hook(group, lambda: combine(True)[-1], warmup, runs, line_up)
+        results["combine send (hook)"] = (send[0], 0, 0, send[1])
+        results["combine recv (hook)"] = (recv[0], combine_bytes, 0, recv[1])
+        common.synchronize()
+        return {
+            "num_blocks": common.low_latency_num_blocks(buffer),
+            "loads": getattr(buffer, "load_kind", None),
+            "backend": backend_name,
+            "results": results,
+        }
     finally:
-        backend.destroy()
+        common.synchronize()
+        buffer.destroy()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", type=int, action="append", default=None)
+def _case_name(name: str) -> str:
+    known = {"dispatch": "low_latency_dispatch_fp8", "combine": "low_latency_combine_bf16"}
+    if name in known:
+        return known[name]
+    return "low_latency_" + name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--num-ranks", "--ranks", dest="num_ranks", type=int, nargs="+", action="extend", default=None
+    )
+    parser.add_argument("--backend", choices=["cuda", "reference", "auto"], default="cuda")
+    parser.add_argument("--tokens", type=int, default=M)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--experts", type=int, default=EXPERTS)
+    parser.add_argument("--topk", type=int, default=TOPK)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--commit", default=os.environ.get("DEEP_EP_COMMIT", "unknown"))
-    parser.add_argument("--device-name", default=os.environ.get("DEEP_EP_DEVICE", "unknown"))
+    parser.add_argument("--commit", default=None, help="commit in records (default: git / $DEEP_EP_COMMIT)")
     parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "low_latency.jsonl")
+        "--device-name", "--device-kind", dest="device_name", default=os.environ.get("DEEP_EP_DEVICE")
     )
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="default: results/low_latency_<device>_<date>.jsonl")
+    args = parser.parse_args(argv)
+    device = common.device_kind(args.device_name)
+    out = args.out or os.path.join(common.RESULTS_DIR, f"low_latency_{device}_{common.today()}.jsonl")
+    opts = dict(
+        backend=args.backend,
+        tokens=args.tokens,
+        hidden=args.hidden,
+        experts=args.experts,
+        topk=args.topk,
+        warmup=args.warmup,
+        runs=args.runs,
+    )
     gpus = visible_gpu_count()
+    # Both load kinds on both paths: the conservative fallback's cost is a measured number. The reference
+    # backend has neither.
+    combos = (
+        [(True, None)]
+        if args.backend == "reference"
+        else list(itertools.product((True, False), (False, True)))
+    )
     records = []
-    for num_ranks in args.ranks or [2]:
+    for num_ranks in args.num_ranks or [2]:
         with RankPool(num_ranks, timeout_s=900) as pool:
-            # Both load kinds on both paths: the conservative fallback's cost is a measured number.
-            for allow_nvlink, conservative in itertools.product((True, False), (False, True)):
-                per_rank = pool.run(_bench, allow_nvlink, conservative, args.warmup, args.runs)
-                path = "mapped" if allow_nvlink else "put"
-                loads = "conservative" if conservative else "aggressive"
-                print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {path} path, {loads} loads, "
-                      f"{per_rank[0]['num_blocks']} blocks per rank")  # fmt: skip
+            for allow_nvlink, conservative in combos:
+                per_rank = pool.run(_bench, allow_nvlink, conservative, opts)
+                setup = per_rank[0]
+                path = "n/a" if setup["backend"] == "reference" else ("mapped" if allow_nvlink else "put")
+                loads = setup["loads"] or ("conservative" if conservative else "aggressive")
+                blocks = setup["num_blocks"]
+                print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {setup['backend']} backend, "
+                      f"{path} path, {loads} loads, {'?' if blocks is None else blocks} blocks per rank")  # fmt: skip
                 print(
                     f"{'case':<24}{'median us':>10}{'p10':>9}{'p90':>9}{'recv GB/s':>11}{'remote GB/s':>13}"
+                    f"{'host us':>9}"
                 )
-                for name in per_rank[0]["results"]:
+                for name in setup["results"]:
                     # The slowest rank's median is what the step waits for.
                     samples = [sorted(r["results"][name][0]) for r in per_rank]
                     medians = [statistics.median(s) for s in samples]
@@ -183,30 +282,40 @@ def main():
                     p10, p90 = s[len(s) // 10], s[(len(s) * 9) // 10]
                     recv_bytes = per_rank[worst]["results"][name][1]
                     remote_bytes = per_rank[worst]["results"][name][2]
+                    host_us = max(statistics.median(r["results"][name][3]) for r in per_rank)
                     gbps = recv_bytes / median / 1e3 if recv_bytes else 0.0
                     remote = remote_bytes / median / 1e3 if remote_bytes else 0.0
-                    print(f"{name:<24}{median:>10.1f}{p10:>9.1f}{p90:>9.1f}{gbps:>11.1f}{remote:>13.1f}")
-                    case = {
-                        "dispatch": "low_latency_dispatch_fp8",
-                        "combine": "low_latency_combine_bf16",
-                    }.get(
-                        name,
-                        "low_latency_"
-                        + name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_"),
+                    print(
+                        f"{name:<24}{median:>10.1f}{p10:>9.1f}{p90:>9.1f}{gbps:>11.1f}{remote:>13.1f}"
+                        f"{host_us:>9.1f}"
                     )
-                    records.append({
-                        "device": args.device_name, "date": datetime.date.today().isoformat(), "commit": args.commit,
-                        "num_ranks": num_ranks, "gpus": min(gpus, num_ranks), "case": case,
-                        "num_sms": per_rank[0]["num_blocks"], "tokens": M, "hidden": HIDDEN, "topk": TOPK,
-                        "experts": EXPERTS, "loads": loads, "path": path, "median_us": round(median, 2),
-                        "p10_us": round(p10, 2), "p90_us": round(p90, 2), "recv_gbps": round(gbps, 2),
-                        "remote_gbps": round(remote, 2), "nccl_median_us": None, "gpu_barrier": GPU_BARRIER,
-                    })  # fmt: skip
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    print(f"\nwrote {len(records)} records to {args.out}")
+                    record = common.record(
+                        device,
+                        num_ranks,
+                        min(gpus, num_ranks),
+                        _case_name(name),
+                        num_sms=blocks,
+                        tokens=args.tokens,
+                        hidden=args.hidden,
+                        topk=args.topk,
+                        experts=args.experts,
+                        loads=loads,
+                        path=path,
+                        median_us=round(median, 2),
+                        p10_us=round(p10, 2),
+                        p90_us=round(p90, 2),
+                        recv_gbps=round(gbps, 2),
+                        remote_gbps=round(remote, 2),
+                        nccl_median_us=None,
+                        host_us=round(host_us, 2),
+                        gpu_barrier=GPU_BARRIER and setup["backend"] == "cuda",
+                        backend=setup["backend"],
+                    )
+                    if args.commit:
+                        record["commit"] = args.commit
+                    records.append(record)
+    common.append_records(records, out)
+    print(f"\nwrote {len(records)} records to {out}")
 
 
 if __name__ == "__main__":

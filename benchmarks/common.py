@@ -29,6 +29,23 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 LAUNCH_COVER_CYCLES = 500_000
 
 
+def on_gpu() -> bool:
+    """CUDA events, device synchronisation and GPU sleeps exist; without them (the reference backend on a
+    CPU machine) the scripts time with host timers and skip the CUDA-only parts."""
+    return torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
+def gpu_sleep(cycles: int) -> None:
+    """Keep the current stream busy for `cycles` GPU cycles (nothing without CUDA)."""
+    if cycles > 0 and on_gpu():
+        torch.cuda._sleep(cycles)
+
+
 def time_op(
     group,
     fn: Callable[[], None],
@@ -47,26 +64,32 @@ def time_op(
     and the sleep, by which time the host has enqueued the operation: the time is the GPU's, as in a
     pipeline where the host runs ahead, not Python's launch work. What the host must still do while the GPU
     waits (a fresh dispatch's wait for the receive counts, then its output allocation and launches) is
-    counted.
+    counted. Without CUDA the time is the host's (the reference backend's calls are synchronous).
     """
+    use_events = on_gpu()
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
-        torch.cuda.synchronize()
+        synchronize()
         dist.barrier(group=group)
         if device_barrier is not None:
             device_barrier()
-            torch.cuda._sleep(LAUNCH_COVER_CYCLES)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+            gpu_sleep(LAUNCH_COVER_CYCLES)
+        if use_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         host_start = time.perf_counter()
         fn()
+        host_us = (time.perf_counter() - host_start) * 1e6
         if host_times is not None:  # how long the host spent in the call (launch work, CPU waits)
-            host_times.append((time.perf_counter() - host_start) * 1e6)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
+            host_times.append(host_us)
+        if use_events:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000.0)
+        else:
+            times.append(host_us)
     return times
 
 
@@ -97,6 +120,28 @@ def uniform_routing(num_tokens: int, num_experts: int, topk: int, seed: int, dev
 def random_bf16(num_tokens: int, hidden: int, seed: int, device) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(num_tokens, hidden, generator=g, device=device).to(torch.bfloat16)
+
+
+def per_token_cast_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BF16 [T, H] -> (float8_e4m3fn [T, H], float32 scales [T, H/128]), one scale per 128 elements (amax /
+    448), as DeepEP's tests build FP8 inputs. Benchmarks only move these bytes, so the rounding details of
+    the library's own cast do not matter here."""
+    num_tokens, hidden = x.shape
+    blocks = x.float().view(num_tokens, hidden // 128, 128)
+    amax = blocks.abs().amax(dim=2).clamp(min=1e-4)
+    scaled = blocks * (448.0 / amax.unsqueeze(2))
+    return scaled.to(torch.float8_e4m3fn).view(num_tokens, hidden), amax / 448.0
+
+
+def low_latency_num_blocks(buffer) -> Optional[int]:
+    """Thread blocks a low-latency kernel launches per rank (the records' num_sms), where the backend says;
+    the public API does not, so None when unknown."""
+    runtime = getattr(buffer, "runtime", None)
+    for owner in (runtime, getattr(runtime, "_low_latency", None)):
+        blocks = getattr(owner, "num_blocks", None)
+        if isinstance(blocks, int):
+            return blocks
+    return None
 
 
 # --- the NCCL baseline, as user code -------------------------------------------------------------------------
@@ -153,6 +198,19 @@ def git_commit() -> str:
         return done.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def device_kind(override: Optional[str] = None) -> str:
+    """The machine's name for records and file names: `override`, else $DEEP_EP_DEVICE_KIND, else the GPU's
+    name with the GPU count (`nvidia-h200`, `nvidia-h200-x2`), else `cpu`."""
+    name = override or os.environ.get("DEEP_EP_DEVICE_KIND")
+    if name:
+        return name
+    if not on_gpu():
+        return "cpu"
+    name = torch.cuda.get_device_name().strip().replace(" ", "-").lower()
+    count = torch.cuda.device_count()
+    return name if count == 1 else f"{name}-x{count}"
 
 
 def today() -> str:

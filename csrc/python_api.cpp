@@ -3,8 +3,9 @@
 
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
+#include "runtime/event.hpp"
 #include "runtime/nvshmem.hpp"
-#include "runtime/op_streams.hpp"
+#include "runtime/size_hints.hpp"
 
 namespace {
 
@@ -31,7 +32,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("is_sm90_compiled", &is_sm90_compiled);
     m.def("aggressive_loads_compiled", &aggressive_loads_compiled);
     deep_ep::runtime::register_apis(m);
-    deep_ep::runtime::register_stream_apis(m);
+    deep_ep::runtime::register_event_apis(m);
+    deep_ep::runtime::size_hints::register_apis(m);
     deep_ep::runtime::nvshmem::register_apis(m);
     deep_ep::ops::register_layout_apis(m);
     deep_ep::ops::register_intranode_apis(m);

@@ -1,8 +1,10 @@
-"""`Buffer`: DeepEP V1's public API. It validates, picks a backend, and shapes results into V1's tuples.
+"""`Buffer`: DeepEP V1's public API, as plumbing to a backend.
 
-Every method validates all of its arguments before anything runs or is communicated, so a rejected call
-leaves the Buffer usable. The work itself is done by a backend (deep_ep.reference.ReferenceBackend or
-deep_ep.cuda_backend.CudaBackend), whose interface is written down at the top of deep_ep/reference.py.
+Each method hands its arguments, as the caller passed them, to the backend chosen at construction
+(deep_ep.backends.cuda.CudaBackend, whose C++ side checks and runs each call in one binding call, or
+deep_ep.backends.reference_backend.ReferenceBackend, the pure-PyTorch semantics over torch.distributed); the
+backend checks them before anything runs or is communicated, so a rejected call leaves the Buffer usable,
+and returns V1's tuple.
 """
 
 from __future__ import annotations
@@ -15,22 +17,11 @@ import torch
 import torch.distributed as dist
 
 from .backends import validation
-from .config import (
-    SUPPORTED_NUM_RANKS,
-    Config,
-    default_combine_config,
-    default_dispatch_config,
-    low_latency_rdma_size_hint,
-    nearest_supported_num_ranks,
-)
+from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint
 from .event import EventOverlap, capture
-from .handles import IntranodeHandle, LowLatencyHandle
 
 BACKENDS = ("auto", "cuda", "reference")
 CONSERVATIVE_LOADS_ENV = "DEEP_EP_CONSERVATIVE_LOADS"
-# "1": check expert ids on the host before any kernel runs, as the reference does (one GPU synchronisation
-# per layout / dispatch call), instead of on the GPU (see the README's "Bad arguments").
-HOST_EXPERT_ID_CHECK_ENV = "DEEP_EP_HOST_EXPERT_ID_CHECK"
 
 
 def _cuda_extension():
@@ -66,6 +57,19 @@ def _check_conservative_loads(conservative_loads: Optional[bool]) -> Optional[bo
 
 def _env_wants_conservative_loads() -> bool:
     return os.environ.get(CONSERVATIVE_LOADS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+class _DestroyedBackend:
+    """Stands in for the backend after `destroy()`: every operation raises, naming itself."""
+
+    name = "destroyed"
+    load_kind = "n/a"
+
+    def __getattr__(self, op: str):
+        def raise_destroyed(*args, **kwargs):
+            raise RuntimeError(f"{op}: the Buffer was destroyed")
+
+        return raise_destroyed
 
 
 class Buffer:
@@ -129,7 +133,7 @@ class Buffer:
         if backend_name == "cuda":
             from .backends.cuda import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension
         else:
-            from .backends.reference import ReferenceBackend as backend_cls  # noqa: PLC0415
+            from .backends.reference_backend import ReferenceBackend as backend_cls  # noqa: PLC0415
         self._backend = backend_cls(
             group,
             self.rank,
@@ -144,11 +148,11 @@ class Buffer:
             explicitly_destroy=self.explicitly_destroy,
             comm=comm,
             conservative_loads=conservative_loads,  # None: the backend follows DEEP_EP_CONSERVATIVE_LOADS
+            default_num_sms=lambda: type(self).num_sms,  # read per call: V1 code sets Buffer.num_sms
         )
-        self._destroyed = False
-        self._ids_checked_on_device = getattr(self._backend, "checks_expert_ids_on_device", False) and (
-            os.environ.get(HOST_EXPERT_ID_CHECK_ENV, "0") != "1"
-        )
+        self.backend_name = self._backend.name
+        # 'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' (reference)
+        self.load_kind = self._backend.load_kind
         if self._backend.load_kind == "n/a":
             self.conservative_loads = (
                 _env_wants_conservative_loads() if conservative_loads is None else conservative_loads
@@ -166,33 +170,17 @@ class Buffer:
     # --- state --------------------------------------------------------------------------------------------
 
     @property
-    def backend_name(self) -> str:
-        return self._backend.name
-
-    @property
-    def load_kind(self) -> str:
-        """'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' for the reference."""
-        return self._backend.load_kind
-
-    @property
     def runtime(self):
-        """The backend object (V1 exposes its C++ runtime under this name)."""
-        return None if self._destroyed else self._backend
-
-    def _check_usable(self, op: str, *, low_latency: bool = False) -> None:
-        if self._destroyed:
-            raise RuntimeError(f"{op}: the Buffer was destroyed")
-        if low_latency and not self.low_latency_mode:
-            raise RuntimeError(f"{op}: requires Buffer(..., low_latency_mode=True)")
+        """The backend object (V1 exposes its C++ runtime under this name); None once destroyed."""
+        return None if isinstance(self._backend, _DestroyedBackend) else self._backend
 
     def destroy(self) -> None:
         """Release the communication resources now (requires explicitly_destroy=True, as in V1); any later
         call on this Buffer raises RuntimeError."""
         if not self.explicitly_destroy:
             raise RuntimeError("destroy: requires Buffer(..., explicitly_destroy=True)")
-        self._check_usable("destroy")
         self._backend.destroy()
-        self._destroyed = True
+        self._backend = _DestroyedBackend()
 
     # --- statics ------------------------------------------------------------------------------------------
 
@@ -225,16 +213,7 @@ class Buffer:
     def get_combine_config(num_ranks: int) -> Config:
         return default_combine_config(num_ranks, Buffer.num_sms)
 
-    def _default_config(self, kind: str) -> Config:
-        # V1 only has tables for SUPPORTED_NUM_RANKS; other group sizes borrow the next larger entry.
-        num_ranks = self.group_size if self.group_size in SUPPORTED_NUM_RANKS else None
-        num_ranks = num_ranks or nearest_supported_num_ranks(self.group_size)
-        return (
-            self.get_dispatch_config(num_ranks) if kind == "dispatch" else self.get_combine_config(num_ranks)
-        )
-
     def get_comm_stream(self):
-        self._check_usable("get_comm_stream")
         return self._backend.get_comm_stream()
 
     def get_local_buffer_tensor(
@@ -244,7 +223,6 @@ class Buffer:
         offset: int = 0,
         use_rdma_buffer: bool = False,
     ) -> torch.Tensor:
-        self._check_usable("get_local_buffer_tensor")
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
         offset = validation.check_int("offset", offset, minimum=0)
@@ -262,23 +240,9 @@ class Buffer:
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
         """-> (num_tokens_per_rank int32 [R], None (intra-node), num_tokens_per_expert int32 [E],
         is_token_in_rank bool [T, R], event)."""
-        self._check_usable("get_dispatch_layout")
-        validation.check_common(None, previous_event)
-        num_experts = validation.validate_layout(
-            topk_idx,
-            num_experts,
-            num_ranks=self.group_size,
-            device=self.device,
-            ids_checked_on_device=self._ids_checked_on_device,
+        return self._backend.get_dispatch_layout(
+            topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
-        per_rank, per_rdma_rank, per_expert, in_rank, event = self._backend.get_dispatch_layout(
-            topk_idx,
-            num_experts,
-            getattr(previous_event, "event", None),
-            async_finish,
-            allocate_on_comm_stream,
-        )
-        return per_rank, per_rdma_rank, per_expert, in_rank, EventOverlap(event)
 
     def dispatch(
         self,
@@ -300,11 +264,10 @@ class Buffer:
         """-> (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event).
 
         recv_x matches x's form (tensor, or (fp8, scales) tuple). A cached dispatch (handle given) returns
-        (recv_x, None, None, None, None, event), as V1 does. See reference.intranode_dispatch for the exact
-        semantics (row order, padding with num_worst_tokens, handle contents).
+        (recv_x, None, None, None, None, event), as V1 does. See deep_ep.backends.reference.intranode_dispatch
+        for the exact semantics (row order, padding with num_worst_tokens, handle contents).
         """
-        self._check_usable("dispatch")
-        args = validation.validate_dispatch(
+        return self._backend.dispatch(
             x,
             handle,
             num_tokens_per_rank,
@@ -317,30 +280,8 @@ class Buffer:
             num_worst_tokens,
             config,
             previous_event,
-            num_ranks=self.group_size,
-            device=self.device,
-            num_nvl_bytes=self.num_nvl_bytes,
-            ids_checked_on_device=self._ids_checked_on_device,
-        )
-        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = (
-            self._backend.dispatch(
-                args,
-                config if config is not None else self._default_config("dispatch"),
-                getattr(previous_event, "event", None),
-                async_finish,
-                allocate_on_comm_stream,
-            )
-        )
-        recv = (recv_x, recv_x_scales) if args.x_scales is not None else recv_x
-        if args.handle is not None:
-            return recv, None, None, None, None, EventOverlap(event)
-        return (
-            recv,
-            recv_topk_idx,
-            recv_topk_weights,
-            per_expert,
-            IntranodeHandle(*new_handle),
-            EventOverlap(event),
+            async_finish,
+            allocate_on_comm_stream,
         )
 
     def combine(
@@ -356,42 +297,17 @@ class Buffer:
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
         """-> (combined_x bf16 [T, H], combined_topk_weights float32 [T, k] or None, event).
         Sums (without weights) every received copy back into its source token; see
-        reference.intranode_combine for the reduction order."""
-        self._check_usable("combine")
-        args = validation.validate_combine(
-            x,
-            handle,
-            topk_weights,
-            bias,
-            config,
-            previous_event,
-            num_ranks=self.group_size,
-            device=self.device,
-            num_nvl_bytes=self.num_nvl_bytes,
+        deep_ep.backends.reference.intranode_combine for the reduction order."""
+        return self._backend.combine(
+            x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
         )
-        combined_x, combined_topk_weights, event = self._backend.combine(
-            args,
-            config if config is not None else self._default_config("combine"),
-            getattr(previous_event, "event", None),
-            async_finish,
-            allocate_on_comm_stream,
-        )
-        return combined_x, combined_topk_weights, EventOverlap(event)
 
     # --- low-latency mode ---------------------------------------------------------------------------------
 
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        self._check_usable("clean_low_latency_buffer", low_latency=True)
-        m, hidden, num_experts = validation.validate_clean_low_latency_buffer(
-            num_max_dispatch_tokens_per_rank,
-            hidden,
-            num_experts,
-            num_ranks=self.group_size,
-            num_rdma_bytes=self.num_rdma_bytes,
-        )
-        self._backend.clean_low_latency_buffer(m, hidden, num_experts)
+        self._backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def low_latency_dispatch(
         self,
@@ -410,8 +326,7 @@ class Buffer:
         """-> (recv_x, recv_count int32 [L], handle, event, hook). recv_x: bf16 [L, R*M, H], or with use_fp8
         the tuple (float8_e4m3fn [L, R*M, H], scales) with column-major scales float32 [L, R*M, H/128]
         (use_ue8m0: int32 [L, R*M, H/512]). Only the first recv_count[l] rows of expert l are valid."""
-        self._check_usable("low_latency_dispatch", low_latency=True)
-        m, num_experts = validation.validate_low_latency_dispatch(
+        return self._backend.low_latency_dispatch(
             x,
             topk_idx,
             num_max_dispatch_tokens_per_rank,
@@ -421,30 +336,9 @@ class Buffer:
             use_fp8,
             round_scale,
             use_ue8m0,
-            num_ranks=self.group_size,
-            device=self.device,
-            num_rdma_bytes=self.num_rdma_bytes,
+            async_finish,
+            return_recv_hook,
         )
-        recv_x, recv_x_scales, recv_count, src_info, layout_range, event, hook = (
-            self._backend.low_latency_dispatch(
-                x,
-                topk_idx,
-                m,
-                num_experts,
-                cumulative_local_expert_recv_stats,
-                dispatch_wait_recv_cost_stats,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                async_finish,
-                return_recv_hook,
-            )
-        )
-        handle = LowLatencyHandle(src_info, layout_range, m, x.size(1), num_experts)
-        keep_alive = (x, topk_idx, recv_x, recv_x_scales, recv_count, src_info, layout_range)
-        keep_alive += (cumulative_local_expert_recv_stats,)
-        recv = (recv_x, recv_x_scales) if use_fp8 else recv_x
-        return recv, recv_count, handle, EventOverlap(event, keep_alive if async_finish else None), hook
 
     def low_latency_combine(
         self,
@@ -457,29 +351,24 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
         out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
         """-> (combined_x bf16 [T, H] (`out` when given), event, hook): sum_k topk_weights[t, k] times the
-        output of expert topk_idx[t, k] for token t, skipping -1."""
-        self._check_usable("low_latency_combine", low_latency=True)
-        handle = validation.validate_low_latency_combine(
+        output of expert topk_idx[t, k] for token t, skipping -1. `combine_wait_recv_cost_stats` (int64 [R])
+        accumulates the nanoseconds the receiving side waited for each source rank."""
+        return self._backend.low_latency_combine(
             x,
             topk_idx,
             topk_weights,
             handle,
+            use_logfmt,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
             out,
-            num_ranks=self.group_size,
-            device=self.device,
-            num_rdma_bytes=self.num_rdma_bytes,
+            combine_wait_recv_cost_stats,
         )
-        combined_x, event, hook = self._backend.low_latency_combine(
-            x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out
-        )
-        keep_alive = (x, topk_idx, topk_weights, handle.packed_recv_src_info, handle.packed_recv_layout_range)
-        keep_alive += (combined_x,)
-        return combined_x, EventOverlap(event, keep_alive if async_finish else None), hook
 
     def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
         """The [L, R*M, H] bf16 tensor the next low_latency_combine(..., zero_copy=True) reads."""
-        self._check_usable("get_next_low_latency_combine_buffer", low_latency=True)
-        handle = validation.validate_low_latency_handle(handle, num_ranks=self.group_size, device=self.device)
         return self._backend.get_next_low_latency_combine_buffer(handle)

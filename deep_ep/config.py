@@ -1,25 +1,32 @@
-"""Performance config, default configs per rank count, and every buffer-size formula.
+"""Performance config, default configs per rank count, and the buffer sizes.
 
-The size formulas live here, in one place, because two parties must agree on them: the size hints users call
-to allocate a Buffer, and the capacity checks in `deep_ep.validation` that reject an operation the buffer
-cannot hold. A buffer sized with a hint always passes the checks for the shapes the hint was asked about.
+Buffer sizes come from one description of each buffer's layout, the C++ one the kernels use
+(csrc/runtime/size_hints.hpp): the size hints users allocate with and the capacity checks that reject an
+operation the buffer cannot hold both ask it, so a Buffer sized by a hint always passes the checks for the
+shapes it was sized for. Where the extension is not built (a reference-only install) a Python transcription of
+the same formulas stands in; tests/test_extension.py checks in CI that the two agree.
 """
 
 from __future__ import annotations
 
-import math
+try:
+    from ._C import layout as _cpp_layout
+except (ImportError, OSError):  # not built, or no CUDA driver: the transcription below stands in
+    _cpp_layout = None
 
 # Bytes reserved in every NVLink buffer for barriers, counters and per-op metadata.
 NVL_CONTROL_BYTES = 1 << 20
 # Every hint is rounded up to this, the granularity CUDA IPC / VMM allocations come in anyway.
 BUFFER_ALIGNMENT_BYTES = 2 << 20
-# Rows staged in a buffer start on 16-byte boundaries so kernels can copy them with 128-bit accesses.
-ROW_ALIGNMENT_BYTES = 16
 # Largest top-k accepted by normal dispatch (and assumed by the NVL size hints).
 MAX_NUM_TOPK = 16
 # Largest top-k accepted by low-latency dispatch/combine (DeepEP V1's kernel limit).
 LOW_LATENCY_MAX_NUM_TOPK = 9
-# Hidden sizes the low-latency kernels are instantiated for.
+# Low-latency limits of the kernels' tables: experts (a shared-memory histogram) and tokens per rank (the
+# count field of a signal word).
+LOW_LATENCY_MAX_EXPERTS = 4096
+LOW_LATENCY_MAX_TOKENS_PER_RANK = 16383
+# Hidden sizes low-latency ops accept (DeepEP V1's instantiations).
 LOW_LATENCY_SUPPORTED_HIDDEN = (2048, 2560, 4096, 5120, 7168, 8192)
 # FP8 scales cover this many consecutive hidden elements each.
 FP8_SCALE_BLOCK = 128
@@ -119,72 +126,81 @@ class Config:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def dispatch_row_bytes(hidden_bytes: int, num_topk: int) -> int:
-    """Bytes of one staged dispatch row: hidden bytes, per-128 float32 scales, top-k ids and weights.
-
-    Scales are counted as `ceil(hidden_bytes / 128) * 4` even for BF16 rows: `hidden <= hidden_bytes`, so this
-    bounds the FP8 case exactly and the BF16 case from above, and one formula serves both.
-    """
-    scale_bytes = math.ceil(hidden_bytes / FP8_SCALE_BLOCK) * 4
-    topk_bytes = num_topk * (4 + 4)  # int32 expert id + float32 weight per slot
-    return _round_up(hidden_bytes + scale_bytes + topk_bytes, ROW_ALIGNMENT_BYTES)
+def _align16(num_bytes: int) -> int:
+    return _round_up(num_bytes, 16)
 
 
-def combine_row_bytes(hidden_bytes: int, num_topk: int) -> int:
-    """Bytes of one staged combine row: the BF16 expert output and its float32 top-k weights."""
-    return _round_up(hidden_bytes + num_topk * 4, ROW_ALIGNMENT_BYTES)
+class _PythonLayout:
+    """The C++ layouts' sizes (csrc/kernels/common/buffer_layout.cuh, LowLatencyLayout), transcribed."""
+
+    @staticmethod
+    def nvl_dispatch_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_tokens):
+        # One staged row: x, float32 scales, int32 top-k ids, float32 top-k weights; then per-rank send lists.
+        stride = _align16(_align16(hidden_bytes) + num_scales * 4 + num_topk * 8)
+        return NVL_CONTROL_BYTES + num_tokens * stride + num_ranks * num_tokens * 4
+
+    @staticmethod
+    def nvl_combine_bytes(hidden, num_topk, num_rows):
+        return NVL_CONTROL_BYTES + num_rows * (_align16(hidden * 2) + _align16(num_topk * 4))
+
+    @staticmethod
+    def nvl_size_hint(hidden_bytes, num_ranks, num_max_tokens_per_rank):
+        num_scales = -(-hidden_bytes // FP8_SCALE_BLOCK)
+        dispatch = _PythonLayout.nvl_dispatch_bytes(
+            hidden_bytes, num_scales, MAX_NUM_TOPK, num_ranks, num_max_tokens_per_rank
+        )
+        combine = _PythonLayout.nvl_combine_bytes(
+            (hidden_bytes + 1) // 2, MAX_NUM_TOPK, num_ranks * num_max_tokens_per_rank
+        )
+        return _round_up(max(dispatch, combine), BUFFER_ALIGNMENT_BYTES)
+
+    @staticmethod
+    def low_latency_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        # Two sets, each: 16 bytes of signals per expert, a send and a receive region of rows of a 16-byte
+        # header plus BF16 [hidden] (an FP8 row with its scales is smaller).
+        m, row = num_max_dispatch_tokens_per_rank, 16 + hidden * 2
+        send = max(m * row, num_experts * m * hidden * 2)
+        return 2 * (num_experts * 16 + send + num_experts * m * row)
+
+    @staticmethod
+    def low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        needed = _PythonLayout.low_latency_bytes(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
+        return _round_up(needed, BUFFER_ALIGNMENT_BYTES)
 
 
-def nvl_buffer_bytes_needed(
-    num_rows: int, hidden_bytes: int, num_ranks: int, num_topk: int, kind: str
+# The sizes every check and hint uses: the C++ layouts themselves when the extension is built.
+layout = _cpp_layout if _cpp_layout is not None else _PythonLayout
+
+
+def nvl_dispatch_bytes(
+    hidden_bytes: int, num_scales: int, num_topk: int, num_ranks: int, num_tokens: int
 ) -> int:
-    """NVLink buffer bytes one rank needs for one operation.
+    """NVLink buffer bytes a rank needs to dispatch `num_tokens` rows of `hidden_bytes` bytes with
+    `num_scales` float32 scales and `num_topk` top-k entries each (control region included)."""
+    return layout.nvl_dispatch_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_tokens)
 
-    kind="dispatch": `num_rows` = tokens this rank sends; each is staged once, whatever the number of
-        receivers, plus one int32 send list of up to `num_rows` entries per destination rank.
-    kind="combine": `num_rows` = rows this rank received in the dispatch and now sends back.
-    Both include `NVL_CONTROL_BYTES` of control space.
-    """
-    if kind == "dispatch":
-        payload = num_rows * dispatch_row_bytes(hidden_bytes, num_topk) + num_ranks * num_rows * 4
-    elif kind == "combine":
-        payload = num_rows * combine_row_bytes(hidden_bytes, num_topk)
-    else:
-        raise ValueError(f"kind: expected 'dispatch' or 'combine', got {kind!r}")
-    return NVL_CONTROL_BYTES + payload
+
+def nvl_combine_bytes(hidden: int, num_topk: int, num_rows: int) -> int:
+    """NVLink buffer bytes a rank needs to combine `num_rows` received BF16 rows (control region included)."""
+    return layout.nvl_combine_bytes(hidden, num_topk, num_rows)
+
+
+def low_latency_bytes(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Symmetric (NVSHMEM) bytes per rank of low-latency dispatch + combine, exactly."""
+    return layout.low_latency_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
 
 def nvl_buffer_size_hint(hidden_bytes: int, num_ranks: int, *, num_max_tokens_per_rank: int = 4096) -> int:
-    """Smallest 2 MiB multiple that holds a dispatch of `num_max_tokens_per_rank` tokens and the combine of
-    everything all ranks could send back (`num_ranks * num_max_tokens_per_rank` rows), for any top-k."""
+    """Smallest 2 MiB multiple that holds a dispatch of `num_max_tokens_per_rank` tokens (BF16, or FP8 with
+    scales, any top-k) and the combine of everything all ranks could send back."""
     _check_positive_int("hidden_bytes", hidden_bytes)
     _check_positive_int("num_ranks", num_ranks)
     _check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank, allow_zero=True)
-    dispatch = nvl_buffer_bytes_needed(
-        num_max_tokens_per_rank, hidden_bytes, num_ranks, MAX_NUM_TOPK, "dispatch"
-    )
-    combine = nvl_buffer_bytes_needed(
-        num_ranks * num_max_tokens_per_rank, hidden_bytes, num_ranks, MAX_NUM_TOPK, "combine"
-    )
-    return _round_up(max(dispatch, combine), BUFFER_ALIGNMENT_BYTES)
-
-
-def low_latency_buffer_bytes_needed(
-    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
-) -> int:
-    """RDMA (NVSHMEM) bytes per rank for low-latency dispatch + combine; an upper bound for any layout.
-
-    One message is a BF16 row plus a 16-byte header (an FP8 row with its scales, `hidden + hidden / 32`
-    bytes, is smaller). Send region: max(dispatch: M own tokens, combine: E * M expert outputs). Receive
-    region: E * M slots ([local expert][source rank][token] for dispatch, [global expert][token] for combine).
-    Plus two int64 signals per expert, and everything twice: two buffers alternate between consecutive ops.
-    """
-    m = num_max_dispatch_tokens_per_rank
-    message_bytes = 16 + hidden * 2
-    send_bytes = max(m * message_bytes, num_experts * m * hidden * 2)
-    recv_bytes = num_experts * m * message_bytes
-    signal_bytes = 2 * num_experts * 8
-    return 2 * (send_bytes + recv_bytes + signal_bytes)
+    return layout.nvl_size_hint(hidden_bytes, num_ranks, num_max_tokens_per_rank)
 
 
 def low_latency_rdma_size_hint(
@@ -194,8 +210,7 @@ def low_latency_rdma_size_hint(
     _check_positive_int("hidden", hidden)
     _check_positive_int("num_ranks", num_ranks)
     _check_positive_int("num_experts", num_experts)
-    needed = low_latency_buffer_bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
-    return _round_up(needed, BUFFER_ALIGNMENT_BYTES)
+    return layout.low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
 
 # ---------------------------------------------------------------------------------------------------------

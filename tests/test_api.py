@@ -84,6 +84,7 @@ V1_SIGNATURES = {
         ("async_finish", False),
         ("return_recv_hook", False),
         ("out", None),
+        ("combine_wait_recv_cost_stats", None),
     ],
     "get_next_low_latency_combine_buffer": [("handle", _)],
     "clean_low_latency_buffer": [("num_max_dispatch_tokens_per_rank", _), ("hidden", _), ("num_experts", _)],
@@ -209,34 +210,26 @@ def test_nvl_hint_covers_every_valid_call_it_was_asked_about(num_ranks, hidden):
     hint = deep_ep.Config(24, 6, 256).get_nvl_buffer_size_hint(hidden * 2, num_ranks)
     assert hint % cfg.BUFFER_ALIGNMENT_BYTES == 0
     for num_topk in (0, 1, 8, cfg.MAX_NUM_TOPK):
-        for elem_bytes in (1, 2):  # FP8 and BF16 rows
-            dispatch = cfg.nvl_buffer_bytes_needed(
-                tokens, hidden * elem_bytes, num_ranks, num_topk, "dispatch"
-            )
-            assert dispatch <= hint
-        combine = cfg.nvl_buffer_bytes_needed(num_ranks * tokens, hidden * 2, num_ranks, num_topk, "combine")
-        assert combine <= hint
+        bf16_rows, fp8_rows = (hidden * 2, 0), (hidden, hidden // 128)  # (row bytes, scales per row)
+        for row_bytes, num_scales in (bf16_rows, fp8_rows):
+            assert cfg.nvl_dispatch_bytes(row_bytes, num_scales, num_topk, num_ranks, tokens) <= hint
+        assert cfg.nvl_combine_bytes(hidden, num_topk, num_ranks * tokens) <= hint
     # ...and not for more tokens than it was asked about.
-    more = cfg.nvl_buffer_bytes_needed(num_ranks * tokens * 2, hidden * 2, num_ranks, 8, "combine")
-    assert more > hint
+    assert cfg.nvl_combine_bytes(hidden, 8, num_ranks * tokens * 2) > hint
     assert deep_ep.Config(24, 6, 256).get_rdma_buffer_size_hint(hidden * 2, num_ranks) >= hint
 
 
-def test_nvl_bytes_needed_formula():
-    # 10 rows of 256 bytes + 8 scale bytes + 2 x 8 top-k bytes = 280 -> 288 (16-byte rows), + send lists.
-    assert (
-        cfg.nvl_buffer_bytes_needed(10, 256, 4, 2, "dispatch")
-        == cfg.NVL_CONTROL_BYTES + 10 * 288 + 4 * 10 * 4
-    )
-    assert cfg.nvl_buffer_bytes_needed(10, 256, 4, 3, "combine") == cfg.NVL_CONTROL_BYTES + 10 * 272
-    with pytest.raises(ValueError, match="^kind:"):
-        cfg.nvl_buffer_bytes_needed(10, 256, 4, 3, "gather")
+def test_nvl_bytes_formula():
+    # 10 rows of 256 bytes + 2 x 4 scale bytes + 2 x 8 top-k bytes = 280 -> 288 (16-byte rows), + send lists.
+    assert cfg.nvl_dispatch_bytes(256, 2, 2, 4, 10) == cfg.NVL_CONTROL_BYTES + 10 * 288 + 4 * 10 * 4
+    # 10 rows of 128 bf16 values (256 bytes) + 3 float32 weights padded to 16 bytes.
+    assert cfg.nvl_combine_bytes(128, 3, 10) == cfg.NVL_CONTROL_BYTES + 10 * 272
 
 
 def test_low_latency_hint():
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288)
     assert hint % cfg.BUFFER_ALIGNMENT_BYTES == 0
-    assert hint >= cfg.low_latency_buffer_bytes_needed(128, 7168, 8, 288)
+    assert hint >= cfg.low_latency_bytes(128, 7168, 8, 288)
     # The receive region alone holds one BF16 row per (local expert, source rank, token).
     assert hint >= 2 * (288 // 8) * 8 * 128 * 7168 * 2
     assert deep_ep.Buffer.get_low_latency_rdma_size_hint(256, 7168, 8, 288) > hint

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="deep_ep._C is not bui
 @pytest.mark.parametrize(
     "call, message",
     [
-        ("C.RuntimeBuffer(0, 0, 0, 1.0)", "support 1..8 ranks, got 0"),
-        ("C.RuntimeBuffer(3, 2, 0, 1.0)", "rank 3 out of range for 2 ranks"),
+        ("C.RuntimeBuffer(0, 0, 0, 1.0, 0, 1, False)", "at least 1 rank, got 0"),
+        ("C.RuntimeBuffer(0, 9, 1 << 21, 1.0, 0, 1, False)", "at most 8 ranks, got 9"),
+        ("C.RuntimeBuffer(3, 2, 0, 1.0, 0, 1, False)", "rank 3 out of range for 2 ranks"),
     ],
 )
 def test_cpp_error_becomes_python_runtime_error(call, message):
@@ -44,18 +45,41 @@ def test_cpp_error_becomes_python_runtime_error(call, message):
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])
 @pytest.mark.parametrize("hidden", [128, 2048, 4096, 7168])
 @pytest.mark.parametrize("num_topk", [0, 1, 8, 16])
-def test_validation_capacity_bounds_the_cpp_layout(num_ranks, hidden, num_topk):
-    """Validation alone checks the NVLink buffer's capacity (deep_ep.config's formula); the C++ layout the
-    kernels use must never need more, or a validated call would reach the C++ check."""
+def test_python_transcription_of_the_layouts_equals_the_cpp_layouts(num_ranks, hidden, num_topk):
+    """Where the extension is missing, deep_ep.config sizes buffers with a Python transcription of the C++
+    layouts; it must agree with them exactly, or a reference-only install would accept calls (and hint sizes)
+    that the CUDA backend rejects."""
     from deep_ep import _C, config  # noqa: PLC0415
 
+    cpp, python = _C.layout, config._PythonLayout
+    assert config.layout is cpp
     for num_rows in (0, 1, 127, 4096):
-        for elem_bytes in (1, 2):  # FP8 rows with their per-128 scales, BF16 rows without
-            hidden_bytes = hidden * elem_bytes
-            num_scales = hidden // 128 if elem_bytes == 1 else 0
-            cpp = _C.intranode_dispatch_buffer_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_rows)
-            python = config.nvl_buffer_bytes_needed(num_rows, hidden_bytes, num_ranks, num_topk, "dispatch")
-            assert cpp <= python, (num_rows, elem_bytes)
-        cpp = _C.intranode_combine_buffer_bytes(hidden, num_topk, num_rows)
-        python = config.nvl_buffer_bytes_needed(num_rows, hidden * 2, num_ranks, num_topk, "combine")
-        assert cpp <= python, num_rows
+        for hidden_bytes, num_scales in ((hidden * 2, 0), (hidden, hidden // 128)):  # BF16 rows, FP8 + scales
+            args = (hidden_bytes, num_scales, num_topk, num_ranks, num_rows)
+            assert cpp.nvl_dispatch_bytes(*args) == python.nvl_dispatch_bytes(*args), args
+        assert cpp.nvl_combine_bytes(hidden, num_topk, num_rows) == python.nvl_combine_bytes(
+            hidden, num_topk, num_rows
+        )
+        assert cpp.nvl_size_hint(hidden * 2, num_ranks, num_rows) == python.nvl_size_hint(
+            hidden * 2, num_ranks, num_rows
+        )
+    for m, experts in ((1, num_ranks), (128, 288 // num_ranks * num_ranks), (256, 64 * num_ranks)):
+        args = (m, hidden, num_ranks, experts)
+        assert cpp.low_latency_bytes(*args) == python.low_latency_bytes(*args), args
+        assert cpp.low_latency_size_hint(*args) == python.low_latency_size_hint(*args), args
+
+
+def test_python_constants_equal_the_cpp_ones():
+    from deep_ep import _C, config  # noqa: PLC0415
+
+    for name in (
+        "NVL_CONTROL_BYTES",
+        "BUFFER_ALIGNMENT_BYTES",
+        "MAX_NUM_TOPK",
+        "LOW_LATENCY_MAX_NUM_TOPK",
+        "FP8_SCALE_BLOCK",
+        "LOW_LATENCY_MAX_EXPERTS",
+        "LOW_LATENCY_MAX_TOKENS_PER_RANK",
+    ):
+        assert getattr(config, name) == getattr(_C.layout, name), name
+    assert tuple(config.LOW_LATENCY_SUPPORTED_HIDDEN) == tuple(_C.layout.LOW_LATENCY_SUPPORTED_HIDDEN)

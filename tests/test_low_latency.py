@@ -1,35 +1,49 @@
-"""Low-latency dispatch/combine on the GPU (NVSHMEM) against deep_ep.reference's pure functions.
+"""Low-latency dispatch/combine through the public `deep_ep.Buffer(..., backend="cuda")`, against
+deep_ep.reference's pure functions.
 
 Every rank regenerates all ranks' inputs from one seed, so the oracle needs no communication. Ranks share
 the GPU(s) (rank r on GPU r % num_gpus, MPS): 2 and 4 ranks. Both ways of reaching a rank are covered:
-NVLink/same-GPU mapped stores (allow_nvlink=True) and NVSHMEM put-with-signal (allow_nvlink=False).
+NVLink/same-GPU mapped stores (allow_nvlink_for_low_latency_mode=True) and NVSHMEM put-with-signal (False).
 Dispatch rows are compared bit-exactly (FP8 included: the kernel casts with deep_ep.fp8's formula), and
 combine bit-exactly too (the kernel reduces in the reference's order, unfused, in float32).
+
+Each rank function builds one Buffer (explicitly_destroy=True) and destroys it at the end. The rank functions
+take a `backend` argument: the tests pass "cuda"; "reference" runs the same harness on the CPU over gloo,
+which is how the harness itself is checked without a GPU (CUDA-only steps are skipped there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+import deep_ep
+from deep_ep.backends import reference
+from deep_ep.backends.fp8 import per_token_cast_back
+from deep_ep.handles import LowLatencyHandle
+from deep_ep.tools.launch import RankPool
 
-try:
-    from deep_ep import _C
-except ImportError:
-    _C = None
 
-if _C is None or not torch.cuda.is_available() or not getattr(_C, "low_latency_compiled", False):
-    pytest.skip("needs a CUDA GPU and deep_ep._C built with NVSHMEM", allow_module_level=True)
+def _low_latency_compiled() -> bool:
+    try:
+        from deep_ep import _C  # noqa: PLC0415 - optional compiled extension
+    except (ImportError, OSError):
+        return False
+    return torch.cuda.is_available() and bool(getattr(_C, "low_latency_compiled", False))
 
-from deep_ep.backends import reference  # noqa: E402
-from deep_ep.backends.fp8 import per_token_cast_back  # noqa: E402
-from deep_ep.backends.low_latency import LowLatencyCuda  # noqa: E402
-from deep_ep.config import low_latency_rdma_size_hint  # noqa: E402
-from deep_ep.handles import LowLatencyHandle  # noqa: E402
-from deep_ep.tools.launch import RankPool  # noqa: E402
 
-TIMEOUT_S = 60.0
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not _low_latency_compiled(), reason="needs a CUDA GPU and deep_ep._C built with NVSHMEM"
+    ),
+]
+
+TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"  # read when a Buffer is created
+TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -41,9 +55,37 @@ def pool(request):
 # --- rank-side helpers (module level: they run in the rank processes) --------------------------------------
 
 
-def _make_backend(group, rank, num_ranks, m, hidden, num_experts, allow_nvlink, timeout_s=TIMEOUT_S):
-    size = low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
-    return LowLatencyCuda(group, rank, num_ranks, size, timeout_s, False, allow_nvlink)
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """`name=value` while the block runs; the pool's processes are reused, so the old value comes back."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _make_buffer(group, num_ranks, m, hidden, num_experts, backend, allow_nvlink=True, timeout_s=TIMEOUT_S):
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
+    with _environment(TIMEOUT_ENV, str(timeout_s)):
+        return deep_ep.Buffer(
+            group,
+            0,
+            size,
+            low_latency_mode=True,
+            allow_nvlink_for_low_latency_mode=allow_nvlink,
+            explicitly_destroy=True,
+            backend=backend,
+        )
+
+
+def _sync(buffer) -> None:
+    if buffer.device.type == "cuda":
+        torch.cuda.synchronize(buffer.device)
 
 
 def _inputs(seed, num_ranks, tokens, hidden, num_experts, topk, minus_one, device):
@@ -71,6 +113,11 @@ def _expert_outputs(recv_x, recv_scales, use_fp8):
     return (x.float() * factor).to(torch.bfloat16)
 
 
+def _split(recv, use_fp8):
+    """low_latency_dispatch's recv_x: a tensor, or (fp8 rows, scales) with use_fp8."""
+    return recv if use_fp8 else (recv, None)
+
+
 def _assert_dispatch_equal(rank, got, want, use_fp8):
     recv_x, recv_scales, recv_count, src_info, layout_range = got
     assert torch.equal(recv_count, want.recv_count), f"rank {rank}: recv_count"
@@ -90,85 +137,99 @@ def _assert_dispatch_equal(rank, got, want, use_fp8):
             )
 
 
-def _round_trip(rank, num_ranks, group, case):
-    """One dispatch + combine per variant in `case`, each compared with the reference."""
-    device = torch.device("cuda", torch.cuda.current_device())
+def _expected_combine(rank, want, idx, weights, use_fp8, num_experts):
+    """The reference's combine of this rank's tokens, every owner's expert outputs derived from `want`."""
+    return reference.low_latency_combine(
+        rank,
+        [_expert_outputs(w.recv_x, w.recv_x_scales, use_fp8) for w in want],
+        idx,
+        weights,
+        [w.packed_recv_src_info for w in want],
+        [w.packed_recv_layout_range for w in want],
+        num_experts,
+    )
+
+
+def _round_trip(rank, num_ranks, group, case, backend="cuda"):
+    """One dispatch + combine per entry of case["tokens"], each compared with the reference."""
     m, hidden, num_experts, topk = case["m"], case["hidden"], case["experts"], case["topk"]
     use_fp8, round_scale, use_ue8m0 = case["use_fp8"], case["round_scale"], case["use_ue8m0"]
-    backend = _make_backend(group, rank, num_ranks, m, hidden, num_experts, case["allow_nvlink"])
+    mode = case["mode"]
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, case["allow_nvlink"])
+    device = buffer.device
     try:
         for step, tokens in enumerate(case["tokens"]):
             xs, idxs, ws = _inputs(
                 case["seed"] + step, num_ranks, tokens, hidden, num_experts, topk, True, device
             )
-            num_local = num_experts // num_ranks
-            stats = torch.zeros(num_local, dtype=torch.int32, device=device)
-            cost = torch.zeros(num_ranks, dtype=torch.int64, device=device)
-            mode = case["mode"]
-            recv_x, recv_scales, recv_count, src_info, layout_range, _, hook = backend.low_latency_dispatch(
-                xs[rank], idxs[rank], m, num_experts, stats, cost, use_fp8, round_scale, use_ue8m0, False,
-                mode == "hook",
-            )  # fmt: skip
+            recv_stats = torch.zeros(num_experts // num_ranks, dtype=torch.int32, device=device)
+            dispatch_cost = torch.zeros(num_ranks, dtype=torch.int64, device=device)
+            combine_cost = torch.zeros(num_ranks, dtype=torch.int64, device=device)
+            recv, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+                xs[rank],
+                idxs[rank],
+                m,
+                num_experts,
+                cumulative_local_expert_recv_stats=recv_stats,
+                dispatch_wait_recv_cost_stats=dispatch_cost,
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
+                return_recv_hook=mode == "hook",
+            )
+            assert (hook is not None) == (mode == "hook"), f"rank {rank}: a hook iff return_recv_hook"
             if hook is not None:
                 hook()
-            torch.cuda.synchronize()
-            backend.raise_if_failed()
+            _sync(buffer)
+            recv_x, recv_scales = _split(recv, use_fp8)
             want = [
                 reference.low_latency_dispatch(
                     r, xs, idxs, m, num_experts, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0
                 )
                 for r in range(num_ranks)
             ]
-            _assert_dispatch_equal(
-                rank, (recv_x, recv_scales, recv_count, src_info, layout_range), want[rank], use_fp8
+            assert isinstance(handle, LowLatencyHandle) and tuple(handle[2:]) == (m, hidden, num_experts)
+            got = (
+                recv_x,
+                recv_scales,
+                recv_count,
+                handle.packed_recv_src_info,
+                handle.packed_recv_layout_range,
             )
-            assert torch.equal(stats, want[rank].recv_count), (
+            _assert_dispatch_equal(rank, got, want[rank], use_fp8)
+            assert torch.equal(recv_stats, want[rank].recv_count), (
                 f"rank {rank}: cumulative_local_expert_recv_stats"
             )
-            assert bool((cost >= 0).all()), f"rank {rank}: negative wait cost"
+            assert bool((dispatch_cost >= 0).all()), f"rank {rank}: negative dispatch wait cost"
 
-            handle = LowLatencyHandle(src_info, layout_range, m, hidden, num_experts)
             expert_out = _expert_outputs(recv_x, recv_scales, use_fp8)
             out = None
             if mode == "zero_copy":
-                buffer = backend.get_next_low_latency_combine_buffer(handle)
-                buffer.copy_(expert_out)
+                buffer.get_next_low_latency_combine_buffer(handle).copy_(expert_out)
             elif mode == "out":
                 out = torch.full((tokens[rank], hidden), float("nan"), dtype=torch.bfloat16, device=device)
-            combined, _, hook = backend.low_latency_combine(
+            combined, _, hook = buffer.low_latency_combine(
                 expert_out,
                 idxs[rank],
                 ws[rank],
                 handle,
-                False,
-                mode == "zero_copy",
-                False,
-                mode == "hook",
-                out,
+                zero_copy=mode == "zero_copy",
+                return_recv_hook=mode == "hook",
+                out=out,
+                combine_wait_recv_cost_stats=combine_cost,
             )
             if hook is not None:
                 hook()
-            torch.cuda.synchronize()
-            backend.raise_if_failed()
+            _sync(buffer)
             if out is not None:
-                assert combined.data_ptr() == out.data_ptr()
-            all_outputs = [
-                _expert_outputs(w.recv_x, w.recv_x_scales, use_fp8) for w in want
-            ]  # the reference's expert outputs per owner rank
-            expected = reference.low_latency_combine(
-                rank,
-                all_outputs,
-                idxs[rank],
-                ws[rank],
-                [w.packed_recv_src_info for w in want],
-                [w.packed_recv_layout_range for w in want],
-                num_experts,
-            )
+                assert combined.data_ptr() == out.data_ptr(), f"rank {rank}: combine did not write `out`"
+            expected = _expected_combine(rank, want, idxs[rank], ws[rank], use_fp8, num_experts)
             assert torch.equal(combined, expected), (
                 f"rank {rank}: combine differs, max abs {(combined.float() - expected.float()).abs().max()}"
             )
+            assert bool((combine_cost >= 0).all()), f"rank {rank}: negative combine wait cost {combine_cost}"
     finally:
-        backend.destroy()
+        buffer.destroy()
     return True
 
 
@@ -220,15 +281,10 @@ def test_hook_zero_copy_and_out(pool, mode, allow_nvlink):
     assert all(pool.run(_round_trip, case))
 
 
-def test_duplicate_experts_in_a_token_are_sent_once(pool):
-    n = pool.num_ranks
-    assert all(pool.run(_duplicates, n))
-
-
-def _duplicates(rank, num_ranks, group, _):
-    device = torch.device("cuda", torch.cuda.current_device())
+def _duplicates(rank, num_ranks, group, backend="cuda"):
     m, hidden, num_experts = 8, 2048, 4 * num_ranks
-    backend = _make_backend(group, rank, num_ranks, m, hidden, num_experts, True)
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    device = buffer.device
     try:
         xs = [
             torch.full((m, hidden), float(r + 1), dtype=torch.bfloat16, device=device)
@@ -236,27 +292,28 @@ def _duplicates(rank, num_ranks, group, _):
         ]
         idxs = [torch.tensor([[0, 0, 1, -1]] * m, device=device) for _ in range(num_ranks)]
         ws = [torch.full((m, 4), 0.5, device=device) for _ in range(num_ranks)]
-        got = backend.low_latency_dispatch(xs[rank], idxs[rank], m, num_experts, None, None, False, False, False,
-                                           False, False)[:5]  # fmt: skip
-        torch.cuda.synchronize()
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            xs[rank], idxs[rank], m, num_experts, use_fp8=False
+        )
+        _sync(buffer)
         want = [
             reference.low_latency_dispatch(r, xs, idxs, m, num_experts, use_fp8=False)
             for r in range(num_ranks)
         ]
+        got = (recv_x, None, recv_count, handle.packed_recv_src_info, handle.packed_recv_layout_range)
         _assert_dispatch_equal(rank, got, want[rank], False)
-        handle = LowLatencyHandle(got[3], got[4], m, hidden, num_experts)
-        combined = backend.low_latency_combine(
-            got[0], idxs[rank], ws[rank], handle, False, False, False, False, None
-        )[0]
-        torch.cuda.synchronize()
-        expected = reference.low_latency_combine(
-            rank, [w.recv_x for w in want], idxs[rank], ws[rank], [w.packed_recv_src_info for w in want],
-            [w.packed_recv_layout_range for w in want], num_experts,
-        )  # fmt: skip
-        assert torch.equal(combined, expected)
+        expert_out = _expert_outputs(recv_x, None, False)
+        combined, _, _ = buffer.low_latency_combine(expert_out, idxs[rank], ws[rank], handle)
+        _sync(buffer)
+        expected = _expected_combine(rank, want, idxs[rank], ws[rank], False, num_experts)
+        assert torch.equal(combined, expected), f"rank {rank}: combine of duplicate experts"
     finally:
-        backend.destroy()
+        buffer.destroy()
     return True
+
+
+def test_duplicate_experts_in_a_token_are_sent_once(pool):
+    assert all(pool.run(_duplicates))
 
 
 # --- CUDA graphs and long runs ------------------------------------------------------------------------------
@@ -288,12 +345,17 @@ def _expected_counts(idx_all, rank, num_experts, num_ranks):
     return counts[rank * num_local : (rank + 1) * num_local]
 
 
-def _graph_and_stress(rank, num_ranks, group, allow_nvlink, iterations, use_graph):
-    """Fresh data every iteration through the same two buffer sets; identity experts make combine
-    return x * (sum of valid weights), so stale rows or reused signals show up as mismatches."""
-    device = torch.device("cuda", torch.cuda.current_device())
+def _graph_and_stress(rank, num_ranks, group, allow_nvlink, iterations, use_graph, backend="cuda"):
+    """Fresh data every iteration through the same two buffer halves; identity experts make combine
+    return x * (sum of valid weights), so stale rows or reused signals show up as mismatches. Mismatches
+    are counted on the device, so the host never waits for the GPU between iterations.
+
+    Graph capture rule: the captured sequence is first run eagerly (warm-up), and the graph holds an even
+    number of low-latency ops (here two dispatch + combine pairs), since consecutive ops alternate between
+    two buffer halves and the half each captured op uses is fixed at capture."""
     m, hidden, num_experts, topk = 128, 7168, 288, 8
-    backend = _make_backend(group, rank, num_ranks, m, hidden, num_experts, allow_nvlink)
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, allow_nvlink)
+    device = buffer.device
     static_x = torch.zeros(m, hidden, dtype=torch.bfloat16, device=device)
     static_idx = torch.zeros(m, topk, dtype=torch.int64, device=device)
     static_w = torch.zeros(m, topk, dtype=torch.float32, device=device)
@@ -301,23 +363,21 @@ def _graph_and_stress(rank, num_ranks, group, allow_nvlink, iterations, use_grap
     bad_counts = torch.zeros((), dtype=torch.int64, device=device)
 
     def step(hook_mode):
-        recv_x, _, recv_count, src_info, layout_range, _, hook = backend.low_latency_dispatch(
-            static_x, static_idx, m, num_experts, None, None, False, False, False, False, hook_mode
+        recv_x, recv_count, handle, _, hook = buffer.low_latency_dispatch(
+            static_x, static_idx, m, num_experts, use_fp8=False, return_recv_hook=hook_mode
         )
         if hook is not None:
             hook()
-        handle = LowLatencyHandle(src_info, layout_range, m, hidden, num_experts)
-        combined, _, hook = backend.low_latency_combine(
-            recv_x, static_idx, static_w, handle, False, False, False, hook_mode, None
+        combined, _, hook = buffer.low_latency_combine(
+            recv_x, static_idx, static_w, handle, return_recv_hook=hook_mode
         )
         if hook is not None:
             hook()
         return recv_count, combined
 
+    graph = graph_outputs = None
     try:
-        graph_outputs = None
-        graph = None
-        if use_graph:
+        if use_graph and device.type == "cuda":
             for hook_mode in (False, True):  # warm up both variants outside the graph
                 step(hook_mode)
             torch.cuda.synchronize()
@@ -336,15 +396,16 @@ def _graph_and_stress(rank, num_ranks, group, allow_nvlink, iterations, use_grap
             if graph is not None:
                 graph.replay()
                 results = graph_outputs
+            elif use_graph:  # the reference backend: the captured sequence, run eagerly
+                results = (step(False), step(True))
             else:
                 results = (step(it % 2 == 1),)
             for recv_count, combined in results:
                 bad_counts += (recv_count != expected_counts).sum()
                 bad_rows += (combined != expected).any(dim=1).sum()
-        torch.cuda.synchronize()
-        backend.raise_if_failed()
     finally:
-        backend.destroy()
+        _sync(buffer)
+        buffer.destroy()
     return int(bad_counts), int(bad_rows)
 
 
@@ -363,24 +424,23 @@ def test_1000_back_to_back_iterations(pool, allow_nvlink):
 # --- errors ------------------------------------------------------------------------------------------------
 
 
-def _too_many_tokens(rank, num_ranks, group):
-    device = torch.device("cuda", torch.cuda.current_device())
-    backend = _make_backend(group, rank, num_ranks, 16, 2048, 4 * num_ranks, True)
+def _too_many_tokens(rank, num_ranks, group, backend="cuda"):
+    m, num_experts = 16, 4 * num_ranks
+    buffer = _make_buffer(group, num_ranks, m, 2048, num_experts, backend)
+    device = buffer.device
     messages = []
     try:
         for x, what in (
-            (torch.zeros(17, 2048, dtype=torch.bfloat16, device=device), "exceed"),
+            (torch.zeros(m + 1, 2048, dtype=torch.bfloat16, device=device), "exceed"),
             (torch.zeros(4, 1000, dtype=torch.bfloat16, device=device), "hidden"),
         ):
             idx = torch.zeros(x.size(0), 2, dtype=torch.int64, device=device)
             try:
-                backend.low_latency_dispatch(
-                    x, idx, 16, 4 * num_ranks, None, None, True, False, False, False, False
-                )
+                buffer.low_latency_dispatch(x, idx, m, num_experts)
             except ValueError as e:
                 messages.append(what in str(e))
     finally:
-        backend.destroy()
+        buffer.destroy()
     return messages
 
 
@@ -388,26 +448,25 @@ def test_clear_errors_for_bad_shapes(pool):
     assert pool.run(_too_many_tokens) == [[True, True]] * pool.num_ranks
 
 
-def _timeout(rank, num_ranks, group):
-    """Only rank 0 dispatches: its kernel times out waiting for the others and the host names rank 0."""
-    device = torch.device("cuda", torch.cuda.current_device())
+def _timeout(rank, num_ranks, group, backend="cuda"):
+    """Only rank 0 dispatches: its kernel times out waiting for the others, and its next call on the Buffer
+    raises the RuntimeError naming rank 0 (a timed-out Buffer refuses further work)."""
     m, hidden, num_experts = 8, 2048, 2 * num_ranks
-    backend = _make_backend(group, rank, num_ranks, m, hidden, num_experts, True, timeout_s=2.0)
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, timeout_s=2)
+    device = buffer.device
     message = ""
     try:
         if rank == 0:
             x = torch.zeros(m, hidden, dtype=torch.bfloat16, device=device)
             idx = torch.zeros(m, 1, dtype=torch.int64, device=device)
-            backend.low_latency_dispatch(
-                x, idx, m, num_experts, None, None, False, False, False, False, False
-            )
+            buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
+            torch.cuda.synchronize()
             try:
-                torch.cuda.synchronize()
-                backend.raise_if_failed()
+                buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
             except RuntimeError as e:
                 message = str(e)
     finally:
-        backend.destroy()
+        buffer.destroy()
     return message
 
 
@@ -416,71 +475,74 @@ def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks):
     # Its own pool: a rank that dies here must not take the shared pool (and later tests) with it.
     with RankPool(num_ranks, timeout_s=120) as own_pool:
         messages = own_pool.run(_timeout)
-    assert messages[0].startswith("rank 0 timed out") and "low-latency kernel" in messages[0], messages[0]
+    assert "rank 0" in messages[0] and "timed out" in messages[0], messages[0]
     assert all(m == "" for m in messages[1:])
 
 
-# --- through the public API --------------------------------------------------------------------------------
+# --- the rest of the public surface ------------------------------------------------------------------------
 
 
-def _through_buffer(rank, num_ranks, group):
-    """deep_ep.Buffer(low_latency_mode=True) with the CUDA backend: V1 return shapes, same bytes."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    import deep_ep  # noqa: PLC0415
-    from deep_ep.backends.device_memory import local_buffer_view  # noqa: PLC0415
-
-    device = torch.device("cuda", torch.cuda.current_device())
+def _through_buffer(rank, num_ranks, group, backend="cuda"):
+    """V1 return shapes and events; the zero-copy buffer lies in get_local_buffer_tensor(use_rdma_buffer=True),
+    so bytes written through that view are what the peers receive; clean_low_latency_buffer keeps it usable."""
     m, hidden, num_experts, topk = 64, 4096, 8 * num_ranks, 4
-    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
-    buffer = deep_ep.Buffer(
-        group, 0, size, low_latency_mode=True, num_qps_per_rank=1, explicitly_destroy=True, backend="cuda"
-    )
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    device = buffer.device
     try:
-        xs, idxs, ws = _inputs(
-            77, num_ranks, [m - r for r in range(num_ranks)], hidden, num_experts, topk, True, device
-        )
+        tokens = [m - r for r in range(num_ranks)]
+        xs, idxs, ws = _inputs(77, num_ranks, tokens, hidden, num_experts, topk, True, device)
         (recv_x, recv_scales), recv_count, handle, event, hook = buffer.low_latency_dispatch(
-            xs[rank], idxs[rank], m, num_experts, use_fp8=True
+            xs[rank], idxs[rank], m, num_experts, async_finish=True
         )
-        assert hook is None and len(handle) == 5
-        torch.cuda.synchronize()
+        assert hook is None and len(handle) == 5 and isinstance(event, deep_ep.EventOverlap)
+        event.current_stream_wait()
+        _sync(buffer)
         want = [reference.low_latency_dispatch(r, xs, idxs, m, num_experts) for r in range(num_ranks)]
-        _assert_dispatch_equal(
-            rank, (recv_x, recv_scales, recv_count, handle[0], handle[1]), want[rank], True
-        )
+        got = (recv_x, recv_scales, recv_count, handle[0], handle[1])
+        _assert_dispatch_equal(rank, got, want[rank], True)
+        expected = _expected_combine(rank, want, idxs[rank], ws[rank], True, num_experts)
         expert_out = _expert_outputs(recv_x, recv_scales, True)
+
         combined, event, hook = buffer.low_latency_combine(expert_out, idxs[rank], ws[rank], handle)
-        torch.cuda.synchronize()
-        expected = reference.low_latency_combine(
-            rank, [_expert_outputs(w.recv_x, w.recv_x_scales, True) for w in want], idxs[rank], ws[rank],
-            [w.packed_recv_src_info for w in want], [w.packed_recv_layout_range for w in want], num_experts,
-        )  # fmt: skip
-        assert torch.equal(combined, expected)
-        # The RDMA buffer is this rank's NVSHMEM symmetric buffer: a peer reads what we write into it.
-        mine = buffer.get_local_buffer_tensor(torch.int32, (num_ranks,), 0, use_rdma_buffer=True)
-        assert mine.data_ptr() == buffer.runtime._low_latency.symmetric_base
-        torch.cuda.synchronize()
-        dist.barrier(group=group)
-        mine.fill_(1000 + rank)
-        torch.cuda.synchronize()
-        dist.barrier(group=group)
-        if buffer.runtime._low_latency.all_ranks_mapped:
-            peer = (rank + 1) % num_ranks
-            peer_ptr = int(buffer.runtime._low_latency.mapped_bases[peer])
-            seen = local_buffer_view(peer_ptr, 4 * num_ranks, device, torch.int32, (num_ranks,), 0)
-            assert torch.equal(seen.cpu(), torch.full((num_ranks,), 1000 + peer, dtype=torch.int32))
+        assert hook is None and isinstance(event, deep_ep.EventOverlap)
+        _sync(buffer)
+        assert torch.equal(combined, expected), f"rank {rank}: combine"
+
+        # Write the expert outputs through the RDMA buffer view at the zero-copy buffer's place; combine
+        # then gets zeros as `x`, so the result can only come from the bytes written through the view.
+        staging = buffer.get_next_low_latency_combine_buffer(handle)
+        if device.type == "cuda":
+            whole = buffer.get_local_buffer_tensor(torch.bfloat16, None, 0, use_rdma_buffer=True)
+            offset_bytes = staging.data_ptr() - whole.data_ptr()
+            assert 0 <= offset_bytes < whole.numel() * 2 and offset_bytes % 2 == 0, (
+                f"rank {rank}: the zero-copy buffer is not inside the RDMA buffer"
+            )
+            whole.as_strided(
+                staging.shape, staging.stride(), whole.storage_offset() + offset_bytes // 2
+            ).copy_(expert_out)
+            assert torch.equal(staging, expert_out), f"rank {rank}: the views do not alias"
+        else:  # the reference has no communication buffer: write the zero-copy buffer itself
+            staging.copy_(expert_out)
+        combined, _, _ = buffer.low_latency_combine(
+            torch.zeros_like(expert_out), idxs[rank], ws[rank], handle, zero_copy=True
+        )
+        _sync(buffer)
+        assert torch.equal(combined, expected), f"rank {rank}: zero-copy combine through the RDMA view"
+
         buffer.clean_low_latency_buffer(m, hidden, num_experts)
-        torch.cuda.synchronize()
-        dist.barrier(group=group)
+        recv, recv_count, handle, _, _ = buffer.low_latency_dispatch(xs[rank], idxs[rank], m, num_experts)
+        _sync(buffer)
+        got = (recv[0], recv[1], recv_count, handle[0], handle[1])
+        _assert_dispatch_equal(rank, got, want[rank], True)
+        combined, _, _ = buffer.low_latency_combine(
+            _expert_outputs(*recv, True), idxs[rank], ws[rank], handle
+        )
+        _sync(buffer)
+        assert torch.equal(combined, expected), f"rank {rank}: combine after clean_low_latency_buffer"
     finally:
         buffer.destroy()
     return True
 
 
 def test_through_the_public_buffer_api(pool):
-    try:
-        import deep_ep.backends.cuda  # noqa: F401, PLC0415
-    except ImportError as e:
-        pytest.skip(f"deep_ep.cuda_backend not importable: {e}")
     assert all(pool.run(_through_buffer))

@@ -9,6 +9,8 @@
 namespace deep_ep {
 
 inline constexpr int kMaxNvlRanks = 8;
+// FP8 data carries one float32 scale per this many consecutive values of a row (normal and low-latency).
+inline constexpr int kFp8GroupSize = 128;
 
 /// What a spin-wait was waiting for when it timed out; the host turns it into the exception message.
 enum class WaitSite : int {
@@ -66,7 +68,7 @@ struct DispatchLayoutArgs {
     int num_experts;
     int num_ranks;
     int* num_tokens_per_rank;    // [num_ranks], written
-    int* num_tokens_per_expert;  // [num_experts], written
+    int* num_tokens_per_expert;  // [num_experts], written; right after num_tokens_per_rank (one memset zeroes both)
     bool* is_token_in_rank;      // [num_tokens, num_ranks], written
     InvalidExpertIdWord* invalid;  // flagged on an id outside [-1, num_experts) (skipped then); or nullptr
     cudaStream_t stream;

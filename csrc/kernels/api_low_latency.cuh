@@ -10,11 +10,12 @@ namespace deep_ep {
 inline constexpr int kLowLatencyMaxTopk = 32;              // one waiting thread per top-k entry
 inline constexpr int kLowLatencyMaxTokensPerRank = 16383;  // the count field of a dispatch signal word
 inline constexpr int kLowLatencyMaxExperts = 4096;         // shared-memory histogram of the send phase
-inline constexpr int kLowLatencyFp8GroupSize = 128;
+// Hidden sizes low-latency ops accept (DeepEP V1's instantiations, kept for compatibility).
+inline constexpr int kLowLatencySupportedHidden[] = {2048, 2560, 4096, 5120, 7168, 8192};
 
 /// Offsets in each rank's symmetric (NVSHMEM) buffer, for host and device, so that the size hint
-/// (deep_ep/config.py low_latency_buffer_bytes_needed: 2 x (signals 16 E + send + receive), rounded up),
-/// the host's checks and the kernels' addresses cannot disagree.
+/// (runtime/size_hints.cpp, asked by deep_ep.config), the host's checks and the kernels' addresses cannot
+/// disagree.
 ///
 /// Two sets; consecutive operations alternate between them (dispatch, combine, dispatch, ... as DeepEP
 /// V1), so a combine never lands in the set whose dispatch rows its own round is still reading.
@@ -38,7 +39,7 @@ struct LowLatencyLayout {
     __host__ __device__ int64_t num_local_experts() const { return num_experts / num_ranks; }
     __host__ __device__ int64_t dispatch_header_bytes() const { return 16; }
     __host__ __device__ int64_t dispatch_row_bytes(bool fp8) const {
-        return 16 + (fp8 ? hidden + hidden / kLowLatencyFp8GroupSize * 4 : hidden * 2);
+        return 16 + (fp8 ? hidden + hidden / kFp8GroupSize * 4 : hidden * 2);
     }
     __host__ __device__ int64_t dispatch_row_stride() const { return 16 + hidden * 2; }
     __host__ __device__ int64_t combine_row_bytes() const { return hidden * 2; }
@@ -106,6 +107,7 @@ struct LowLatencyDispatchArgs {
     int64_t* dispatch_wait_recv_cost_stats;    // [R] or null: += nanoseconds waited per source rank
     LowLatencySymmetricArgs symmetric;
     WaitContext wait;
+    InvalidExpertIdWord* invalid;  // ids outside [-1, num_experts) are sent nowhere and the first is flagged here
     int rank;
     int num_blocks;
     bool conservative_loads;
@@ -131,8 +133,10 @@ struct LowLatencyCombineArgs {
     int num_tokens, num_topk;
     void* out;                        // bf16 [num_tokens, hidden]
     int* done_blocks;                 // local int, 0 between launches: the last receiving block resets
+    int64_t* combine_wait_recv_cost_stats;  // [num_ranks] or null: += nanoseconds spent waiting per source rank
     LowLatencySymmetricArgs symmetric;
     WaitContext wait;
+    InvalidExpertIdWord* invalid;     // ids outside [-1, num_experts) are combined as -1 and the first is flagged
     int rank;
     int num_blocks;
     bool conservative_loads;

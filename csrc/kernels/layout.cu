@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "kernels/api.cuh"
+#include "kernels/common/expert_ids.cuh"
 #include "runtime/errors.hpp"
 
 namespace deep_ep {
@@ -10,29 +11,17 @@ namespace {
 constexpr int kLayoutThreads = 256;
 constexpr int kCheckThreads = 256;
 
-// Only the first offender is recorded: one compare-and-swap per bad id, none for good ones.
-__device__ __forceinline__ bool expert_id_is_valid(int64_t expert, int num_experts, InvalidExpertIdWord* invalid) {
-    if (expert >= -1 && expert < num_experts)
-        return true;
-    if (invalid != nullptr && atomicCAS(&invalid->found, 0, 1) == 0) {
-        invalid->value = static_cast<int>(expert < INT32_MIN ? INT32_MIN : expert > INT32_MAX ? INT32_MAX : expert);
-        invalid->num_experts = num_experts;
-        __threadfence_system();
-    }
-    return false;
-}
-
 template <typename IndexT>
 __global__ void __launch_bounds__(kCheckThreads) check_expert_ids_kernel(CheckExpertIdsArgs args) {
     const auto* ids = static_cast<const IndexT*>(args.topk_idx);
     for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < args.numel; i += int64_t{gridDim.x} * blockDim.x)
-        expert_id_is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
+        expert_ids::is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
 }
 
 // One thread per token. Counts go to shared-memory histograms first, so each block adds to global memory
 // once per expert and rank instead of once per token (8 topk x 4096 tokens would serialise on atomics).
 template <typename IndexT>
-__global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(DispatchLayoutArgs args) {
+__global__ void __launch_bounds__(kLayoutThreads) count_tokens_kernel(DispatchLayoutArgs args) {
     extern __shared__ int shared_counts[];
     int* block_tokens_per_expert = shared_counts;
     int* block_tokens_per_rank = shared_counts + args.num_experts;
@@ -48,7 +37,7 @@ __global__ void __launch_bounds__(kLayoutThreads) dispatch_layout_kernel(Dispatc
         uint64_t rank_mask = 0;
         for (int k = 0; k < args.num_topk; ++k) {
             const int64_t id = static_cast<int64_t>(topk_idx[static_cast<int64_t>(token) * args.num_topk + k]);
-            if (id == -1 || !expert_id_is_valid(id, args.num_experts, args.invalid))
+            if (id == -1 || !expert_ids::is_valid(id, args.num_experts, args.invalid))
                 continue;
             const int expert = static_cast<int>(id);
             atomicAdd(&block_tokens_per_expert[expert], 1);
@@ -86,13 +75,15 @@ void launch_check_expert_ids(const CheckExpertIdsArgs& args) {
 
 void launch_dispatch_layout(const DispatchLayoutArgs& args) {
     DEEP_EP_CHECK(args.num_ranks >= 1 && args.num_ranks <= 64, "layout supports 1..64 ranks, got " << args.num_ranks);
-    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int) * args.num_ranks, args.stream));
-    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(args.num_tokens_per_expert, 0, sizeof(int) * args.num_experts, args.stream));
+    DEEP_EP_CHECK(args.num_tokens_per_expert == args.num_tokens_per_rank + args.num_ranks,
+                  "the layout's counts are one array: per rank, then per expert");
+    DEEP_EP_CUDA_CHECK(
+        cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int) * (args.num_ranks + args.num_experts), args.stream));
     if (args.num_tokens == 0)
         return;
     const int blocks = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
     const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks);
-    auto kernel = args.topk_idx_is_int64 ? dispatch_layout_kernel<int64_t> : dispatch_layout_kernel<int32_t>;
+    auto kernel = args.topk_idx_is_int64 ? count_tokens_kernel<int64_t> : count_tokens_kernel<int32_t>;
     if (shared_bytes > 48 * 1024)
         DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
     kernel<<<blocks, kLayoutThreads, shared_bytes, args.stream>>>(args);

@@ -1,18 +1,22 @@
-// Intra-node dispatch and combine: the Python layer (deep_ep/cuda_backend.py) has validated shapes,
-// dtypes, devices and the buffer size; runtime::OpStreams orders each op between the caller's stream and
-// the communication stream. Each op: fill Args, launch, return.
+// Intra-node dispatch and combine, one binding call each: check every argument (a rejected call leaves the
+// Buffer as it was), order the op after the caller's stream (runtime::OpStreams), fill Args, launch, return
+// what the Python call returns.
 #include <torch/extension.h>
 
 #include <chrono>
 #include <optional>
 #include <sstream>
 
+#include <torch/csrc/autograd/python_variable.h>
+
 #include "kernels/api.cuh"
 #include "kernels/common/buffer_layout.cuh"
+#include "ops/arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/op_streams.hpp"
+#include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
 namespace {
@@ -140,43 +144,253 @@ void close_direct_op(runtime::Buffer& buffer, const NvlPeers& peers, cudaStream_
     launch_intranode_barrier(IntranodeBarrierArgs{peers, next_barrier(buffer), stream});
 }
 
+// The six tensors of an intra-node handle (deep_ep/handles.py IntranodeHandle), checked.
+struct HandleTensors {
+    torch::Tensor rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+        is_token_in_rank, send_head;
+
+    pybind11::tuple as_tuple() const {
+        return pybind11::make_tuple(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                                    is_token_in_rank, send_head);
+    }
+};
+
+HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device) {
+    using arguments::kAny;
+    PyObject* obj = handle.ptr();
+    const bool is_tuple = PyTuple_Check(obj);
+    if (!is_tuple && !PyList_Check(obj))
+        arguments::raise_type_error(std::string("handle: expected the tuple returned by dispatch, got ") +
+                                    Py_TYPE(obj)->tp_name);
+    const Py_ssize_t length = is_tuple ? PyTuple_GET_SIZE(obj) : PyList_GET_SIZE(obj);
+    if (length == 5)
+        arguments::raise_value_error(
+            "handle: this is a low-latency handle (5 elements); normal ops need dispatch's 6-element one");
+    if (length == 10)
+        arguments::raise_value_error("handle: inter-node handles (10 elements) are not supported by an intra-node Buffer");
+    if (length != 6)
+        arguments::raise_value_error("handle: expected the 6-element intra-node handle, got " + std::to_string(length) +
+                                     " elements");
+    auto item = [&](Py_ssize_t i) { return pybind11::handle(is_tuple ? PyTuple_GET_ITEM(obj, i) : PyList_GET_ITEM(obj, i)); };
+    const auto int32 = c10::ScalarType::Int;
+    HandleTensors h;
+    h.rank_prefix_matrix = arguments::tensor(item(0), "handle.rank_prefix_matrix", {{int32}, {num_ranks, num_ranks}}, device);
+    h.channel_prefix_matrix = arguments::tensor(item(1), "handle.channel_prefix_matrix", {{int32}, {num_ranks, kAny}}, device);
+    h.recv_channel_prefix_matrix =
+        arguments::tensor(item(2), "handle.recv_channel_prefix_matrix", {{int32}, {num_ranks, kAny}}, device);
+    h.recv_src_idx = arguments::tensor(item(3), "handle.recv_src_idx", {{int32}, {}, 1}, device);
+    h.is_token_in_rank =
+        arguments::tensor(item(4), "handle.is_token_in_rank", {{c10::ScalarType::Bool}, {kAny, num_ranks}}, device);
+    h.send_head = arguments::tensor(item(5), "handle.send_head", {{int32}, {h.is_token_in_rank.size(0), num_ranks}}, device);
+    return h;
+}
+
+// `x`: BF16 [T, H], or the FP8 tuple (float8_e4m3fn [T, H], float32 scales [T, H / 128] of any strides,
+// made contiguous here: DeepGEMM produces column-major ones).
+std::pair<torch::Tensor, OptionalTensor> checked_dispatch_x(pybind11::handle x, int device) {
+    if (PyTuple_Check(x.ptr())) {  // as V1: only a tuple means FP8
+        const Py_ssize_t length = PyTuple_GET_SIZE(x.ptr());
+        if (length != 2)
+            arguments::raise_value_error("x: an FP8 input is a tuple (x_fp8, x_scales), got " + std::to_string(length) +
+                                         " elements");
+        const torch::Tensor& data = arguments::tensor(pybind11::handle(PyTuple_GET_ITEM(x.ptr(), 0)), "x[0]",
+                                                      {{c10::ScalarType::Float8_e4m3fn}, {}, 2}, device);
+        if (data.size(1) % kFp8GroupSize != 0)
+            arguments::raise_value_error("x[0]: FP8 hidden size must be a multiple of " + std::to_string(kFp8GroupSize) +
+                                         ", got " + std::to_string(data.size(1)));
+        const torch::Tensor& scales =
+            arguments::tensor(pybind11::handle(PyTuple_GET_ITEM(x.ptr(), 1)), "x[1]",
+                              {{c10::ScalarType::Float}, {data.size(0), data.size(1) / kFp8GroupSize}, -1, false}, device);
+        return {data, scales.contiguous()};
+    }
+    if (THPVariable_Check(x.ptr()) && THPVariable_Unpack(x.ptr()).scalar_type() == c10::ScalarType::Float8_e4m3fn)
+        arguments::raise_type_error("x: an FP8 tensor must come with its scales, as the tuple (x_fp8, x_scales)");
+    const torch::Tensor& data = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
+    if (data.size(1) * data.element_size() % 16 != 0)
+        arguments::raise_value_error("x: hidden size must be a multiple of 8 for BF16 (16-byte rows), got " +
+                                     std::to_string(data.size(1)));
+    return {data, std::nullopt};
+}
+
+/// An intra-node dispatch whose arguments passed every check.
+struct DispatchCall {
+    torch::Tensor x;
+    OptionalTensor x_scales;
+    std::optional<HandleTensors> handle;  // a cached dispatch
+    OptionalTensor num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights;
+    torch::Tensor is_token_in_rank;
+    int64_t num_experts = 0;
+    int64_t expert_alignment = 1;
+    int64_t num_worst_tokens = 0;
+    int num_sms = 1;
+};
+
+DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
+                              pybind11::handle num_tokens_per_rank, pybind11::handle num_tokens_per_rdma_rank,
+                              pybind11::handle is_token_in_rank, pybind11::handle num_tokens_per_expert,
+                              pybind11::handle topk_idx, pybind11::handle topk_weights, pybind11::handle expert_alignment,
+                              pybind11::handle num_worst_tokens, int64_t num_sms) {
+    using arguments::kAny;
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    DispatchCall call;
+    call.expert_alignment = arguments::integer(expert_alignment, "expert_alignment", 1);
+    call.num_worst_tokens = arguments::integer(num_worst_tokens, "num_worst_tokens", 0);
+    arguments::check_tensor_or_none(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");  // inter-node only
+    std::tie(call.x, call.x_scales) = checked_dispatch_x(x, device);
+    const int64_t num_tokens = call.x.size(0);
+    int64_t num_topk = 0;
+    if (!handle.is_none()) {
+        call.handle = checked_handle(handle, num_ranks, device);
+        if (!topk_idx.is_none() || !topk_weights.is_none())
+            arguments::raise_value_error(std::string(topk_idx.is_none() ? "topk_weights" : "topk_idx") +
+                                         ": must be None for a cached dispatch (handle given); top-k is not resent");
+        if (call.handle->is_token_in_rank.size(0) != num_tokens)
+            arguments::raise_value_error("x: has " + std::to_string(num_tokens) + " tokens but the handle was made for " +
+                                         std::to_string(call.handle->is_token_in_rank.size(0)));
+        call.is_token_in_rank = call.handle->is_token_in_rank;
+    } else {
+        for (const auto& [name, value] : {std::pair{"num_tokens_per_rank", num_tokens_per_rank},
+                                          std::pair{"is_token_in_rank", is_token_in_rank},
+                                          std::pair{"num_tokens_per_expert", num_tokens_per_expert}})
+            if (value.is_none())
+                arguments::raise_value_error(std::string(name) +
+                                             ": required when no handle is given (get it from get_dispatch_layout)");
+        call.num_tokens_per_rank = arguments::tensor(num_tokens_per_rank, "num_tokens_per_rank",
+                                                     {{c10::ScalarType::Int}, {num_ranks}}, device);
+        call.is_token_in_rank = arguments::tensor(is_token_in_rank, "is_token_in_rank",
+                                                  {{c10::ScalarType::Bool}, {num_tokens, num_ranks}}, device);
+        call.num_tokens_per_expert = arguments::tensor(num_tokens_per_expert, "num_tokens_per_expert",
+                                                       {{c10::ScalarType::Int}, {}, 1}, device);
+        call.num_experts = call.num_tokens_per_expert->size(0);
+        if (call.num_experts == 0 || call.num_experts % num_ranks != 0)
+            arguments::raise_value_error("num_tokens_per_expert: length (the expert count) must be a positive multiple of " +
+                                         std::to_string(num_ranks) + " ranks, got " + std::to_string(call.num_experts));
+        if (topk_idx.is_none() != topk_weights.is_none())
+            arguments::raise_value_error(
+                "topk_weights: topk_idx and topk_weights must be given together (or both None)");
+        if (!topk_idx.is_none()) {
+            call.topk_idx = arguments::topk_idx(topk_idx, num_tokens, runtime::size_hints::kMaxNumTopk, device);
+            if (buffer.host_expert_id_check())
+                arguments::check_expert_ids_on_host(*call.topk_idx, call.num_experts);
+            num_topk = call.topk_idx->size(1);
+            call.topk_weights = arguments::tensor(topk_weights, "topk_weights",
+                                                  {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
+        } else if (call.num_worst_tokens > 0) {
+            arguments::raise_value_error("num_worst_tokens: requires topk_idx and topk_weights (as in DeepEP V1)");
+        }
+    }
+    const int64_t needed =
+        runtime::size_hints::nvl_dispatch_bytes(call.x.size(1) * call.x.element_size(),
+                                                call.x_scales.has_value() ? call.x_scales->size(1) : 0, num_topk,
+                                                num_ranks, num_tokens);
+    if (needed > buffer.num_nvl_bytes())
+        arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens", needed,
+                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
+    call.num_sms = buffer.num_sms(num_sms);
+    return call;
+}
+
+/// An intra-node combine whose arguments passed every check.
+struct CombineCall {
+    torch::Tensor x;
+    HandleTensors handle;
+    OptionalTensor topk_weights, bias_0, bias_1;
+    int num_sms = 1;
+};
+
+CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
+                            pybind11::handle topk_weights, pybind11::handle bias, int64_t num_sms) {
+    using arguments::kAny;
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    CombineCall call;
+    if (handle.is_none())
+        arguments::raise_value_error("handle: combine needs the handle returned by dispatch");
+    call.handle = checked_handle(handle, num_ranks, device);
+    const int64_t num_rows = call.handle.recv_src_idx.size(0);
+    call.x = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
+    if (call.x.size(0) != num_rows)
+        arguments::raise_value_error("x: has " + std::to_string(call.x.size(0)) +
+                                     " rows but the handle's dispatch received " + std::to_string(num_rows));
+    const int64_t hidden = call.x.size(1);
+    if (hidden * 2 % 16 != 0)
+        arguments::raise_value_error("x: hidden size must be a multiple of 8 (16-byte rows), got " + std::to_string(hidden));
+    int64_t num_topk = 0;
+    if (!topk_weights.is_none()) {
+        call.topk_weights =
+            arguments::tensor(topk_weights, "topk_weights", {{c10::ScalarType::Float}, {num_rows, kAny}}, device);
+        num_topk = call.topk_weights->size(1);
+        if (num_topk < 1 || num_topk > runtime::size_hints::kMaxNumTopk)
+            arguments::raise_value_error("topk_weights: top-k must be in [1, " +
+                                         std::to_string(runtime::size_hints::kMaxNumTopk) + "], got " +
+                                         std::to_string(num_topk));
+    }
+    // bias: None, one tensor, or a tuple / list of up to two, each BF16 [T, H].
+    std::vector<pybind11::handle> parts;
+    if (THPVariable_Check(bias.ptr())) {
+        parts.push_back(bias);
+    } else if (PyTuple_Check(bias.ptr()) || PyList_Check(bias.ptr())) {
+        const pybind11::sequence sequence = pybind11::reinterpret_borrow<pybind11::sequence>(bias);
+        if (sequence.size() > 2)
+            arguments::raise_value_error("bias: at most 2 tensors, got " + std::to_string(sequence.size()));
+        for (const pybind11::handle part : sequence)
+            parts.push_back(part);
+    } else if (!bias.is_none()) {
+        arguments::raise_type_error(std::string("bias: expected a tensor or a tuple of tensors, got ") +
+                                    Py_TYPE(bias.ptr())->tp_name);
+    }
+    const int64_t num_tokens = call.handle.is_token_in_rank.size(0);
+    for (size_t i = 0; i < parts.size(); ++i) {
+        const std::string name = "bias[" + std::to_string(i) + "]";
+        (i == 0 ? call.bias_0 : call.bias_1) =
+            arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
+    }
+    const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
+    if (needed > buffer.num_nvl_bytes())
+        arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows", needed,
+                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
+    call.num_sms = buffer.num_sms(num_sms);
+    return call;
+}
+
+pybind11::object tensor_or_none(const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); }
+
 }  // namespace
 
-int64_t intranode_dispatch_buffer_bytes(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks,
-                                        int64_t num_tokens) {
-    const layout::DispatchRowLayout rows(dispatch_row_shape(hidden_bytes, num_scales, num_topk, num_ranks));
-    return layout::kControlBytes + rows.data_bytes(num_tokens);
-}
+/// Returns (recv_x (a tensor, or the (fp8, scales) tuple as x came), recv_topk_idx, recv_topk_weights,
+/// num_recv_tokens_per_expert_list, handle tensors (a 6-tuple), event), DeepEP V1's dispatch minus the
+/// handle's NamedTuple type. A cached dispatch (handle given) returns (recv_x, None, None, None, None, event):
+/// no notify and no CPU synchronisation. A fresh one waits once for the receive counts, unless
+/// num_worst_tokens fixes the output size.
+pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle handle_arg,
+                                   pybind11::handle num_tokens_per_rank_arg, pybind11::handle num_tokens_per_rdma_rank_arg,
+                                   pybind11::handle is_token_in_rank_arg, pybind11::handle num_tokens_per_expert_arg,
+                                   pybind11::handle topk_idx_arg, pybind11::handle topk_weights_arg,
+                                   pybind11::handle expert_alignment_arg, pybind11::handle num_worst_tokens_arg,
+                                   int64_t num_sms, pybind11::handle previous_event, bool async_finish,
+                                   bool allocate_on_comm_stream) {
+    buffer.require_usable();
+    const DispatchCall call = checked_dispatch(buffer, x_arg, handle_arg, num_tokens_per_rank_arg,
+                                               num_tokens_per_rdma_rank_arg, is_token_in_rank_arg,
+                                               num_tokens_per_expert_arg, topk_idx_arg, topk_weights_arg,
+                                               expert_alignment_arg, num_worst_tokens_arg, num_sms);
+    const torch::Tensor& x = call.x;
+    const OptionalTensor& x_scales = call.x_scales;
+    const OptionalTensor& topk_idx = call.topk_idx;
+    const OptionalTensor& topk_weights = call.topk_weights;
+    const bool cached = call.handle.has_value();
 
-int64_t intranode_combine_buffer_bytes(int64_t hidden, int64_t num_topk, int64_t num_rows) {
-    const layout::CombineRowLayout rows(static_cast<int>(hidden), static_cast<int>(num_topk));
-    return layout::kControlBytes + rows.data_bytes(num_rows);
-}
-
-/// Returns (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-/// rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, send_head).
-/// Cached mode (cached_rank_prefix_matrix given): no notify, no CPU sync; the handle's tensors are
-/// returned as they came (None for the ones the caller keeps) and num_recv_tokens_per_expert_list is empty.
-pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor& x, const OptionalTensor& x_scales,
-                                   const OptionalTensor& topk_idx, const OptionalTensor& topk_weights,
-                                   const torch::Tensor& is_token_in_rank, const OptionalTensor& num_tokens_per_rank,
-                                   const OptionalTensor& num_tokens_per_expert, int64_t num_experts,
-                                   const OptionalTensor& cached_rank_prefix_matrix, int64_t cached_num_recv_tokens,
-                                   int64_t expert_alignment, int64_t num_worst_tokens, int64_t num_sms,
-                                   bool conservative_loads, const runtime::StreamOptions& stream_options) {
-    buffer.raise_if_failed();
-    runtime::OpStreams streams(buffer.device(), stream_options);
+    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
+                               {previous_event, async_finish, allocate_on_comm_stream});
     const cudaStream_t stream = streams.comm();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_ranks = peers.num_ranks, num_tokens = x.size(0);
     const int64_t hidden_bytes = x.size(1) * x.element_size();
     const int64_t num_scales = x_scales.has_value() ? x_scales->size(1) : 0;
     const int64_t num_topk = topk_idx.has_value() ? topk_idx->size(1) : 0;
+    const int64_t num_experts = call.num_experts;
     const DispatchRowShape shape = dispatch_row_shape(hidden_bytes, num_scales, num_topk, num_ranks);
-    DEEP_EP_CHECK(intranode_dispatch_buffer_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_tokens) <=
-                      buffer.num_nvl_bytes(),
-                  "num_nvl_bytes is too small for this dispatch");
-    const bool cached = cached_rank_prefix_matrix.has_value();
     const auto int_options = x.options().dtype(torch::kInt32);
 
     torch::Tensor rank_prefix_matrix;
@@ -184,39 +398,46 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     int num_recv_capacity = 0, notify_tag = 0;
     std::vector<int> num_recv_tokens_per_expert_list;
     if (!cached) {
-        DEEP_EP_CHECK(num_tokens_per_rank.has_value() && num_tokens_per_expert.has_value(),
-                      "a non-cached dispatch needs num_tokens_per_rank and num_tokens_per_expert");
-        // Validation left the id range to the GPU (a host check would drain the stream first); the caller
-        // raises what this flags once the op is queued, so peers are never left waiting.
+        // The id range is checked on the GPU (a host check would drain the stream first); what this flags is
+        // raised once the op is queued, so peers are never left waiting.
         if (topk_idx.has_value())
             launch_check_expert_ids(CheckExpertIdsArgs{topk_idx->data_ptr(), topk_idx->scalar_type() == torch::kInt64,
                                                        topk_idx->numel(), static_cast<int>(num_experts),
                                                        buffer.invalid_expert_id_device(), stream});
-        rank_prefix_matrix = torch::empty({num_ranks, num_ranks}, int_options);
-        channel_prefix_matrix = torch::empty({num_ranks, 1}, int_options);
-        recv_channel_prefix_matrix = torch::empty({num_ranks, 1}, int_options);
-        send_head = torch::empty({num_tokens, num_ranks}, int_options);
-        auto num_recv_tokens_per_expert = torch::empty({num_experts / num_ranks}, int_options);
+        // The handle's int32 tensors and the per-expert counts share one allocation (fewer allocator calls).
+        const int64_t num_local_experts = num_experts / num_ranks;
+        const auto ints = torch::empty({num_ranks * (num_ranks + 2 + num_tokens) + num_local_experts}, int_options);
+        int64_t offset = 0;
+        auto take = [&](int64_t rows, int64_t cols) {
+            auto part = ints.narrow(0, offset, rows * cols).view({rows, cols});
+            offset += rows * cols;
+            return part;
+        };
+        rank_prefix_matrix = take(num_ranks, num_ranks);
+        channel_prefix_matrix = take(num_ranks, 1);
+        recv_channel_prefix_matrix = take(num_ranks, 1);
+        send_head = take(num_tokens, num_ranks);
+        auto num_recv_tokens_per_expert = take(num_local_experts, 1);
 
         IntranodeNotifyArgs notify{};
         notify.peers = peers;
         notify.barrier = next_barrier(buffer);
-        notify.num_tokens_per_rank = num_tokens_per_rank->data_ptr<int>();
-        notify.num_tokens_per_expert = num_tokens_per_expert->data_ptr<int>();
+        notify.num_tokens_per_rank = call.num_tokens_per_rank->data_ptr<int>();
+        notify.num_tokens_per_expert = call.num_tokens_per_expert->data_ptr<int>();
         notify.num_experts = static_cast<int>(num_experts);
-        notify.expert_alignment = static_cast<int>(expert_alignment);
+        notify.expert_alignment = static_cast<int>(call.expert_alignment);
         notify.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
         notify.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
         notify.send_counts = channel_prefix_matrix->data_ptr<int>();
         notify.recv_first_row = recv_channel_prefix_matrix->data_ptr<int>();
         // With num_worst_tokens nobody waits for the counts, and a late write could be mistaken for a
         // later dispatch's: only the waited-for notify touches the host-mapped counters.
-        notify.mapped_counters = num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();
+        notify.mapped_counters = call.num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();
         notify.mapped_tag = notify_tag = buffer.next_notify_tag();
         notify.stream = stream;
         launch_intranode_notify(notify);
     } else {
-        rank_prefix_matrix = *cached_rank_prefix_matrix;
+        rank_prefix_matrix = call.handle->rank_prefix_matrix;
     }
 
     // Host-only (no GPU synchronisation): where every rank's inputs are, for direct reads.
@@ -233,25 +454,25 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     stage.topk_idx = topk_idx.has_value() ? topk_idx->data_ptr() : nullptr;
     stage.topk_idx_is_int64 = topk_idx.has_value() && topk_idx->scalar_type() == torch::kInt64;
     stage.topk_weights = data_or_null<float>(topk_weights);
-    stage.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    stage.is_token_in_rank = call.is_token_in_rank.data_ptr<bool>();
     stage.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     stage.send_head = cached ? nullptr : send_head->data_ptr<int>();
     stage.stage_rows = !direct.has_value();
-    stage.num_blocks = static_cast<int>(num_sms);
+    stage.num_blocks = call.num_sms;
     stage.stream = stream;
     launch_intranode_dispatch_stage(stage);
 
     if (cached) {
-        num_recv_capacity = static_cast<int>(cached_num_recv_tokens);
-    } else if (num_worst_tokens > 0) {
-        num_recv_capacity = static_cast<int>(num_worst_tokens);
+        num_recv_capacity = static_cast<int>(call.handle->recv_src_idx.size(0));
+    } else if (call.num_worst_tokens > 0) {
+        num_recv_capacity = static_cast<int>(call.num_worst_tokens);
     } else {
         auto [num_recv, per_expert] = wait_for_receive_counts(buffer, notify_tag, num_experts / num_ranks);
         num_recv_capacity = num_recv;
         num_recv_tokens_per_expert_list = std::move(per_expert);
     }
 
-    // Outputs on the current stream (the caller chose it); the kernels below run on `stream`.
+    // Outputs on the current stream (the caller's, or the comm stream with allocate_on_comm_stream).
     auto recv_x = torch::empty({num_recv_capacity, x.size(1)}, x.options());
     OptionalTensor recv_x_scales, recv_topk_idx, recv_topk_weights;
     if (x_scales.has_value())
@@ -275,35 +496,59 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, const torch::Tensor&
     pull.recv_topk_idx = data_or_null<int64_t>(recv_topk_idx);
     pull.recv_topk_weights = data_or_null<float>(recv_topk_weights);
     pull.recv_src_idx = recv_src_idx.data_ptr<int>();
-    pull.num_blocks = static_cast<int>(num_sms);
-    pull.conservative_loads = conservative_loads;
+    pull.num_blocks = call.num_sms;
+    pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
     launch_intranode_dispatch_pull(pull);
     if (direct.has_value())
         close_direct_op(buffer, peers, stream);
-    streams.finish();
 
-    auto to_object = [](const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); };
-    return pybind11::make_tuple(recv_x, to_object(recv_x_scales), to_object(recv_topk_idx),
-                                to_object(recv_topk_weights), num_recv_tokens_per_expert_list, rank_prefix_matrix,
-                                to_object(channel_prefix_matrix), to_object(recv_channel_prefix_matrix), recv_src_idx,
-                                to_object(send_head));
+    HandleTensors handle;
+    if (!cached)
+        handle = HandleTensors{rank_prefix_matrix, *channel_prefix_matrix, *recv_channel_prefix_matrix, recv_src_idx,
+                               call.is_token_in_rank, *send_head};
+    pybind11::object event;
+    if (streams.needs_tensor_lists()) {
+        std::vector<torch::Tensor> inputs{x, call.is_token_in_rank};
+        for (const OptionalTensor& t : {x_scales, topk_idx, topk_weights, call.num_tokens_per_rank, call.num_tokens_per_expert})
+            if (t.has_value())
+                inputs.push_back(*t);
+        std::vector<torch::Tensor> outputs{recv_x, recv_src_idx, rank_prefix_matrix};
+        for (const OptionalTensor& t : {recv_x_scales, recv_topk_idx, recv_topk_weights, channel_prefix_matrix,
+                                        recv_channel_prefix_matrix, send_head})
+            if (t.has_value())
+                outputs.push_back(*t);
+        event = streams.finish(std::move(inputs), outputs);
+    } else {
+        event = streams.finish();
+    }
+    raise_pending_errors(buffer, streams);
+
+    const pybind11::object recv =
+        x_scales.has_value() ? pybind11::object(pybind11::make_tuple(recv_x, *recv_x_scales)) : pybind11::cast(recv_x);
+    if (cached)
+        return pybind11::make_tuple(recv, pybind11::none(), pybind11::none(), pybind11::none(), pybind11::none(), event);
+    return pybind11::make_tuple(recv, tensor_or_none(recv_topk_idx), tensor_or_none(recv_topk_weights),
+                                pybind11::cast(num_recv_tokens_per_expert_list), handle.as_tuple(), event);
 }
 
-/// Returns (combined_x, combined_topk_weights or None). x row i is the i-th row this rank received in the
-/// dispatch whose handle gave send_head.
-pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& x, const OptionalTensor& topk_weights,
-                                  const OptionalTensor& bias_0, const OptionalTensor& bias_1,
-                                  const torch::Tensor& send_head, int64_t num_sms, bool conservative_loads,
-                                  const runtime::StreamOptions& stream_options) {
-    buffer.raise_if_failed();
-    runtime::OpStreams streams(buffer.device(), stream_options);
+/// Returns (combined_x, combined_topk_weights or None, event). x row i is the i-th row this rank received
+/// in the dispatch whose handle is given.
+pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle handle_arg,
+                                  pybind11::handle topk_weights_arg, pybind11::handle bias_arg, int64_t num_sms,
+                                  pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
+    buffer.require_usable();
+    const CombineCall call = checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+    const torch::Tensor& x = call.x;
+    const OptionalTensor& topk_weights = call.topk_weights;
+    const torch::Tensor& send_head = call.handle.send_head;
+
+    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
+                               {previous_event, async_finish, allocate_on_comm_stream});
     const cudaStream_t stream = streams.comm();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
-    DEEP_EP_CHECK(intranode_combine_buffer_bytes(hidden, num_topk, num_rows) <= buffer.num_nvl_bytes(),
-                  "num_nvl_bytes is too small for this combine");
 
     auto combined_x = torch::empty({num_tokens, hidden}, x.options());
     OptionalTensor combined_topk_weights;
@@ -320,7 +565,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
         stage.num_rows = static_cast<int>(num_rows);
         stage.x = x.data_ptr();
         stage.topk_weights = data_or_null<float>(topk_weights);
-        stage.num_blocks = static_cast<int>(num_sms);
+        stage.num_blocks = call.num_sms;
         stage.stream = stream;
         launch_intranode_combine_stage(stage);
     }
@@ -333,20 +578,32 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, const torch::Tensor& 
     pull.num_tokens = static_cast<int>(num_tokens);
     pull.sources = direct.has_value() ? *direct : staged_combine_sources(peers, hidden, num_topk);
     pull.send_head = send_head.data_ptr<int>();
-    pull.bias_0 = bias_0.has_value() ? bias_0->data_ptr() : nullptr;
-    pull.bias_1 = bias_1.has_value() ? bias_1->data_ptr() : nullptr;
+    pull.bias_0 = call.bias_0.has_value() ? call.bias_0->data_ptr() : nullptr;
+    pull.bias_1 = call.bias_1.has_value() ? call.bias_1->data_ptr() : nullptr;
     pull.combined_x = combined_x.data_ptr();
     pull.combined_topk_weights = data_or_null<float>(combined_topk_weights);
-    pull.num_blocks = static_cast<int>(num_sms);
-    pull.conservative_loads = conservative_loads;
+    pull.num_blocks = call.num_sms;
+    pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
     launch_intranode_combine_pull(pull);
     if (direct.has_value())
         close_direct_op(buffer, peers, stream);
-    streams.finish();
 
-    return pybind11::make_tuple(combined_x, combined_topk_weights.has_value() ? pybind11::cast(*combined_topk_weights)
-                                                                                : pybind11::none());
+    pybind11::object event;
+    if (streams.needs_tensor_lists()) {
+        std::vector<torch::Tensor> inputs{x, send_head};
+        for (const OptionalTensor& t : {topk_weights, call.bias_0, call.bias_1})
+            if (t.has_value())
+                inputs.push_back(*t);
+        std::vector<torch::Tensor> outputs{combined_x};
+        if (combined_topk_weights.has_value())
+            outputs.push_back(*combined_topk_weights);
+        event = streams.finish(std::move(inputs), outputs);
+    } else {
+        event = streams.finish();
+    }
+    raise_pending_errors(buffer, streams);
+    return pybind11::make_tuple(combined_x, tensor_or_none(combined_topk_weights), event);
 }
 
 /// A group barrier enqueued on `stream` (nothing else): all ranks must call it the same number of times.
@@ -359,19 +616,14 @@ void intranode_barrier(runtime::Buffer& buffer, int64_t stream_handle) {
 void register_intranode_apis(pybind11::module_& m) {
     namespace py = pybind11;
     m.def("intranode_barrier", &intranode_barrier, py::arg("buffer"), py::arg("stream"));
-    m.def("intranode_dispatch_buffer_bytes", &intranode_dispatch_buffer_bytes, py::arg("hidden_bytes"),
-          py::arg("num_scales"), py::arg("num_topk"), py::arg("num_ranks"), py::arg("num_tokens"),
-          "NVLink buffer bytes an intra-node dispatch of num_tokens rows needs on the sending rank.");
-    m.def("intranode_combine_buffer_bytes", &intranode_combine_buffer_bytes, py::arg("hidden"), py::arg("num_topk"),
-          py::arg("num_rows"), "NVLink buffer bytes an intra-node combine of num_rows input rows needs.");
-    m.def("intranode_dispatch", &intranode_dispatch, py::arg("buffer"), py::arg("x"), py::arg("x_scales"),
-          py::arg("topk_idx"), py::arg("topk_weights"), py::arg("is_token_in_rank"), py::arg("num_tokens_per_rank"),
-          py::arg("num_tokens_per_expert"), py::arg("num_experts"), py::arg("cached_rank_prefix_matrix"),
-          py::arg("cached_num_recv_tokens"), py::arg("expert_alignment"), py::arg("num_worst_tokens"),
-          py::arg("num_sms"), py::arg("conservative_loads"), py::arg("streams"));
-    m.def("intranode_combine", &intranode_combine, py::arg("buffer"), py::arg("x"), py::arg("topk_weights"),
-          py::arg("bias_0"), py::arg("bias_1"), py::arg("send_head"), py::arg("num_sms"),
-          py::arg("conservative_loads"), py::arg("streams"));
+    m.def("intranode_dispatch", &intranode_dispatch, py::arg("buffer"), py::arg("x"), py::arg("handle"),
+          py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_rdma_rank"), py::arg("is_token_in_rank"),
+          py::arg("num_tokens_per_expert"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("expert_alignment"),
+          py::arg("num_worst_tokens"), py::arg("num_sms"), py::arg("previous_event"), py::arg("async_finish"),
+          py::arg("allocate_on_comm_stream"));
+    m.def("intranode_combine", &intranode_combine, py::arg("buffer"), py::arg("x"), py::arg("handle"),
+          py::arg("topk_weights"), py::arg("bias"), py::arg("num_sms"), py::arg("previous_event"),
+          py::arg("async_finish"), py::arg("allocate_on_comm_stream"));
 }
 
 }  // namespace deep_ep::ops

@@ -1,24 +1,39 @@
-// get_dispatch_layout: the Python layer has validated shapes, dtypes and devices already.
+// get_dispatch_layout: checks its arguments, orders itself after the caller's stream, launches one kernel.
 #include <torch/extension.h>
 
 #include "kernels/api.cuh"
+#include "ops/arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/op_streams.hpp"
+#include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
 
-// buffer (or None) receives the GPU-side expert id check's finding; without one, validation checked them.
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(runtime::Buffer* buffer,
-                                                                            const torch::Tensor& topk_idx,
-                                                                            int64_t num_experts, int64_t num_ranks,
-                                                                            const runtime::StreamOptions& stream_options) {
-    runtime::OpStreams streams(topk_idx.get_device(), stream_options);
-    const auto int_options = topk_idx.options().dtype(torch::kInt32);
-    auto num_tokens_per_rank = torch::empty({num_ranks}, int_options);
-    auto num_tokens_per_expert = torch::empty({num_experts}, int_options);
-    auto is_token_in_rank = torch::empty({topk_idx.size(0), num_ranks}, topk_idx.options().dtype(torch::kBool));
+/// Returns (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R],
+/// event or None). Expert ids are range-checked by the kernel itself (Buffer::invalid_expert_id_device).
+pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle topk_idx_arg, pybind11::handle num_experts_arg,
+                                    pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
+    buffer.require_usable();
+    const int64_t num_ranks = buffer.num_ranks();
+    const int64_t num_experts = arguments::num_experts(num_experts_arg, num_ranks);
+    const torch::Tensor& topk_idx =
+        arguments::topk_idx(topk_idx_arg, arguments::kAny, runtime::size_hints::kMaxNumTopk, buffer.device());
+    if (buffer.host_expert_id_check())
+        arguments::check_expert_ids_on_host(topk_idx, num_experts);
+
+    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
+                               {previous_event, async_finish, allocate_on_comm_stream});
+    // One allocation for the three outputs (the host cost of a call is mostly per allocation and launch):
+    // the counts first, zeroed by one memset, then the membership matrix.
+    const int64_t num_counts = num_ranks + num_experts, num_tokens = topk_idx.size(0);
+    const auto storage = torch::empty({num_counts * 4 + num_tokens * num_ranks}, topk_idx.options().dtype(torch::kUInt8));
+    auto counts = storage.narrow(0, 0, num_counts * 4).view(torch::kInt32);
+    auto num_tokens_per_rank = counts.narrow(0, 0, num_ranks);
+    auto num_tokens_per_expert = counts.narrow(0, num_ranks, num_experts);
+    auto is_token_in_rank =
+        storage.narrow(0, num_counts * 4, num_tokens * num_ranks).view(torch::kBool).view({num_tokens, num_ranks});
     DispatchLayoutArgs args{};
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
@@ -29,16 +44,20 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> get_dispatch_layout(runt
     args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
-    args.invalid = buffer == nullptr ? nullptr : buffer->invalid_expert_id_device();
+    args.invalid = buffer.invalid_expert_id_device();
     args.stream = streams.comm();
     launch_dispatch_layout(args);
-    streams.finish();
-    return {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank};
+    pybind11::object event = streams.needs_tensor_lists()
+                                 ? streams.finish({topk_idx}, {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank})
+                                 : streams.finish();
+    raise_pending_errors(buffer, streams);
+    return pybind11::make_tuple(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, event);
 }
 
 void register_layout_apis(pybind11::module_& m) {
-    m.def("get_dispatch_layout", &get_dispatch_layout, pybind11::arg("buffer").none(true), pybind11::arg("topk_idx"), pybind11::arg("num_experts"),
-          pybind11::arg("num_ranks"), pybind11::arg("streams"));
+    namespace py = pybind11;
+    m.def("get_dispatch_layout", &get_dispatch_layout, py::arg("buffer"), py::arg("topk_idx"), py::arg("num_experts"),
+          py::arg("previous_event"), py::arg("async_finish"), py::arg("allocate_on_comm_stream"));
 }
 
 }  // namespace deep_ep::ops

@@ -1,174 +1,361 @@
-// Low-latency dispatch/combine: the Python layer (deep_ep/low_latency_backend.py) has validated shapes,
-// dtypes and devices, owns the NVSHMEM symmetric buffer and picks the buffer set; this file allocates
-// outputs, fills one Args struct and launches. The kernels need NVSHMEM; without it every entry point
-// but the size hint raises.
+// Low-latency dispatch/combine, one binding call each: check every argument, lay the symmetric buffer out
+// for the call's shape, pick the buffer set, allocate outputs, fill one Args struct and launch on the
+// caller's current stream. Nothing here synchronises the host with the GPU, so a sequence of these calls
+// can be captured in a CUDA graph. With return_recv_hook the receive half is launched by the returned hook.
+// The kernels need NVSHMEM; without it every entry point raises.
 #include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <pybind11/stl.h>
 
 #include <optional>
 #include <vector>
 
 #include "kernels/api.cuh"
+#include "ops/arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
+#include "runtime/event.hpp"
+#include "runtime/nvshmem.hpp"
+#include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
 namespace {
 
-LowLatencyLayout make_layout(int64_t num_max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
-    DEEP_EP_CHECK(num_ranks > 0 && num_experts % num_ranks == 0,
-                  "num_experts (" << num_experts << ") must be a multiple of num_ranks (" << num_ranks << ")");
-    return LowLatencyLayout{num_max_tokens, hidden, num_ranks, num_experts};
-}
-
-int64_t low_latency_rdma_size_hint(int64_t num_max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
-    return make_layout(num_max_tokens, hidden, num_ranks, num_experts).total_bytes();
-}
+using OptionalTensor = std::optional<torch::Tensor>;
+using arguments::kAny;
 
 #ifdef DEEP_EP_WITH_NVSHMEM
 
-LowLatencySymmetricArgs symmetric_args(int64_t local_base, const torch::Tensor& mapped_bases, bool all_ranks_mapped) {
-    return LowLatencySymmetricArgs{reinterpret_cast<void*>(local_base),
-                                   reinterpret_cast<const uint64_t*>(mapped_bases.data_ptr<int64_t>()),
-                                   all_ranks_mapped};
+int64_t checked_hidden(int64_t hidden, const char* name) {
+    for (const int supported : kLowLatencySupportedHidden)
+        if (hidden == supported)
+            return hidden;
+    std::string list;
+    for (const int supported : kLowLatencySupportedHidden)
+        list += (list.empty() ? "" : ", ") + std::to_string(supported);
+    arguments::raise_value_error(std::string(name) + ": hidden size " + std::to_string(hidden) +
+                                 " is not supported in low-latency mode (supported: (" + list + "))");
+}
+
+int64_t checked_num_experts(pybind11::handle obj, int64_t num_ranks) {
+    const int64_t num_experts = arguments::num_experts(obj, num_ranks);
+    if (num_experts > kLowLatencyMaxExperts)
+        arguments::raise_value_error("num_experts: low-latency mode supports up to " +
+                                     std::to_string(kLowLatencyMaxExperts) + " experts, got " +
+                                     std::to_string(num_experts));
+    return num_experts;
+}
+
+LowLatencyLayout checked_layout(const runtime::SymmetricBuffer& symmetric, const char* name, int64_t num_max_tokens,
+                                int64_t hidden, int64_t num_ranks, int64_t num_experts) {
+    const LowLatencyLayout layout{num_max_tokens, hidden, num_ranks, num_experts};
+    if (layout.total_bytes() > symmetric.num_bytes)
+        arguments::raise_capacity_error(name,
+                                        "low-latency mode with " + std::to_string(num_max_tokens) +
+                                            " tokens per rank, hidden " + std::to_string(hidden) + ", " +
+                                            std::to_string(num_experts) + " experts",
+                                        layout.total_bytes(), symmetric.num_bytes, "num_rdma_bytes");
+    return layout;
+}
+
+
+/// Zeroes every signal word of both sets for `layout`. Collective: the NVSHMEM barriers around it make
+/// sure no rank is still sending into this buffer, and that none starts before every rank is clean.
+void clean_signals(runtime::SymmetricBuffer& symmetric, const LowLatencyLayout& layout, cudaStream_t stream) {
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    runtime::nvshmem::barrier_all();
+    for (int set = 0; set < 2; ++set)
+        DEEP_EP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric.base) + layout.set_offset(set), 0,
+                                           layout.signal_bytes(), stream));
+    symmetric.combine_done_blocks.zero_();
+    DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
+    runtime::nvshmem::barrier_all();
+    symmetric.shape = {layout.num_max_tokens, layout.hidden, layout.num_experts};
+    symmetric.has_shape = true;
+}
+
+/// Signal words sit at shape-dependent offsets: the first call of a new shape starts from a clean buffer.
+void use_layout(runtime::SymmetricBuffer& symmetric, const LowLatencyLayout& layout, cudaStream_t stream) {
+    const std::array<int64_t, 3> shape{layout.num_max_tokens, layout.hidden, layout.num_experts};
+    if (symmetric.has_shape && symmetric.shape == shape)
+        return;
+    if (!symmetric.has_shape) {  // the buffer is still as allocated: zeroed
+        symmetric.shape = shape;
+        symmetric.has_shape = true;
+        return;
+    }
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone)
+        throw std::runtime_error(
+            "low-latency shape changed during CUDA graph capture: call clean_low_latency_buffer first");
+    clean_signals(symmetric, layout, stream);
 }
 
 /// What dispatch and combine Args share: where the buffers are, which set and half to run, how to wait.
-struct LowLatencyLaunch {
-    runtime::Buffer& runtime;
-    LowLatencyLayout layout;
-    int64_t buffer_set;
-    bool do_send, do_recv;
-    LowLatencySymmetricArgs symmetric;
-    int64_t num_blocks;
-    bool conservative_loads;
-    int64_t stream;
+template <typename Args>
+void fill_common(Args& args, const runtime::Buffer& buffer, const runtime::SymmetricBuffer& symmetric,
+                 const LowLatencyLayout& layout, int buffer_set, cudaStream_t stream) {
+    args.layout = layout;
+    args.buffer_set = buffer_set;
+    args.symmetric = LowLatencySymmetricArgs{symmetric.base,
+                                             reinterpret_cast<const uint64_t*>(symmetric.mapped_bases.data_ptr<int64_t>()),
+                                             symmetric.all_ranks_mapped};
+    args.wait = buffer.wait_context();
+    args.invalid = buffer.invalid_expert_id_device();
+    args.rank = buffer.rank();
+    args.num_blocks = symmetric.num_blocks;
+    args.conservative_loads = buffer.conservative_loads();
+    args.stream = stream;
+}
 
-    template <typename Args>
-    void fill(Args& args) const {
-        args.layout = layout;
-        args.buffer_set = static_cast<int>(buffer_set);
-        args.do_send = do_send;
-        args.do_recv = do_recv;
-        args.symmetric = symmetric;
-        args.wait = runtime.wait_context();
-        args.rank = runtime.rank();
-        args.num_blocks = static_cast<int>(num_blocks);
-        args.conservative_loads = conservative_loads;
-        args.stream = reinterpret_cast<cudaStream_t>(stream);
+cudaStream_t current_stream(const runtime::Buffer& buffer) {
+    return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream();
+}
+
+/// The receive half of a dispatch or combine sent with return_recv_hook: calling it launches the receiving
+/// kernel on the then-current stream, and then raises what the Buffer has pending (a timeout, a flagged
+/// expert id), as the op itself would have. Holds the op's tensors until it is dropped.
+template <typename Args>
+class ReceiveHook {
+  public:
+    ReceiveHook(pybind11::object buffer, const Args& args, std::vector<torch::Tensor> keep_alive)
+        : buffer_(std::move(buffer)), args_(args), keep_alive_(std::move(keep_alive)) {}
+
+    void operator()() {
+        auto& buffer = buffer_.cast<runtime::Buffer&>();
+        buffer.require_usable();
+        Args args = args_;
+        args.do_send = false;
+        args.do_recv = true;
+        args.stream = current_stream(buffer);
+        launch(args);
+        buffer.raise_pending_errors();
     }
+
+  private:
+    static void launch(const LowLatencyDispatchArgs& args) { launch_low_latency_dispatch(args); }
+    static void launch(const LowLatencyCombineArgs& args) { launch_low_latency_combine(args); }
+
+    pybind11::object buffer_;
+    Args args_;
+    std::vector<torch::Tensor> keep_alive_;
 };
 
-/// Returns [recv_x, recv_scales (empty without FP8), recv_count, recv_src_info, recv_layout_range].
-/// With do_send only (the hook's first half) the outputs are allocated and returned unfilled; the hook
-/// passes them back in `outputs` with do_recv only.
-std::vector<torch::Tensor> low_latency_dispatch(
-    runtime::Buffer& runtime, int64_t local_base, const torch::Tensor& mapped_bases, bool all_ranks_mapped,
-    const torch::Tensor& x, const torch::Tensor& topk_idx, const std::optional<torch::Tensor>& cumulative_stats,
-    const std::optional<torch::Tensor>& wait_cost_stats, int64_t num_max_tokens, int64_t num_experts,
-    int64_t buffer_set, bool use_fp8, bool round_scale, bool use_ue8m0, bool do_send, bool do_recv,
-    const std::optional<std::vector<torch::Tensor>>& outputs, int64_t num_blocks, bool conservative_loads,
-    int64_t stream) {
-    runtime.raise_if_failed();
-    const int64_t num_ranks = runtime.num_ranks(), hidden = x.size(1);
-    const auto layout = make_layout(num_max_tokens, hidden, num_ranks, num_experts);
-    const int64_t num_local_experts = layout.num_local_experts(), rows = num_ranks * num_max_tokens;
-    const int64_t num_groups = hidden / kLowLatencyFp8GroupSize;
+/// After the launch: an event (async_finish) or None, the hook or None, and the Buffer's pending errors
+/// raised now unless a hook will raise them after the receive half.
+template <typename Args>
+std::pair<pybind11::object, pybind11::object> finish(runtime::Buffer& buffer, const Args& args, bool async_finish,
+                                                     bool return_recv_hook, std::vector<torch::Tensor> keep_alive) {
+    pybind11::object event = pybind11::none(), hook = pybind11::none();
+    if (async_finish)
+        event = pybind11::cast(runtime::EventHandle(args.stream, buffer.device(), keep_alive));
+    if (return_recv_hook)
+        hook = pybind11::cast(ReceiveHook<Args>(pybind11::cast(&buffer, pybind11::return_value_policy::reference), args,
+                                                std::move(keep_alive)));
+    else
+        buffer.raise_pending_errors();
+    return {event, hook};
+}
 
-    std::vector<torch::Tensor> out;
-    if (outputs.has_value()) {
-        out = *outputs;
-    } else {
-        const auto options = x.options();
-        out.push_back(torch::empty({num_local_experts, rows, hidden},
-                                   options.dtype(use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16)));
-        if (use_fp8 && use_ue8m0)  // column-major: allocated [L, groups/4, rows], returned transposed
-            out.push_back(torch::empty({num_local_experts, (num_groups + 3) / 4, rows}, options.dtype(torch::kInt32))
-                              .transpose(1, 2));
-        else if (use_fp8)
-            out.push_back(
-                torch::empty({num_local_experts, num_groups, rows}, options.dtype(torch::kFloat32)).transpose(1, 2));
-        else
-            out.push_back(torch::empty({0}, options.dtype(torch::kFloat32)));
-        out.push_back(torch::empty({num_local_experts}, options.dtype(torch::kInt32)));
-        out.push_back(torch::empty({num_local_experts, rows}, options.dtype(torch::kInt32)));
-        out.push_back(torch::empty({num_local_experts, num_ranks}, options.dtype(torch::kInt64)));
-    }
+/// Returns (recv_x, or (recv_x, recv_scales) with use_fp8; recv_count; the handle as a 5-tuple; event or
+/// None; hook or None). Scales are column-major [L, R*M, H/128] float32, or int32 [L, R*M, H/512] with ue8m0.
+pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle topk_idx_arg,
+                                     pybind11::handle num_max_tokens_arg, pybind11::handle num_experts_arg,
+                                     pybind11::handle cumulative_stats_arg, pybind11::handle wait_cost_stats_arg,
+                                     bool use_fp8, bool round_scale, bool use_ue8m0, bool async_finish,
+                                     bool return_recv_hook) {
+    buffer.require_usable();
+    runtime::SymmetricBuffer& symmetric = buffer.symmetric("low_latency_dispatch");
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    const int64_t m = arguments::integer(num_max_tokens_arg, "num_max_dispatch_tokens_per_rank", 1);
+    const int64_t num_experts = checked_num_experts(num_experts_arg, num_ranks);
+    const torch::Tensor& x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
+    const int64_t num_tokens = x.size(0), hidden = checked_hidden(x.size(1), "x");
+    if (num_tokens > m)
+        arguments::raise_value_error("x: " + std::to_string(num_tokens) +
+                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
+    if (m > kLowLatencyMaxTokensPerRank)
+        arguments::raise_value_error("num_max_dispatch_tokens_per_rank: at most " +
+                                     std::to_string(kLowLatencyMaxTokensPerRank) + ", got " + std::to_string(m));
+    const torch::Tensor& topk_idx =
+        arguments::topk_idx(topk_idx_arg, num_tokens, runtime::size_hints::kLowLatencyMaxNumTopk, device);
+    if (buffer.host_expert_id_check())
+        arguments::check_expert_ids_on_host(topk_idx, num_experts);
+    const OptionalTensor cumulative_stats =
+        arguments::optional_tensor(cumulative_stats_arg, "cumulative_local_expert_recv_stats",
+                                   {{c10::ScalarType::Int}, {num_experts / num_ranks}}, device);
+    const OptionalTensor wait_cost_stats = arguments::optional_tensor(
+        wait_cost_stats_arg, "dispatch_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
+    if (use_ue8m0 && !(use_fp8 && round_scale))
+        arguments::raise_value_error("use_ue8m0: requires use_fp8=True and round_scale=True");
+    const LowLatencyLayout layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
+
+    const cudaStream_t stream = current_stream(buffer);
+    use_layout(symmetric, layout, stream);
+    const int64_t num_local_experts = layout.num_local_experts(), rows = num_ranks * m;
+    const int64_t num_groups = hidden / kFp8GroupSize;
+    const auto options = x.options();
+    auto recv_x = torch::empty({num_local_experts, rows, hidden},
+                               options.dtype(use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16));
+    torch::Tensor recv_scales;
+    if (use_fp8 && use_ue8m0)  // column-major: allocated [L, groups/4, rows], returned transposed
+        recv_scales = torch::empty({num_local_experts, (num_groups + 3) / 4, rows}, options.dtype(torch::kInt32)).transpose(1, 2);
+    else if (use_fp8)
+        recv_scales = torch::empty({num_local_experts, num_groups, rows}, options.dtype(torch::kFloat32)).transpose(1, 2);
+    auto recv_count = torch::empty({num_local_experts}, options.dtype(torch::kInt32));
+    auto recv_src_info = torch::empty({num_local_experts, rows}, options.dtype(torch::kInt32));
+    auto recv_layout_range = torch::empty({num_local_experts, num_ranks}, options.dtype(torch::kInt64));
 
     LowLatencyDispatchArgs args{};
-    LowLatencyLaunch{runtime, layout, buffer_set, do_send, do_recv,
-                     symmetric_args(local_base, mapped_bases, all_ranks_mapped), num_blocks, conservative_loads, stream}
-        .fill(args);
+    fill_common(args, buffer, symmetric, layout, symmetric.take_set(), stream);
+    args.do_send = true;
+    args.do_recv = !return_recv_hook;
     args.x = x.data_ptr();
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
-    args.num_tokens = static_cast<int>(x.size(0));
+    args.num_tokens = static_cast<int>(num_tokens);
     args.num_topk = static_cast<int>(topk_idx.size(1));
     args.use_fp8 = use_fp8;
-    args.round_scale = round_scale;
+    args.round_scale = use_fp8 && round_scale;
     args.use_ue8m0 = use_ue8m0;
-    args.recv_x = out[0].data_ptr();
-    args.recv_scales = use_fp8 ? out[1].data_ptr() : nullptr;
-    args.recv_count = out[2].data_ptr<int>();
-    args.recv_src_info = out[3].data_ptr<int>();
-    args.recv_layout_range = out[4].data_ptr<int64_t>();
+    args.recv_x = recv_x.data_ptr();
+    args.recv_scales = use_fp8 ? recv_scales.data_ptr() : nullptr;
+    args.recv_count = recv_count.data_ptr<int>();
+    args.recv_src_info = recv_src_info.data_ptr<int>();
+    args.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     args.cumulative_local_expert_recv_stats = cumulative_stats.has_value() ? cumulative_stats->data_ptr<int>() : nullptr;
     args.dispatch_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
     launch_low_latency_dispatch(args);
-    return out;
+
+    std::vector<torch::Tensor> keep_alive{x, topk_idx, recv_x, recv_count, recv_src_info, recv_layout_range};
+    if (recv_scales.defined())
+        keep_alive.push_back(recv_scales);
+    for (const OptionalTensor& t : {cumulative_stats, wait_cost_stats})
+        if (t.has_value())
+            keep_alive.push_back(*t);
+    auto [event, hook] = finish(buffer, args, async_finish, return_recv_hook, std::move(keep_alive));
+    const pybind11::object recv =
+        use_fp8 ? pybind11::object(pybind11::make_tuple(recv_x, recv_scales)) : pybind11::cast(recv_x);
+    const pybind11::tuple handle = pybind11::make_tuple(recv_src_info, recv_layout_range, m, hidden, num_experts);
+    return pybind11::make_tuple(recv, recv_count, handle, event, hook);
 }
 
-/// Returns `out` (allocated when not given). With do_send only, `out` is allocated and left for the hook.
-torch::Tensor low_latency_combine(runtime::Buffer& runtime, int64_t local_base, const torch::Tensor& mapped_bases,
-                                  bool all_ranks_mapped, const torch::Tensor& x, bool zero_copy,
-                                  const torch::Tensor& src_info, const torch::Tensor& layout_range,
-                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weights,
-                                  const std::optional<torch::Tensor>& out, const torch::Tensor& done_blocks,
-                                  int64_t num_max_tokens,
-                                  int64_t num_experts, int64_t buffer_set, bool do_send, bool do_recv,
-                                  int64_t num_blocks, bool conservative_loads, int64_t stream) {
-    runtime.raise_if_failed();
-    const int64_t num_ranks = runtime.num_ranks(), hidden = x.size(2);
-    const auto layout = make_layout(num_max_tokens, hidden, num_ranks, num_experts);
-    auto combined = out.has_value() ? *out : torch::empty({topk_idx.size(0), hidden}, x.options());
+/// A low-latency handle (deep_ep/handles.py LowLatencyHandle), checked, with its layout.
+struct LowLatencyHandleTensors {
+    torch::Tensor src_info, layout_range;
+    int64_t num_max_tokens, hidden, num_experts;
+};
+
+LowLatencyHandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device) {
+    PyObject* obj = handle.ptr();
+    const bool is_tuple = PyTuple_Check(obj);
+    if (!is_tuple && !PyList_Check(obj))
+        arguments::raise_type_error(std::string("handle: expected the tuple returned by low_latency_dispatch, got ") +
+                                    Py_TYPE(obj)->tp_name);
+    const Py_ssize_t length = is_tuple ? PyTuple_GET_SIZE(obj) : PyList_GET_SIZE(obj);
+    if (length != 5)
+        arguments::raise_value_error("handle: expected the 5-element low-latency handle, got " + std::to_string(length) +
+                                     " elements");
+    auto item = [&](Py_ssize_t i) { return pybind11::handle(is_tuple ? PyTuple_GET_ITEM(obj, i) : PyList_GET_ITEM(obj, i)); };
+    LowLatencyHandleTensors h;
+    h.num_max_tokens = arguments::integer(item(2), "handle.num_max_dispatch_tokens_per_rank", 1);
+    h.hidden = arguments::integer(item(3), "handle.hidden", 1);
+    h.num_experts = checked_num_experts(item(4), num_ranks);
+    const int64_t num_local_experts = h.num_experts / num_ranks;
+    h.src_info = arguments::tensor(item(0), "handle.packed_recv_src_info",
+                                   {{c10::ScalarType::Int}, {num_local_experts, num_ranks * h.num_max_tokens}}, device);
+    h.layout_range = arguments::tensor(item(1), "handle.packed_recv_layout_range",
+                                       {{c10::ScalarType::Long}, {num_local_experts, num_ranks}}, device);
+    return h;
+}
+
+/// Returns (combined_x (`out` when given), event or None, hook or None).
+pybind11::tuple low_latency_combine(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle topk_idx_arg,
+                                    pybind11::handle topk_weights_arg, pybind11::handle handle_arg, bool zero_copy,
+                                    bool async_finish, bool return_recv_hook, pybind11::handle out_arg,
+                                    pybind11::handle wait_cost_stats_arg) {
+    buffer.require_usable();
+    runtime::SymmetricBuffer& symmetric = buffer.symmetric("low_latency_combine");
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    const LowLatencyHandleTensors handle = checked_handle(handle_arg, num_ranks, device);
+    const int64_t m = handle.num_max_tokens, hidden = handle.hidden, num_experts = handle.num_experts;
+    const torch::Tensor& x = arguments::tensor(
+        x_arg, "x", {{c10::ScalarType::BFloat16}, {num_experts / num_ranks, num_ranks * m, hidden}}, device);
+    const torch::Tensor& topk_idx =
+        arguments::topk_idx(topk_idx_arg, kAny, runtime::size_hints::kLowLatencyMaxNumTopk, device);
+    if (buffer.host_expert_id_check())
+        arguments::check_expert_ids_on_host(topk_idx, num_experts);
+    const int64_t num_tokens = topk_idx.size(0), num_topk = topk_idx.size(1);
+    if (num_tokens > m)
+        arguments::raise_value_error("topk_idx: " + std::to_string(num_tokens) +
+                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
+    const torch::Tensor& topk_weights =
+        arguments::tensor(topk_weights_arg, "topk_weights", {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
+    const OptionalTensor out =
+        arguments::optional_tensor(out_arg, "out", {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
+    const OptionalTensor wait_cost_stats = arguments::optional_tensor(
+        wait_cost_stats_arg, "combine_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
+    const LowLatencyLayout layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
+
+    const cudaStream_t stream = current_stream(buffer);
+    use_layout(symmetric, layout, stream);
+    const torch::Tensor combined = out.has_value() ? *out : torch::empty({num_tokens, hidden}, x.options());
 
     LowLatencyCombineArgs args{};
-    LowLatencyLaunch{runtime, layout, buffer_set, do_send, do_recv,
-                     symmetric_args(local_base, mapped_bases, all_ranks_mapped), num_blocks, conservative_loads, stream}
-        .fill(args);
+    fill_common(args, buffer, symmetric, layout, symmetric.take_set(), stream);
+    args.do_send = true;
+    args.do_recv = !return_recv_hook;
     args.x = x.data_ptr();
     args.zero_copy = zero_copy;
-    args.src_info = src_info.data_ptr<int>();
-    args.layout_range = layout_range.data_ptr<int64_t>();
+    args.src_info = handle.src_info.data_ptr<int>();
+    args.layout_range = handle.layout_range.data_ptr<int64_t>();
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
     args.topk_weights = topk_weights.data_ptr<float>();
-    args.num_tokens = static_cast<int>(topk_idx.size(0));
-    args.num_topk = static_cast<int>(topk_idx.size(1));
+    args.num_tokens = static_cast<int>(num_tokens);
+    args.num_topk = static_cast<int>(num_topk);
     args.out = combined.data_ptr();
-    args.done_blocks = done_blocks.data_ptr<int>();
+    args.done_blocks = symmetric.combine_done_blocks.data_ptr<int>();
+    args.combine_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
     launch_low_latency_combine(args);
-    return combined;
+
+    std::vector<torch::Tensor> keep_alive{x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined};
+    if (wait_cost_stats.has_value())
+        keep_alive.push_back(*wait_cost_stats);
+    auto [event, hook] = finish(buffer, args, async_finish, return_recv_hook, std::move(keep_alive));
+    return pybind11::make_tuple(combined, event, hook);
 }
 
-/// The combine send rows of `buffer_set` as a [L, R*M, H] bf16 tensor (no copy): the zero-copy buffer.
-torch::Tensor low_latency_combine_send_buffer(int64_t local_base, int64_t num_max_tokens, int64_t hidden,
-                                              int64_t num_ranks, int64_t num_experts, int64_t buffer_set,
-                                              int64_t device) {
-    const auto layout = make_layout(num_max_tokens, hidden, num_ranks, num_experts);
-    void* ptr = reinterpret_cast<char*>(local_base) + layout.send_region(static_cast<int>(buffer_set));
-    return torch::from_blob(ptr, {layout.num_local_experts(), num_ranks * num_max_tokens, hidden},
-                            torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA, device));
+/// The combine send rows of the set the next operation uses, as a [L, R*M, H] bf16 tensor (no copy): what
+/// low_latency_combine(..., zero_copy=True) reads when it is that next operation.
+torch::Tensor get_next_low_latency_combine_buffer(runtime::Buffer& buffer, pybind11::handle handle_arg) {
+    buffer.require_usable();
+    runtime::SymmetricBuffer& symmetric = buffer.symmetric("get_next_low_latency_combine_buffer");
+    const LowLatencyHandleTensors handle = checked_handle(handle_arg, buffer.num_ranks(), buffer.device());
+    const LowLatencyLayout layout =
+        checked_layout(symmetric, "handle", handle.num_max_tokens, handle.hidden, buffer.num_ranks(), handle.num_experts);
+    use_layout(symmetric, layout, current_stream(buffer));
+    void* ptr = static_cast<char*>(symmetric.base) + layout.send_region(symmetric.next_set);
+    return torch::from_blob(ptr, {layout.num_local_experts(), layout.num_ranks * layout.num_max_tokens, layout.hidden},
+                            torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA, buffer.device()));
 }
 
-/// Zeroes every signal word of both sets (stream-ordered). The caller brackets it with group barriers so
-/// that no rank is still sending into this buffer.
-void low_latency_clean(int64_t local_base, int64_t num_max_tokens, int64_t hidden, int64_t num_ranks,
-                       int64_t num_experts, int64_t stream) {
-    const auto layout = make_layout(num_max_tokens, hidden, num_ranks, num_experts);
-    for (int set = 0; set < 2; ++set)
-        DEEP_EP_CUDA_CHECK(cudaMemsetAsync(reinterpret_cast<char*>(local_base) + layout.set_offset(set), 0,
-                                           layout.signal_bytes(), reinterpret_cast<cudaStream_t>(stream)));
+/// Zeroes every signal word of both sets for this shape (collective: every rank calls it).
+void clean_low_latency_buffer(runtime::Buffer& buffer, pybind11::handle num_max_tokens_arg, pybind11::handle hidden_arg,
+                              pybind11::handle num_experts_arg) {
+    buffer.require_usable();
+    runtime::SymmetricBuffer& symmetric = buffer.symmetric("clean_low_latency_buffer");
+    const int64_t m = arguments::integer(num_max_tokens_arg, "num_max_dispatch_tokens_per_rank", 1);
+    const int64_t hidden = checked_hidden(arguments::integer(hidden_arg, "hidden", 1), "hidden");
+    const int64_t num_experts = checked_num_experts(num_experts_arg, buffer.num_ranks());
+    const LowLatencyLayout layout =
+        checked_layout(symmetric, "num_max_dispatch_tokens_per_rank", m, hidden, buffer.num_ranks(), num_experts);
+    clean_signals(symmetric, layout, current_stream(buffer));
 }
 
 void low_latency_barrier(int64_t stream) {
@@ -187,22 +374,31 @@ void low_latency_barrier(int64_t stream) {
 }  // namespace
 
 void register_low_latency_apis(pybind11::module_& m) {
-    m.def("low_latency_rdma_size_hint", &low_latency_rdma_size_hint, pybind11::arg("num_max_dispatch_tokens_per_rank"),
-          pybind11::arg("hidden"), pybind11::arg("num_ranks"), pybind11::arg("num_experts"));
+    namespace py = pybind11;
     m.attr("low_latency_compiled") =
 #ifdef DEEP_EP_WITH_NVSHMEM
         true;
-    m.def("low_latency_dispatch", &low_latency_dispatch);
-    m.def("low_latency_combine", &low_latency_combine);
-    m.def("low_latency_combine_send_buffer", &low_latency_combine_send_buffer);
-    m.def("low_latency_clean", &low_latency_clean);
-    m.def("low_latency_barrier", &low_latency_barrier, pybind11::arg("stream"));
+    py::class_<ReceiveHook<LowLatencyDispatchArgs>>(m, "LowLatencyDispatchHook")
+        .def("__call__", &ReceiveHook<LowLatencyDispatchArgs>::operator());
+    py::class_<ReceiveHook<LowLatencyCombineArgs>>(m, "LowLatencyCombineHook")
+        .def("__call__", &ReceiveHook<LowLatencyCombineArgs>::operator());
+    m.def("low_latency_dispatch", &low_latency_dispatch, py::arg("buffer"), py::arg("x"), py::arg("topk_idx"),
+          py::arg("num_max_dispatch_tokens_per_rank"), py::arg("num_experts"),
+          py::arg("cumulative_local_expert_recv_stats"), py::arg("dispatch_wait_recv_cost_stats"), py::arg("use_fp8"),
+          py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("async_finish"), py::arg("return_recv_hook"));
+    m.def("low_latency_combine", &low_latency_combine, py::arg("buffer"), py::arg("x"), py::arg("topk_idx"),
+          py::arg("topk_weights"), py::arg("handle"), py::arg("zero_copy"), py::arg("async_finish"),
+          py::arg("return_recv_hook"), py::arg("out"), py::arg("combine_wait_recv_cost_stats"));
+    m.def("get_next_low_latency_combine_buffer", &get_next_low_latency_combine_buffer, py::arg("buffer"),
+          py::arg("handle"));
+    m.def("clean_low_latency_buffer", &clean_low_latency_buffer, py::arg("buffer"),
+          py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"));
+    m.def("low_latency_barrier", &low_latency_barrier, py::arg("stream"));
 #else
         false;
-    for (const char* name :
-         {"low_latency_dispatch", "low_latency_combine", "low_latency_combine_send_buffer", "low_latency_clean",
-          "low_latency_barrier"})
-        m.def(name, [](pybind11::args, pybind11::kwargs) { not_compiled(); });
+    for (const char* name : {"low_latency_dispatch", "low_latency_combine", "get_next_low_latency_combine_buffer",
+                             "clean_low_latency_buffer", "low_latency_barrier"})
+        m.def(name, [](py::args, py::kwargs) { not_compiled(); });
 #endif
 }
 

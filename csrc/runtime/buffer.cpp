@@ -5,6 +5,7 @@
 // connect() takes the gathered handles as a Python list of bytes: the list caster lives in stl.h.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 
@@ -30,12 +31,16 @@ void free_mapped(T** host, T** device) {
 
 }  // namespace
 
-Buffer::Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
-    : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes),
-      timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)) {
-    DEEP_EP_CHECK(num_ranks >= 1 && num_ranks <= kMaxNvlRanks,
-                  "intra-node buffers support 1.." << kMaxNvlRanks << " ranks, got " << num_ranks);
-    DEEP_EP_CHECK(rank >= 0 && rank < num_ranks, "rank " << rank << " out of range for " << num_ranks << " ranks");
+Buffer::Buffer(const BufferOptions& options)
+    : rank_(options.rank), num_ranks_(options.num_ranks), num_nvl_bytes_(options.num_nvl_bytes),
+      timeout_ns_(static_cast<uint64_t>(options.timeout_s * 1e9)), comm_stream_(options.comm_stream),
+      max_num_sms_(std::max(1, options.max_num_sms)), conservative_loads_(options.conservative_loads),
+      host_expert_id_check_(options.host_expert_id_check) {
+    // The NVLink buffer spans one NVLink domain; a low-latency-only Buffer (no NVLink buffer) any group.
+    DEEP_EP_CHECK(num_ranks_ >= 1, "a Buffer needs at least 1 rank, got " << num_ranks_);
+    DEEP_EP_CHECK(num_nvl_bytes_ == 0 || num_ranks_ <= kMaxNvlRanks,
+                  "an NVLink buffer spans at most " << kMaxNvlRanks << " ranks, got " << num_ranks_);
+    DEEP_EP_CHECK(rank_ >= 0 && rank_ < num_ranks_, "rank " << rank_ << " out of range for " << num_ranks_ << " ranks");
     DEEP_EP_CUDA_CHECK(cudaGetDevice(&device_));
     if (num_nvl_bytes_ > 0) {
         DEEP_EP_CUDA_CHECK(cudaMalloc(&peer_buffers_[rank_], num_nvl_bytes_));
@@ -101,7 +106,38 @@ void Buffer::destroy() {
     free_mapped(&error_host_, &error_device_);
     free_mapped(&mapped_counters_host_, &mapped_counters_device_);
     free_mapped(&invalid_expert_id_host_, &invalid_expert_id_device_);
+    symmetric_ = SymmetricBuffer{};  // the symmetric memory itself is freed collectively by Python
     connected_ = false;
+}
+
+void Buffer::attach_symmetric(uintptr_t base, int64_t num_bytes, const std::vector<int64_t>& mapped_bases,
+                              int num_blocks) {
+    require_usable();
+    DEEP_EP_CHECK(symmetric_.base == nullptr, "the symmetric buffer is already attached");
+    DEEP_EP_CHECK(static_cast<int>(mapped_bases.size()) == num_ranks_,
+                  "expected " << num_ranks_ << " mapped bases, got " << mapped_bases.size());
+    const auto options = torch::TensorOptions().device(torch::kCUDA, device_);
+    symmetric_.base = reinterpret_cast<void*>(base);
+    symmetric_.num_bytes = num_bytes;
+    symmetric_.mapped_bases = torch::tensor(mapped_bases, options.dtype(torch::kInt64));
+    symmetric_.all_ranks_mapped = std::all_of(mapped_bases.begin(), mapped_bases.end(), [](int64_t p) { return p != 0; });
+    symmetric_.num_blocks = std::max(1, num_blocks);
+    symmetric_.combine_done_blocks = torch::zeros({1}, options.dtype(torch::kInt32));
+}
+
+SymmetricBuffer& Buffer::symmetric(const char* op) {
+    if (symmetric_.base == nullptr) {
+        require_usable();
+        throw std::runtime_error(std::string(op) + ": requires Buffer(..., low_latency_mode=True)");
+    }
+    return symmetric_;
+}
+
+std::vector<int64_t> Buffer::mapped_bases() const {
+    if (!symmetric_.mapped_bases.defined())
+        return {};
+    const torch::Tensor host = symmetric_.mapped_bases.cpu();
+    return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
 }
 
 void Buffer::attach_host_exchange(const std::string& name, bool create) {
@@ -279,8 +315,9 @@ void Buffer::raise_if_invalid_expert_id() {
     word->value = 0;
     word->found = 0;
     std::ostringstream message;
-    message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value
-            << " (rank " << rank_ << "; checked on the GPU: the call that passed it completed on every rank, and its outputs are not valid)";
+    message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value << " on rank " << rank_
+            << " (checked on the GPU: the operation that passed it treated it as -1 and completed on every rank, so "
+               "its outputs lack that token's pair with the expert)";
     throw std::invalid_argument(message.str());
 }
 
@@ -291,15 +328,25 @@ void Buffer::require_usable() const {
 
 void register_apis(pybind11::module_& m) {
     pybind11::class_<Buffer>(m, "RuntimeBuffer")
-        .def(pybind11::init<int, int, int64_t, double>(), pybind11::arg("rank"), pybind11::arg("num_ranks"),
-             pybind11::arg("num_nvl_bytes"), pybind11::arg("timeout_s"))
+        .def(pybind11::init([](int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, int64_t comm_stream,
+                               int max_num_sms, bool conservative_loads, bool host_expert_id_check) {
+                 return std::make_unique<Buffer>(
+                     BufferOptions{rank, num_ranks, num_nvl_bytes, timeout_s, reinterpret_cast<cudaStream_t>(comm_stream),
+                                   max_num_sms, conservative_loads, host_expert_id_check});
+             }),
+             pybind11::arg("rank"), pybind11::arg("num_ranks"), pybind11::arg("num_nvl_bytes"),
+             pybind11::arg("timeout_s"), pybind11::arg("comm_stream") = 0, pybind11::arg("max_num_sms") = 1,
+             pybind11::arg("conservative_loads") = false, pybind11::arg("host_expert_id_check") = false)
         .def("local_ipc_handle", &Buffer::local_ipc_handle)
         .def("connect", &Buffer::connect)
         .def("destroy", &Buffer::destroy)
         .def("raise_if_failed", &Buffer::raise_if_failed)
         .def("raise_if_invalid_expert_id", &Buffer::raise_if_invalid_expert_id)
+        .def("raise_pending_errors", &Buffer::raise_pending_errors)
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
+        .def("attach_symmetric", &Buffer::attach_symmetric, pybind11::arg("base"), pybind11::arg("num_bytes"),
+             pybind11::arg("mapped_bases"), pybind11::arg("num_blocks"))
         .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)
         .def_property_readonly("num_direct_ops", &Buffer::num_direct_ops)
         .def_property_readonly("num_peer_allocation_opens", &Buffer::num_peer_allocation_opens)
@@ -309,7 +356,12 @@ void register_apis(pybind11::module_& m) {
         .def_property_readonly("num_ranks", &Buffer::num_ranks)
         .def_property_readonly("device", &Buffer::device)
         .def_property_readonly("num_nvl_bytes", &Buffer::num_nvl_bytes)
-        .def_property_readonly("local_buffer_ptr", &Buffer::local_buffer_ptr);
+        .def_property_readonly("max_num_sms", &Buffer::max_num_sms)
+        .def_property_readonly("conservative_loads", &Buffer::conservative_loads)
+        .def_property_readonly("local_buffer_ptr", &Buffer::local_buffer_ptr)
+        .def_property_readonly("symmetric_base", &Buffer::symmetric_base)
+        .def_property_readonly("all_ranks_mapped", &Buffer::all_ranks_mapped)
+        .def_property_readonly("mapped_bases", &Buffer::mapped_bases);
 }
 
 }  // namespace deep_ep::runtime

@@ -1,15 +1,20 @@
-// The per-rank runtime: the NVLink buffer every intra-node kernel works in, its peers' mappings (CUDA
-// IPC, which also works between processes that share one GPU), the host-mapped error word and the
-// host-mapped counters the notify step writes. Streams belong to Python; this class owns memory only.
+// The per-rank runtime, one per deep_ep.Buffer: the NVLink buffer every intra-node kernel works in, its
+// peers' mappings (CUDA IPC, which also works between processes that share one GPU), the NVSHMEM symmetric
+// buffer of the low-latency ops and its per-call state, the host-mapped error words and counters, and the
+// per-Buffer settings every call reads (communication stream, SM budget cap, load kind), so that none of
+// them crosses the Python binding on each call.
 #pragma once
 
 #include <pybind11/pybind11.h>
+#include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kernels/api.cuh"
@@ -17,9 +22,40 @@
 
 namespace deep_ep::runtime {
 
+struct BufferOptions {
+    int rank = 0;
+    int num_ranks = 1;
+    int64_t num_nvl_bytes = 0;  // 0: no NVLink buffer (a low-latency-only Buffer)
+    double timeout_s = 100.0;
+    cudaStream_t comm_stream = nullptr;  // the communication stream (a torch.cuda.Stream Python keeps)
+    int max_num_sms = 1;  // SMs one op may use: the GPU's over the ranks sharing it (they spin-wait on each other)
+    bool conservative_loads = false;
+    // Check expert ids on the host before anything runs (one GPU synchronisation per call that takes
+    // topk_idx) instead of on the GPU: DEEP_EP_HOST_EXPERT_ID_CHECK=1.
+    bool host_expert_id_check = false;
+};
+
+/// The NVSHMEM symmetric buffer of the low-latency ops (allocated by Python, collectively) and the state
+/// consecutive low-latency calls share.
+struct SymmetricBuffer {
+    void* base = nullptr;
+    int64_t num_bytes = 0;
+    torch::Tensor mapped_bases;  // device int64 [num_ranks]: each rank's buffer mapped here, 0 = reach it by puts
+    bool all_ranks_mapped = false;
+    int num_blocks = 1;
+    // Consecutive operations alternate between the buffer's two sets (kernels/api_low_latency.cuh).
+    int next_set = 0;
+    // (M, hidden, experts) the signal words are laid out for; a new shape starts from a clean buffer.
+    std::array<int64_t, 3> shape{};
+    bool has_shape = false;
+    torch::Tensor combine_done_blocks;  // device int32 [1], 0 between combines
+
+    int take_set() { return std::exchange(next_set, next_set ^ 1); }
+};
+
 class Buffer {
   public:
-    Buffer(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s);
+    explicit Buffer(const BufferOptions& options);
     ~Buffer();
     Buffer(const Buffer&) = delete;
     Buffer& operator=(const Buffer&) = delete;
@@ -35,6 +71,14 @@ class Buffer {
     int num_ranks() const { return num_ranks_; }
     int device() const { return device_; }
     int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
+    cudaStream_t comm_stream() const { return comm_stream_; }
+    bool conservative_loads() const { return conservative_loads_; }
+    int max_num_sms() const { return max_num_sms_; }
+    bool host_expert_id_check() const { return host_expert_id_check_; }
+    // An op's SM budget: what the Config asks for, within what this rank may take of a shared GPU.
+    int num_sms(int64_t requested) const {
+        return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, max_num_sms_)));
+    }
     uintptr_t local_buffer_ptr() const { return reinterpret_cast<uintptr_t>(peer_buffers_[rank_]); }
 
     // Every kernel waiting on peers gets this; the timeout is the Buffer's, the error word is shared.
@@ -66,10 +110,26 @@ class Buffer {
     bool gather_peer_tensors(const std::vector<const void*>& local, cudaStream_t stream,
                              std::vector<std::array<const char*, kMaxNvlRanks>>& out);
 
-    // Expert ids are range-checked on the GPU (no host sync before launching); a bad one is raised as a
-    // ValueError at the next host synchronisation point or op, then cleared: the Buffer stays usable.
+    // Low-latency mode: the symmetric buffer, attached once after Python allocated it; `op` names the call
+    // in the error raised when the Buffer has none.
+    void attach_symmetric(uintptr_t base, int64_t num_bytes, const std::vector<int64_t>& mapped_bases, int num_blocks);
+    SymmetricBuffer& symmetric(const char* op);
+    uintptr_t symmetric_base() const { return reinterpret_cast<uintptr_t>(symmetric_.base); }
+    bool all_ranks_mapped() const { return symmetric_.all_ranks_mapped; }
+    std::vector<int64_t> mapped_bases() const;
+
+    // Expert ids are range-checked on the GPU (no host sync before launching): a kernel treats a bad one as
+    // -1 and records the first in this host-mapped word. Ops raise it as a ValueError once their own kernels
+    // are queued (so peers are never left waiting), then clear it: the Buffer stays usable.
     InvalidExpertIdWord* invalid_expert_id_device() const { return invalid_expert_id_device_; }
     void raise_if_invalid_expert_id();
+    // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id.
+    void raise_pending_errors() {
+        raise_if_failed();
+        raise_if_invalid_expert_id();
+    }
+    // Raises RuntimeError unless the Buffer can run an op (not destroyed, no timeout so far).
+    void require_usable() const;
 
     // Raises RuntimeError with rank, wait site, peer and values if any kernel timed out. Sticky: after a
     // timeout the ranks' barrier epochs disagree, so the Buffer cannot be used again.
@@ -77,13 +137,17 @@ class Buffer {
     bool failed() const { return error_host_->status != 0; }
 
   private:
-    void require_usable() const;
     void* open_peer_allocation(const std::string& handle_bytes);
     void close_peer_allocations();
 
     int rank_, num_ranks_, device_;
     int64_t num_nvl_bytes_;
     uint64_t timeout_ns_;
+    cudaStream_t comm_stream_;
+    int max_num_sms_;
+    bool conservative_loads_;
+    bool host_expert_id_check_;
+    SymmetricBuffer symmetric_;
     bool connected_ = false, destroyed_ = false;
     int notify_tag_ = 0;
     std::array<void*, kMaxNvlRanks> peer_buffers_{};

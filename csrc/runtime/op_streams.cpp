@@ -1,8 +1,11 @@
 #include "runtime/op_streams.hpp"
 
+#include <c10/cuda/CUDACachingAllocator.h>
+
 #include <array>
 
 #include "runtime/errors.hpp"
+#include "runtime/event.hpp"
 
 namespace deep_ep::runtime {
 namespace {
@@ -20,40 +23,64 @@ cudaEvent_t ordering_event(int device) {
     return events[device];
 }
 
-// `waiter` waits for everything queued on `first` so far (also inside a CUDA-graph capture: it becomes a
-// graph dependency).
+// The comm stream waits for `previous_event` (an EventOverlap). Our own EventHandle is waited for
+// directly; any other event object (torch.cuda.Event, another library's handle with only
+// current_stream_wait()) is asked to make the current stream wait while the comm stream is current.
+// Returns false when the EventOverlap holds no event (its work is already ordered on the caller's stream).
+bool order_after_event(int device, cudaStream_t comm, pybind11::handle previous_event) {
+    const pybind11::object event = previous_event.attr("event");
+    if (event.is_none())
+        return false;
+    if (pybind11::isinstance<EventHandle>(event)) {
+        event.cast<const EventHandle&>().stream_wait(comm);
+        return true;
+    }
+    const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromExternal(comm, static_cast<c10::DeviceIndex>(device)));
+    if (pybind11::hasattr(event, "current_stream_wait"))
+        event.attr("current_stream_wait")();
+    else
+        event.attr("wait")();
+    return true;
+}
+
+}  // namespace
+
 void order_after(int device, cudaStream_t waiter, cudaStream_t first) {
     const cudaEvent_t event = ordering_event(device);
     DEEP_EP_CUDA_CHECK(cudaEventRecord(event, first));
     DEEP_EP_CUDA_CHECK(cudaStreamWaitEvent(waiter, event, 0));
 }
 
-}  // namespace
-
-OpStreams::OpStreams(int device, const StreamOptions& options)
+OpStreams::OpStreams(int device, cudaStream_t comm_stream, const StreamOrder& order)
     : device_(device),
       caller_(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream()),
-      comm_(reinterpret_cast<cudaStream_t>(options.comm_stream)),
-      caller_waits_(options.caller_waits) {
-    if (options.wait_for_caller)
+      comm_(comm_stream),
+      order_(order) {
+    const bool after_event = !order.previous_event.is_none() && order_after_event(device_, comm_, order.previous_event);
+    if (!after_event)
         order_after(device_, comm_, caller_);
-    if (options.allocate_on_comm_stream)
+    if (order.allocate_on_comm_stream)
         allocation_guard_.emplace(c10::cuda::getStreamFromExternal(comm_, static_cast<c10::DeviceIndex>(device)));
 }
 
-void OpStreams::finish() {
-    if (caller_waits_)
+pybind11::object OpStreams::finish(std::vector<torch::Tensor> inputs, const std::vector<torch::Tensor>& outputs) {
+    if (order_.allocate_on_comm_stream) {
+        // Allocated in the communication stream's pool, used on the caller's: tell the allocator.
+        const auto caller = c10::cuda::getStreamFromExternal(caller_, static_cast<c10::DeviceIndex>(device_));
+        for (const torch::Tensor& t : outputs)
+            if (t.defined())
+                c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), caller);
+    }
+    if (!order_.async_finish) {
         order_after(device_, caller_, comm_);
+        return pybind11::none();
+    }
+    for (const torch::Tensor& t : outputs)
+        if (t.defined())
+            inputs.push_back(t);
+    return pybind11::cast(EventHandle(comm_, device_, std::move(inputs)));
 }
 
-void register_stream_apis(pybind11::module_& m) {
-    pybind11::class_<StreamOptions>(m, "StreamOptions")
-        .def(pybind11::init([](int64_t comm_stream, bool wait_for_caller, bool allocate_on_comm_stream,
-                               bool caller_waits) {
-                 return StreamOptions{comm_stream, wait_for_caller, allocate_on_comm_stream, caller_waits};
-             }),
-             pybind11::arg("comm_stream"), pybind11::arg("wait_for_caller"), pybind11::arg("allocate_on_comm_stream"),
-             pybind11::arg("caller_waits"));
-}
+void OpStreams::join_caller() { order_after(device_, caller_, comm_); }
 
 }  // namespace deep_ep::runtime

@@ -1,47 +1,57 @@
-// Where an op runs relative to the caller's stream (DeepEP V1 semantics): kernels run on the communication
-// stream, which first waits for the caller's current stream (unless Python already ordered it after the
-// caller's previous_event); outputs are allocated on the caller's stream, or on the communication stream
-// with allocate_on_comm_stream; unless async_finish, the caller's stream then waits for the op.
-// Done here, with one reused event, because torch.cuda.Stream / Event calls from Python cost tens of
+// Where an op runs relative to the caller's stream (DeepEP V1 semantics): kernels run on the Buffer's
+// communication stream, which first waits for the caller's current stream, or for `previous_event` when
+// one is given; outputs are allocated on the caller's stream, or on the communication stream with
+// allocate_on_comm_stream (then recorded for the caller's stream); unless async_finish, the caller's stream
+// then waits for the op, and with async_finish the op returns an EventHandle instead.
+// Done in C++, with one reused event, because torch.cuda.Stream / Event calls from Python cost tens of
 // microseconds per op, more than some ops take on the GPU.
 #pragma once
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <pybind11/pybind11.h>
+#include <torch/extension.h>
 
-#include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace deep_ep::runtime {
 
-// How one call orders itself; Python keeps one per combination of flags (building it per call costs).
-struct StreamOptions {
-    int64_t comm_stream = 0;  // cudaStream_t of the communication stream
-    bool wait_for_caller = true;
+// The stream flags of a public call, as the caller passed them.
+struct StreamOrder {
+    pybind11::handle previous_event;  // an EventOverlap or None
+    bool async_finish = false;
     bool allocate_on_comm_stream = false;
-    bool caller_waits = true;  // false with async_finish: Python returns an event instead
 };
 
 class OpStreams {
   public:
-    // Orders the communication stream after the caller's and, with allocate_on_comm_stream, makes it the
-    // current stream until this object dies so that torch::empty allocates there.
-    OpStreams(int device, const StreamOptions& options);
+    // Orders the communication stream after the caller's (or previous_event) and, with
+    // allocate_on_comm_stream, makes it the current stream until this object dies, so that torch::empty
+    // allocates there.
+    OpStreams(int device, cudaStream_t comm_stream, const StreamOrder& order);
     OpStreams(const OpStreams&) = delete;
     OpStreams& operator=(const OpStreams&) = delete;
 
     cudaStream_t comm() const { return comm_; }
-    // Call after the op's last launch: the caller's stream waits for it unless async_finish.
-    void finish();
+    bool needs_tensor_lists() const { return order_.async_finish || order_.allocate_on_comm_stream; }
+    // After the op's last launch: the caller's stream waits for it (unless async_finish); outputs made on
+    // the communication stream are recorded for the caller's. Returns the EventHandle (async_finish, keeping
+    // `inputs` and `outputs` alive) or None.
+    pybind11::object finish(std::vector<torch::Tensor> inputs = {}, const std::vector<torch::Tensor>& outputs = {});
+    // On an error raised after the launches: the caller's stream still waits for the op, so the tensors the
+    // failed call used may be freed safely.
+    void join_caller();
 
   private:
     int device_;
     cudaStream_t caller_, comm_;
-    bool caller_waits_;
+    StreamOrder order_;
     std::optional<c10::cuda::CUDAStreamGuard> allocation_guard_;
 };
 
-void register_stream_apis(pybind11::module_& m);
+// `waiter` waits for everything queued on `first` so far (also inside a CUDA-graph capture: it becomes a
+// graph dependency).
+void order_after(int device, cudaStream_t waiter, cudaStream_t first);
 
 }  // namespace deep_ep::runtime

@@ -1,15 +1,13 @@
-"""Input validation shared by every backend.
+"""Argument checks of the reference backend, in Python (the CUDA backend makes the same checks in C++,
+csrc/ops/arguments.hpp, with the same exception types and messages).
 
-Every documented constraint raises before any kernel runs or any byte is communicated, so a rejected call
-leaves the Buffer exactly as it was. Errors name the offending argument first:
+Every documented constraint raises before any byte is communicated, so a rejected call leaves the Buffer
+exactly as it was. Errors name the offending argument first:
     TypeError  - wrong Python type or tensor dtype
     ValueError - wrong shape, device, contiguity, value range, or a buffer too small for the call
 The checks read only shapes and dtypes, with one exception: expert ids are range-checked with one
-`aminmax` over `topk_idx`, which on a CUDA tensor synchronizes the host with the current stream: the GPU
-then drains and waits for the host's launches. A backend that checks the ids on the GPU itself says so
-(`ids_checked_on_device=True`) and skips it: the intra-node CUDA ops flag a bad id in host-mapped memory,
-treat it as -1, complete the collective (so peers never hang) and raise the ValueError when the call ends
-(deep_ep/cuda_backend.py), unless DEEP_EP_HOST_EXPERT_ID_CHECK=1 asks for the host check (deep_ep/buffer.py).
+`aminmax` over `topk_idx` (the CUDA backend checks them on the GPU instead, where a host check would wait
+for the GPU to drain).
 """
 
 from __future__ import annotations
@@ -22,12 +20,15 @@ import torch
 
 from ..config import (
     FP8_SCALE_BLOCK,
+    LOW_LATENCY_MAX_EXPERTS,
     LOW_LATENCY_MAX_NUM_TOPK,
+    LOW_LATENCY_MAX_TOKENS_PER_RANK,
     LOW_LATENCY_SUPPORTED_HIDDEN,
     MAX_NUM_TOPK,
     Config,
-    low_latency_buffer_bytes_needed,
-    nvl_buffer_bytes_needed,
+    low_latency_bytes,
+    nvl_combine_bytes,
+    nvl_dispatch_bytes,
 )
 from ..event import EventOverlap
 from ..handles import IntranodeHandle, LowLatencyHandle
@@ -110,18 +111,12 @@ def check_num_experts(num_experts: Any, num_ranks: int) -> int:
 
 
 def check_topk_idx(
-    topk_idx: Any,
-    num_tokens: Optional[int],
-    num_experts: int,
-    max_topk: int,
-    device,
-    ids_checked_on_device: bool = False,
+    topk_idx: Any, num_tokens: Optional[int], num_experts: int, max_topk: int, device
 ) -> torch.Tensor:
     check_tensor("topk_idx", topk_idx, dtypes=TOPK_IDX_DTYPES, shape=(num_tokens, None), device=device)
     if not 1 <= topk_idx.size(1) <= max_topk:
         raise ValueError(f"topk_idx: top-k must be in [1, {max_topk}], got {topk_idx.size(1)}")
-    if not (ids_checked_on_device and topk_idx.is_cuda):
-        check_expert_ids("topk_idx", topk_idx, num_experts)
+    check_expert_ids("topk_idx", topk_idx, num_experts)
     return topk_idx
 
 
@@ -148,16 +143,9 @@ def check_capacity(name: str, needed: int, available: int, buffer_arg: str, what
 # ---------------------------------------------------------------------------------------------------------
 
 
-def validate_layout(
-    topk_idx: Any,
-    num_experts: Any,
-    *,
-    num_ranks: int,
-    device: torch.device,
-    ids_checked_on_device: bool = False,
-) -> int:
+def validate_layout(topk_idx: Any, num_experts: Any, *, num_ranks: int, device: torch.device) -> int:
     num_experts = check_num_experts(num_experts, num_ranks)
-    check_topk_idx(topk_idx, None, num_experts, MAX_NUM_TOPK, device, ids_checked_on_device)
+    check_topk_idx(topk_idx, None, num_experts, MAX_NUM_TOPK, device)
     return num_experts
 
 
@@ -258,7 +246,6 @@ def validate_dispatch(
     num_ranks: int,
     device: torch.device,
     num_nvl_bytes: int,
-    ids_checked_on_device: bool = False,
 ) -> DispatchArgs:
     check_common(config, previous_event)
     expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1)
@@ -310,7 +297,7 @@ def validate_dispatch(
             raise ValueError("topk_weights: topk_idx and topk_weights must be given together (or both None)")
         num_topk = 0
         if topk_idx is not None:
-            check_topk_idx(topk_idx, num_tokens, num_experts, MAX_NUM_TOPK, device, ids_checked_on_device)
+            check_topk_idx(topk_idx, num_tokens, num_experts, MAX_NUM_TOPK, device)
             num_topk = topk_idx.size(1)
             check_tensor(
                 "topk_weights",
@@ -322,7 +309,8 @@ def validate_dispatch(
         elif num_worst_tokens > 0:
             raise ValueError("num_worst_tokens: requires topk_idx and topk_weights (as in DeepEP V1)")
 
-    needed = nvl_buffer_bytes_needed(num_tokens, data.size(1) * data.element_size(), r, num_topk, "dispatch")
+    num_scales = 0 if scales is None else scales.size(1)
+    needed = nvl_dispatch_bytes(data.size(1) * data.element_size(), num_scales, num_topk, r, num_tokens)
     check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", f"dispatching {num_tokens} tokens")
     return DispatchArgs(
         data,
@@ -399,7 +387,7 @@ def validate_combine(
         if not 1 <= num_topk <= MAX_NUM_TOPK:
             raise ValueError(f"topk_weights: top-k must be in [1, {MAX_NUM_TOPK}], got {num_topk}")
     bias_0, bias_1 = split_bias(bias, handle.is_token_in_rank.size(0), x.size(1), device)
-    needed = nvl_buffer_bytes_needed(num_rows, x.size(1) * 2, num_ranks, num_topk, "combine")
+    needed = nvl_combine_bytes(x.size(1), num_topk, num_rows)
     check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", f"combining {num_rows} rows")
     return CombineArgs(x, handle, topk_weights, bias_0, bias_1)
 
@@ -417,10 +405,19 @@ def check_low_latency_hidden(name: str, hidden: int) -> None:
         )
 
 
+def check_low_latency_num_experts(num_experts: Any, num_ranks: int) -> int:
+    num_experts = check_num_experts(num_experts, num_ranks)
+    if num_experts > LOW_LATENCY_MAX_EXPERTS:
+        raise ValueError(
+            f"num_experts: low-latency mode supports up to {LOW_LATENCY_MAX_EXPERTS} experts, got {num_experts}"
+        )
+    return num_experts
+
+
 def check_low_latency_capacity(
     name: str, m: int, hidden: int, num_ranks: int, num_experts: int, rdma: int
 ) -> None:
-    needed = low_latency_buffer_bytes_needed(m, hidden, num_ranks, num_experts)
+    needed = low_latency_bytes(m, hidden, num_ranks, num_experts)
     what = f"low-latency mode with {m} tokens per rank, hidden {hidden}, {num_experts} experts"
     check_capacity(name, needed, rdma, "num_rdma_bytes", what)
 
@@ -442,12 +439,16 @@ def validate_low_latency_dispatch(
 ) -> tuple[int, int]:
     """Returns (num_max_dispatch_tokens_per_rank, num_experts) as ints."""
     m = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-    num_experts = check_num_experts(num_experts, num_ranks)
+    num_experts = check_low_latency_num_experts(num_experts, num_ranks)
     check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2, device=device)
     num_tokens, hidden = x.shape
     check_low_latency_hidden("x", hidden)
     if num_tokens > m:
         raise ValueError(f"x: {num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={m}")
+    if m > LOW_LATENCY_MAX_TOKENS_PER_RANK:
+        raise ValueError(
+            f"num_max_dispatch_tokens_per_rank: at most {LOW_LATENCY_MAX_TOKENS_PER_RANK}, got {m}"
+        )
     check_topk_idx(topk_idx, num_tokens, num_experts, LOW_LATENCY_MAX_NUM_TOPK, device)
     if cumulative_local_expert_recv_stats is not None:
         check_tensor(
@@ -481,7 +482,7 @@ def validate_low_latency_handle(handle: Any, *, num_ranks: int, device: torch.de
     h = LowLatencyHandle(*handle)
     m = check_int("handle.num_max_dispatch_tokens_per_rank", h.num_max_dispatch_tokens_per_rank, minimum=1)
     hidden = check_int("handle.hidden", h.hidden, minimum=1)
-    num_experts = check_num_experts(h.num_experts, num_ranks)
+    num_experts = check_low_latency_num_experts(h.num_experts, num_ranks)
     num_local_experts = num_experts // num_ranks
     check_tensor(
         "handle.packed_recv_src_info",
@@ -506,6 +507,7 @@ def validate_low_latency_combine(
     topk_weights: Any,
     handle: Any,
     out: Any,
+    combine_wait_recv_cost_stats: Any,
     *,
     num_ranks: int,
     device: torch.device,
@@ -529,6 +531,14 @@ def validate_low_latency_combine(
     )
     if out is not None:
         check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device)
+    if combine_wait_recv_cost_stats is not None:
+        check_tensor(
+            "combine_wait_recv_cost_stats",
+            combine_wait_recv_cost_stats,
+            dtypes=(torch.int64,),
+            shape=(num_ranks,),
+            device=device,
+        )
     check_low_latency_capacity("x", m, hidden, num_ranks, num_experts, num_rdma_bytes)
     return handle
 
@@ -544,7 +554,7 @@ def validate_clean_low_latency_buffer(
     m = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
     hidden = check_int("hidden", hidden, minimum=1)
     check_low_latency_hidden("hidden", hidden)
-    num_experts = check_num_experts(num_experts, num_ranks)
+    num_experts = check_low_latency_num_experts(num_experts, num_ranks)
     check_low_latency_capacity(
         "num_max_dispatch_tokens_per_rank", m, hidden, num_ranks, num_experts, num_rdma_bytes
     )

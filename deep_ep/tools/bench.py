@@ -1,4 +1,4 @@
-"""`python -m deep_ep.bench intranode|low-latency [script options]`: runs the benchmark scripts of the
+"""`python -m deep_ep.bench intranode|low-latency|host [script options]`: runs the benchmark scripts of the
 repository's benchmarks/ folder (they print a table with spread and append JSON records under
 benchmarks/results/). Options after the path name go to the script; `--help` lists them."""
 
@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-SCRIPTS = {"intranode": "bench_intranode.py", "low-latency": "bench_low_latency.py"}
+SCRIPTS = {"intranode": "bench_intranode.py", "low-latency": "bench_low_latency.py", "host": "bench_host.py"}
 
 
 def main(argv=None) -> int:

@@ -15,11 +15,13 @@
 
 #include <cstdint>
 
+#include "kernels/api.cuh"
+
 namespace deep_ep::fp8 {
 
 inline constexpr float kE4m3Max = 448.0f;
 inline constexpr float kAmaxFloor = 1e-4f;
-inline constexpr int kGroupSize = 128;
+inline constexpr int kGroupSize = kFp8GroupSize;
 // A half-warp casts one group: 16 lanes x 8 values, one 16-byte load each.
 inline constexpr int kLanesPerGroup = 16;
 inline constexpr int kValuesPerLane = 8;

@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/api.cuh"
+#include "kernels/common/expert_ids.cuh"
 #include "kernels/common/peer.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/sync.cuh"
@@ -95,9 +96,10 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
         peer::quiet();
 }
 
+// Out-of-range ids read as -1 (and are flagged for the host), as in the dispatch that sent the rows.
 __device__ __forceinline__ int load_topk(const LowLatencyCombineArgs& args, int64_t index) {
-    return args.topk_idx_is_int64 ? static_cast<int>(static_cast<const int64_t*>(args.topk_idx)[index])
-                                  : static_cast<const int*>(args.topk_idx)[index];
+    return expert_ids::load(args.topk_idx, args.topk_idx_is_int64, index, static_cast<int>(args.layout.num_experts),
+                            args.invalid);
 }
 
 template <ptx::LoadKind kLoadKind>
@@ -136,10 +138,17 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
                 // keeps the signal region at two words per expert.
                 const auto* counter = view.local<uint64_t>(layout.combine_counter(args.buffer_set, expert));
                 const int expected = histogram[expert];
+                const uint64_t wait_start_ns =
+                    args.combine_wait_recv_cost_stats != nullptr ? ptx::mov_u64_globaltimer() : 0;
                 if (!wait_until(
                         args.wait, WaitSite::kLowLatencyFlag, expert, expected,
                         [=] { return peer::load_signal_acquire(counter); }, [=](int v) { return v == expected; }))
                     *failed = 1;
+                if (args.combine_wait_recv_cost_stats != nullptr) {
+                    const int src_rank = expert / static_cast<int>(layout.num_local_experts());
+                    atomicAdd(reinterpret_cast<unsigned long long*>(args.combine_wait_recv_cost_stats + src_rank),
+                              static_cast<unsigned long long>(ptx::mov_u64_globaltimer() - wait_start_ns));
+                }
             }
         }
         __syncthreads();
@@ -199,8 +208,13 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
     }
 }
 
+}  // namespace
+
+// Named deep_ep::low_latency::combine: profiler-based tools find a combine kernel by "::combine".
+namespace low_latency {
+
 template <ptx::LoadKind kLoadKind>
-__global__ void __launch_bounds__(kNumThreads, 1) low_latency_combine_kernel(const LowLatencyCombineArgs args) {
+__global__ void __launch_bounds__(kNumThreads, 1) combine(const LowLatencyCombineArgs args) {
     __shared__ int histogram[kLowLatencyMaxExperts + 1];  // also the send phase's expert_row_start
     __shared__ int experts[kLowLatencyMaxTopk];
     __shared__ float weights[kLowLatencyMaxTopk];
@@ -216,12 +230,12 @@ __global__ void __launch_bounds__(kNumThreads, 1) low_latency_combine_kernel(con
         recv_phase<kLoadKind>(args, view, histogram, experts, weights, &failed);
 }
 
-__global__ void low_latency_barrier_kernel() { nvshmem_barrier_all(); }
+__global__ void barrier() { nvshmem_barrier_all(); }
 
-}  // namespace
+}  // namespace low_latency
 
 void launch_low_latency_barrier(const LowLatencyBarrierArgs& args) {
-    low_latency_barrier_kernel<<<1, 1, 0, args.stream>>>();
+    low_latency::barrier<<<1, 1, 0, args.stream>>>();
     DEEP_EP_LAUNCH_CHECK();
 }
 
@@ -232,9 +246,9 @@ void launch_low_latency_combine(const LowLatencyCombineArgs& args) {
     DEEP_EP_CHECK(args.num_topk <= kLowLatencyMaxTopk, "low-latency combine supports top-k up to " << kLowLatencyMaxTopk);
     const dim3 grid(args.num_blocks), block(kNumThreads);
     if (args.conservative_loads || !ptx::kAggressiveLoadsCompiled)
-        low_latency_combine_kernel<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
+        low_latency::combine<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
     else
-        low_latency_combine_kernel<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
+        low_latency::combine<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 

@@ -11,6 +11,7 @@
 // No grid-wide barrier: a block only ever waits for rows other blocks (or ranks) have already been able
 // to send, and the launcher keeps the grid small enough for all blocks of all ranks to be resident.
 #include "kernels/api.cuh"
+#include "kernels/common/expert_ids.cuh"
 #include "kernels/common/fp8.cuh"
 #include "kernels/common/peer.cuh"
 #include "kernels/common/ptx.cuh"
@@ -31,14 +32,16 @@ constexpr int kArrivedMask = (1 << kCountShift) - 1;
 // larger batches read topk_idx from global memory (L1/L2) instead.
 constexpr int kMaxCachedPairs = 6144;
 
-/// topk_idx[pair] from the block's shared copy when it fits, else from global memory.
+/// topk_idx[pair] from the block's shared copy when it fits, else from global memory; out-of-range ids
+/// read as -1 (and are flagged for the host).
 struct TopkReader {
     const void* topk_idx;
     bool is_int64;
+    int num_experts;
+    InvalidExpertIdWord* invalid;
     const short* cache;  // null: not cached
     __device__ __forceinline__ int global(int pair) const {
-        return is_int64 ? static_cast<int>(static_cast<const int64_t*>(topk_idx)[pair])
-                        : static_cast<const int*>(topk_idx)[pair];
+        return expert_ids::load(topk_idx, is_int64, pair, num_experts, invalid);
     }
     __device__ __forceinline__ int operator()(int pair) const { return cache != nullptr ? cache[pair] : global(pair); }
     // A token that lists an expert twice is sent to it once (the reference's semantics): only the first
@@ -62,7 +65,7 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
     const int num_pairs = args.num_tokens * args.num_topk;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    TopkReader topk{args.topk_idx, args.topk_idx_is_int64, nullptr};
+    TopkReader topk{args.topk_idx, args.topk_idx_is_int64, num_experts, args.invalid, nullptr};
 
     // 1. Counts per expert; each block computes all of them (a few KB of topk_idx) to avoid a grid sync.
     const bool cached = num_pairs <= kMaxCachedPairs;
@@ -276,8 +279,14 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     }
 }
 
+}  // namespace
+
+// Named deep_ep::low_latency::dispatch: profiler-based tools (DeepEP's test scripts among them) find a
+// dispatch kernel by the substring "::dispatch", and no other kernel of ours contains it.
+namespace low_latency {
+
 template <ptx::LoadKind kLoadKind>
-__global__ void __launch_bounds__(kNumThreads, 1) low_latency_dispatch_kernel(const LowLatencyDispatchArgs args) {
+__global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispatchArgs args) {
     // The send phase's arrays and the receive phase's never live at the same time.
     __shared__ int shared_ints[kLowLatencyMaxExperts + kMaxCachedPairs / 2];
     __shared__ int failed;
@@ -291,7 +300,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) low_latency_dispatch_kernel(co
         recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed);
 }
 
-}  // namespace
+}  // namespace low_latency
 
 void launch_low_latency_dispatch(const LowLatencyDispatchArgs& args) {
     DEEP_EP_CHECK(args.layout.num_ranks <= kMaxRanks, "low-latency dispatch supports up to " << kMaxRanks << " ranks");
@@ -299,9 +308,9 @@ void launch_low_latency_dispatch(const LowLatencyDispatchArgs& args) {
                   "low-latency dispatch supports up to " << kLowLatencyMaxExperts << " experts");
     const dim3 grid(args.num_blocks), block(kNumThreads);
     if (args.conservative_loads || !ptx::kAggressiveLoadsCompiled)
-        low_latency_dispatch_kernel<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
+        low_latency::dispatch<ptx::LoadKind::kConservative><<<grid, block, 0, args.stream>>>(args);
     else
-        low_latency_dispatch_kernel<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
+        low_latency::dispatch<ptx::LoadKind::kAggressive><<<grid, block, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
