@@ -363,29 +363,33 @@ def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
     try:
         xs, idxs, ws = _inputs(300, tokens)
         effective = [_with_bad_ids(idx, r, False) for r, idx in enumerate(idxs)]  # bad ids act as -1
+        bad = _with_bad_ids(idxs[rank], rank, inject).to(device)
+        # On the device before the GPU is held up: a host-to-device copy would wait for the hold-up.
+        x, weights = xs[rank].to(device), ws[rank].to(device)
         where_rank = f"rank {rank}, bad ids in {where}"
         if where in ("dispatch", "dispatch_hook"):
             hooked = where == "dispatch_hook"
             _hold_up(device)
-            dispatched = dispatch("dispatch", xs[rank], _with_bad_ids(idxs[rank], rank, inject), hooked)
+            dispatched = dispatch("dispatch", x, bad, hooked)
             _sync(device)
             if hooked:
                 call("hook", dispatched[4], may_raise=True)
                 _sync(device)
             want, expected = _ll_oracle(rank, "bf16", xs, effective, effective[rank], ws[rank])
             _assert_dispatch_equal(where_rank, *dispatched[:3], want)
-            result = combine("combine", dispatched, effective[rank], ws[rank], may_raise=not hooked)
+            result = combine("combine", dispatched, effective[rank], weights, may_raise=not hooked)
             _sync(device)
             if result is not None:
                 _assert_combine_equal(where_rank, result[0], expected)
         else:
-            dispatched = dispatch("dispatch", xs[rank], idxs[rank])
-            _sync(device)
-            want, expected = _ll_oracle(rank, "bf16", xs, idxs, effective[rank], ws[rank])
-            _assert_dispatch_equal(where_rank, *dispatched[:3], want)
+            # The combine takes the dispatch's topk_idx (as in V1), bad ids included: both calls are queued
+            # behind the hold-up, so neither has seen its kernels run when it returns and neither raises.
             _hold_up(device)
-            result = combine("combine", dispatched, _with_bad_ids(idxs[rank], rank, inject), ws[rank])
+            dispatched = dispatch("dispatch", x, bad)
+            result = combine("combine", dispatched, bad, weights)
             _sync(device)
+            want, expected = _ll_oracle(rank, "bf16", xs, effective, effective[rank], ws[rank])
+            _assert_dispatch_equal(where_rank, *dispatched[:3], want)
             _assert_combine_equal(where_rank, result[0], expected)
             # The next call on rank 0 reports it; its kernels still run, so the peers get rank 0's rows.
             xs, idxs, _ = _inputs(301, tokens)

@@ -520,7 +520,10 @@ def _through_buffer(rank, num_ranks, group, backend="cuda"):
             whole.as_strided(
                 staging.shape, staging.stride(), whole.storage_offset() + offset_bytes // 2
             ).copy_(expert_out)
-            assert torch.equal(staging, expert_out), f"rank {rank}: the views do not alias"
+            # Bytes, not values: rows past recv_count hold whatever was in memory, NaN patterns included.
+            assert torch.equal(staging.view(torch.int16), expert_out.view(torch.int16)), (
+                f"rank {rank}: the views do not alias"
+            )
         else:  # the reference has no communication buffer: write the zero-copy buffer itself
             staging.copy_(expert_out)
         combined, _, _ = buffer.low_latency_combine(

@@ -11,8 +11,14 @@ namespace {
 constexpr int kLayoutThreads = 256;
 constexpr int kCheckThreads = 256;
 
+}  // namespace
+
+// Kernels have named namespaces, never anonymous ones: a kernel in an anonymous namespace shows in profiler
+// tables under a mangled name that contains its file's name, and tools look kernels up by name.
+namespace routing {
+
 template <typename IndexT>
-__global__ void __launch_bounds__(kCheckThreads) check_expert_ids_kernel(CheckExpertIdsArgs args) {
+__global__ void __launch_bounds__(kCheckThreads) check_expert_ids(CheckExpertIdsArgs args) {
     const auto* ids = static_cast<const IndexT*>(args.topk_idx);
     for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < args.numel; i += int64_t{gridDim.x} * blockDim.x)
         expert_ids::is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
@@ -21,7 +27,7 @@ __global__ void __launch_bounds__(kCheckThreads) check_expert_ids_kernel(CheckEx
 // One thread per token. Counts go to shared-memory histograms first, so each block adds to global memory
 // once per expert and rank instead of once per token (8 topk x 4096 tokens would serialise on atomics).
 template <typename IndexT>
-__global__ void __launch_bounds__(kLayoutThreads) count_tokens_kernel(DispatchLayoutArgs args) {
+__global__ void __launch_bounds__(kLayoutThreads) count_tokens(DispatchLayoutArgs args) {
     extern __shared__ int shared_counts[];
     int* block_tokens_per_expert = shared_counts;
     int* block_tokens_per_rank = shared_counts + args.num_experts;
@@ -60,16 +66,16 @@ __global__ void __launch_bounds__(kLayoutThreads) count_tokens_kernel(DispatchLa
             atomicAdd(&args.num_tokens_per_rank[i], block_tokens_per_rank[i]);
 }
 
-}  // namespace
+}  // namespace routing
 
 void launch_check_expert_ids(const CheckExpertIdsArgs& args) {
     if (args.numel == 0)
         return;
     const int blocks = static_cast<int>(std::min<int64_t>((args.numel + kCheckThreads - 1) / kCheckThreads, 32));
     if (args.topk_idx_is_int64)
-        check_expert_ids_kernel<int64_t><<<blocks, kCheckThreads, 0, args.stream>>>(args);
+        routing::check_expert_ids<int64_t><<<blocks, kCheckThreads, 0, args.stream>>>(args);
     else
-        check_expert_ids_kernel<int><<<blocks, kCheckThreads, 0, args.stream>>>(args);
+        routing::check_expert_ids<int><<<blocks, kCheckThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
@@ -83,7 +89,7 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args) {
         return;
     const int blocks = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
     const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks);
-    auto kernel = args.topk_idx_is_int64 ? count_tokens_kernel<int64_t> : count_tokens_kernel<int32_t>;
+    auto kernel = args.topk_idx_is_int64 ? routing::count_tokens<int64_t> : routing::count_tokens<int32_t>;
     if (shared_bytes > 48 * 1024)
         DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
     kernel<<<blocks, kLayoutThreads, shared_bytes, args.stream>>>(args);

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <sstream>
 
@@ -311,9 +312,12 @@ void Buffer::raise_if_invalid_expert_id() {
     volatile InvalidExpertIdWord* word = invalid_expert_id_host_;
     if (word == nullptr || word->found == 0)
         return;
+    // found was read first; with the acquire fence the kernel's writes of value and num_experts, fenced
+    // before found, are visible.
+    std::atomic_thread_fence(std::memory_order_acquire);
     const int value = word->value, num_experts = word->num_experts;
-    word->value = 0;
     word->found = 0;
+    word->claimed = 0;  // last: a kernel may claim the word again only once it reads as clear
     std::ostringstream message;
     message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value << " on rank " << rank_
             << " (checked on the GPU: the operation that passed it treated it as -1 and completed on every rank, so "

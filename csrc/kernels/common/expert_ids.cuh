@@ -15,11 +15,13 @@ namespace deep_ep::expert_ids {
 __device__ __forceinline__ bool is_valid(int64_t expert, int num_experts, InvalidExpertIdWord* invalid) {
     if (expert >= -1 && expert < num_experts)
         return true;
-    if (invalid != nullptr && atomicCAS(&invalid->found, 0, 1) == 0) {
+    if (invalid != nullptr && atomicCAS(&invalid->claimed, 0, 1) == 0) {
         invalid->value = static_cast<int>(expert < INT_MIN ? INT_MIN : expert > INT_MAX ? INT_MAX : expert);
         invalid->num_experts = num_experts;
-        // The host reads the word without a device synchronisation (when the op ends): publish it.
+        // The host reads the word without synchronising with the GPU: value and num_experts must be visible
+        // to it before found is.
         __threadfence_system();
+        atomicExch(&invalid->found, 1);
     }
     return false;
 }

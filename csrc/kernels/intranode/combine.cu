@@ -24,7 +24,11 @@ constexpr int kReduceVectorsInFlight = 8;
 __device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
 __device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
 
-__global__ void __launch_bounds__(kStageThreads, 1) stage_expert_outputs_kernel(IntranodeCombineStageArgs args) {
+}  // namespace
+
+namespace intranode {
+
+__global__ void __launch_bounds__(kStageThreads, 1) stage_expert_outputs(IntranodeCombineStageArgs args) {
     // Opens the op: after it, every peer has finished pulling whatever the previous op left in our buffer.
     const NvlKernelBarrier barrier(args.peers, args.barrier);
     if (!barrier.passed())
@@ -46,7 +50,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) stage_expert_outputs_kernel(
     }
 }
 
-}  // namespace
+}  // namespace intranode
 
 // Named deep_ep::intranode::combine: profiler-based tools (DeepEP's test scripts among them) find this
 // op's kernel by the substring "::combine", which no other kernel of ours contains.
@@ -154,7 +158,7 @@ int clamp_blocks(int num_blocks) { return num_blocks < 1 ? 1 : num_blocks; }
 void launch_intranode_combine_stage(const IntranodeCombineStageArgs& args) {
     DEEP_EP_CHECK(args.hidden % kBf16PerVector == 0, "combine needs hidden % 8 == 0");
     DEEP_EP_CHECK(args.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k weights per row");
-    stage_expert_outputs_kernel<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
+    intranode::stage_expert_outputs<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 

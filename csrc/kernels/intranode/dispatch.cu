@@ -56,7 +56,11 @@ __device__ void build_send_list(const IntranodeDispatchStageArgs& args, const la
     }
 }
 
-__global__ void __launch_bounds__(kStageThreads, 1) stage_tokens_kernel(IntranodeDispatchStageArgs args) {
+}  // namespace
+
+namespace intranode {
+
+__global__ void __launch_bounds__(kStageThreads, 1) stage_tokens(IntranodeDispatchStageArgs args) {
     const NvlKernelBarrier barrier(args.peers, args.barrier);
     if (!barrier.passed())
         return;
@@ -106,6 +110,10 @@ __global__ void __launch_bounds__(kStageThreads, 1) stage_tokens_kernel(Intranod
         }
     }
 }
+
+}  // namespace intranode
+
+namespace {
 
 // The source rank of recv_x row `row`: rows [first_row[s], first_row[s + 1]) come from rank s.
 __device__ __forceinline__ int source_of_row(const int* first_row, int num_ranks, int row) {
@@ -225,7 +233,7 @@ void launch_intranode_dispatch_stage(const IntranodeDispatchStageArgs& args) {
     DEEP_EP_CHECK(args.shape.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k entries per token");
     DEEP_EP_CHECK(args.shape.hidden_bytes % 16 == 0, "the bytes of one x row must be a multiple of 16");
     DEEP_EP_CHECK(args.topk_idx == nullptr || args.topk_weights != nullptr, "topk_idx needs topk_weights");
-    stage_tokens_kernel<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
+    intranode::stage_tokens<<<clamp_blocks(args.num_blocks), kStageThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 

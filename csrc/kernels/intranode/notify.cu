@@ -11,7 +11,11 @@ namespace {
 
 constexpr int kNotifyThreads = 256;
 
-__global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(IntranodeNotifyArgs args) {
+}  // namespace
+
+namespace intranode {
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs args) {
     const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
     const int num_local_experts = args.num_experts / num_ranks;
 
@@ -71,14 +75,14 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) intranode_notify_kernel(Int
     }
 }
 
-__global__ void intranode_barrier_kernel(IntranodeBarrierArgs args) {
+__global__ void barrier(IntranodeBarrierArgs args) {
     const NvlKernelBarrier barrier(args.peers, args.barrier);
 }
 
-}  // namespace
+}  // namespace intranode
 
 void launch_intranode_barrier(const IntranodeBarrierArgs& args) {
-    intranode_barrier_kernel<<<1, kMaxNvlRanks, 0, args.stream>>>(args);
+    intranode::barrier<<<1, kMaxNvlRanks, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
@@ -87,7 +91,7 @@ void launch_intranode_notify(const IntranodeNotifyArgs& args) {
     DEEP_EP_CHECK(args.num_experts / args.peers.num_ranks <= layout::kMaxLocalExperts,
                   "at most " << layout::kMaxLocalExperts << " local experts per rank");
     DEEP_EP_CHECK(args.expert_alignment >= 1, "expert_alignment must be >= 1");
-    intranode_notify_kernel<<<1, kNotifyThreads, 0, args.stream>>>(args);
+    intranode::notify<<<1, kNotifyThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 
