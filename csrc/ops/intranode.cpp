@@ -381,9 +381,8 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     const OptionalTensor& topk_weights = call.topk_weights;
     const bool cached = call.handle.has_value();
 
-    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
-                               {previous_event, async_finish, allocate_on_comm_stream});
-    const cudaStream_t stream = streams.comm();
+    runtime::OpStreams streams(buffer, {previous_event, async_finish, allocate_on_comm_stream});
+    const cudaStream_t stream = streams.stream();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_ranks = peers.num_ranks, num_tokens = x.size(0);
     const int64_t hidden_bytes = x.size(1) * x.element_size();
@@ -543,9 +542,8 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const OptionalTensor& topk_weights = call.topk_weights;
     const torch::Tensor& send_head = call.handle.send_head;
 
-    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
-                               {previous_event, async_finish, allocate_on_comm_stream});
-    const cudaStream_t stream = streams.comm();
+    runtime::OpStreams streams(buffer, {previous_event, async_finish, allocate_on_comm_stream});
+    const cudaStream_t stream = streams.stream();
     const NvlPeers peers = nvl_peers(buffer);
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;

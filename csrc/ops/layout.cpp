@@ -23,8 +23,7 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
     if (buffer.host_expert_id_check())
         arguments::check_expert_ids_on_host(topk_idx, num_experts);
 
-    runtime::OpStreams streams(buffer.device(), buffer.comm_stream(),
-                               {previous_event, async_finish, allocate_on_comm_stream});
+    runtime::OpStreams streams(buffer, {previous_event, async_finish, allocate_on_comm_stream});
     // One allocation for the three outputs (the host cost of a call is mostly per allocation and launch):
     // the counts first, zeroed by one memset, then the membership matrix.
     const int64_t num_counts = num_ranks + num_experts, num_tokens = topk_idx.size(0);
@@ -45,7 +44,7 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
     args.invalid = buffer.invalid_expert_id_device();
-    args.stream = streams.comm();
+    args.stream = streams.stream();
     launch_dispatch_layout(args);
     pybind11::object event = streams.needs_tensor_lists()
                                  ? streams.finish({topk_idx}, {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank})

@@ -72,6 +72,10 @@ class Buffer {
     int device() const { return device_; }
     int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
     cudaStream_t comm_stream() const { return comm_stream_; }
+    // The stream the Buffer's last normal op ran on (or that waits for it): the next op runs after it
+    // (runtime/op_streams.hpp). nullptr before the first op.
+    cudaStream_t last_op_stream() const { return last_op_stream_; }
+    void set_last_op_stream(cudaStream_t stream) { last_op_stream_ = stream; }
     bool conservative_loads() const { return conservative_loads_; }
     int max_num_sms() const { return max_num_sms_; }
     bool host_expert_id_check() const { return host_expert_id_check_; }
@@ -144,6 +148,7 @@ class Buffer {
     int64_t num_nvl_bytes_;
     uint64_t timeout_ns_;
     cudaStream_t comm_stream_;
+    cudaStream_t last_op_stream_ = nullptr;
     int max_num_sms_;
     bool conservative_loads_;
     bool host_expert_id_check_;

@@ -43,6 +43,12 @@ bool order_after_event(int device, cudaStream_t comm, pybind11::handle previous_
     return true;
 }
 
+bool is_capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    return status != cudaStreamCaptureStatusNone;
+}
+
 }  // namespace
 
 void order_after(int device, cudaStream_t waiter, cudaStream_t first) {
@@ -51,16 +57,26 @@ void order_after(int device, cudaStream_t waiter, cudaStream_t first) {
     DEEP_EP_CUDA_CHECK(cudaStreamWaitEvent(waiter, event, 0));
 }
 
-OpStreams::OpStreams(int device, cudaStream_t comm_stream, const StreamOrder& order)
-    : device_(device),
-      caller_(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream()),
-      comm_(comm_stream),
+OpStreams::OpStreams(Buffer& buffer, const StreamOrder& order)
+    : buffer_(buffer),
+      device_(buffer.device()),
+      caller_(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream()),
+      on_comm_stream_(!order.previous_event.is_none() || order.async_finish || order.allocate_on_comm_stream),
       order_(order) {
-    const bool after_event = !order.previous_event.is_none() && order_after_event(device_, comm_, order.previous_event);
-    if (!after_event)
-        order_after(device_, comm_, caller_);
+    stream_ = on_comm_stream_ ? buffer.comm_stream() : caller_;
+    bool after_caller = false;
+    if (on_comm_stream_) {
+        after_caller =
+            order.previous_event.is_none() || !order_after_event(device_, stream_, order.previous_event);
+        if (after_caller)
+            order_after(device_, stream_, caller_);
+    }
+    const cudaStream_t last = buffer.last_op_stream();
+    const bool last_is_covered = last == nullptr || last == stream_ || (after_caller && last == caller_);
+    if (!last_is_covered && !(is_capturing(stream_) && !is_capturing(last)))
+        order_after(device_, stream_, last);
     if (order.allocate_on_comm_stream)
-        allocation_guard_.emplace(c10::cuda::getStreamFromExternal(comm_, static_cast<c10::DeviceIndex>(device)));
+        allocation_guard_.emplace(c10::cuda::getStreamFromExternal(stream_, static_cast<c10::DeviceIndex>(device_)));
 }
 
 pybind11::object OpStreams::finish(std::vector<torch::Tensor> inputs, const std::vector<torch::Tensor>& outputs) {
@@ -72,15 +88,22 @@ pybind11::object OpStreams::finish(std::vector<torch::Tensor> inputs, const std:
                 c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), caller);
     }
     if (!order_.async_finish) {
-        order_after(device_, caller_, comm_);
+        if (on_comm_stream_)
+            order_after(device_, caller_, stream_);
+        buffer_.set_last_op_stream(caller_);  // the caller's later work comes after the op
         return pybind11::none();
     }
+    buffer_.set_last_op_stream(stream_);
     for (const torch::Tensor& t : outputs)
         if (t.defined())
             inputs.push_back(t);
-    return pybind11::cast(EventHandle(comm_, device_, std::move(inputs)));
+    return pybind11::cast(EventHandle(stream_, device_, std::move(inputs)));
 }
 
-void OpStreams::join_caller() { order_after(device_, caller_, comm_); }
+void OpStreams::join_caller() {
+    if (stream_ != caller_)
+        order_after(device_, caller_, stream_);
+    buffer_.set_last_op_stream(caller_);
+}
 
 }  // namespace deep_ep::runtime

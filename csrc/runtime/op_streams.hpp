@@ -3,8 +3,13 @@
 // one is given; outputs are allocated on the caller's stream, or on the communication stream with
 // allocate_on_comm_stream (then recorded for the caller's stream); unless async_finish, the caller's stream
 // then waits for the op, and with async_finish the op returns an EventHandle instead.
-// Done in C++, with one reused event, because torch.cuda.Stream / Event calls from Python cost tens of
-// microseconds per op, more than some ops take on the GPU.
+// A call with none of those three flags (the common one) runs on the caller's stream itself: to the caller
+// it is the same order, without the two event records and waits that cost more host time than the
+// smallest ops take on the GPU.
+// Whatever stream an op runs on, it runs after the Buffer's previous op (the ops of one Buffer share its
+// barriers and buffers): the Buffer remembers the stream of its last op, and an op on another stream first
+// waits for it. One exception: a stream being captured into a CUDA graph does not wait for work queued
+// outside the capture (CUDA forbids it); torch.cuda.graph synchronises the device before it captures.
 #pragma once
 
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +19,8 @@
 
 #include <optional>
 #include <vector>
+
+#include "runtime/buffer.hpp"
 
 namespace deep_ep::runtime {
 
@@ -26,14 +33,14 @@ struct StreamOrder {
 
 class OpStreams {
   public:
-    // Orders the communication stream after the caller's (or previous_event) and, with
-    // allocate_on_comm_stream, makes it the current stream until this object dies, so that torch::empty
-    // allocates there.
-    OpStreams(int device, cudaStream_t comm_stream, const StreamOrder& order);
+    // Picks the op's stream and orders it (see above); with allocate_on_comm_stream, makes the
+    // communication stream the current one until this object dies, so that torch::empty allocates there.
+    OpStreams(Buffer& buffer, const StreamOrder& order);
     OpStreams(const OpStreams&) = delete;
     OpStreams& operator=(const OpStreams&) = delete;
 
-    cudaStream_t comm() const { return comm_; }
+    // The stream the op's kernels run on.
+    cudaStream_t stream() const { return stream_; }
     bool needs_tensor_lists() const { return order_.async_finish || order_.allocate_on_comm_stream; }
     // After the op's last launch: the caller's stream waits for it (unless async_finish); outputs made on
     // the communication stream are recorded for the caller's. Returns the EventHandle (async_finish, keeping
@@ -44,8 +51,10 @@ class OpStreams {
     void join_caller();
 
   private:
+    Buffer& buffer_;
     int device_;
-    cudaStream_t caller_, comm_;
+    cudaStream_t caller_, stream_;
+    bool on_comm_stream_;
     StreamOrder order_;
     std::optional<c10::cuda::CUDAStreamGuard> allocation_guard_;
 };
