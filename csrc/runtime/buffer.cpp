@@ -36,7 +36,7 @@ Buffer::Buffer(const BufferOptions& options)
     : rank_(options.rank), num_ranks_(options.num_ranks), num_nvl_bytes_(options.num_nvl_bytes),
       timeout_ns_(static_cast<uint64_t>(options.timeout_s * 1e9)), comm_stream_(options.comm_stream),
       max_num_sms_(std::max(1, options.max_num_sms)), conservative_loads_(options.conservative_loads),
-      host_expert_id_check_(options.host_expert_id_check) {
+      host_expert_id_check_(options.host_expert_id_check), always_comm_stream_(options.always_comm_stream) {
     // The NVLink buffer spans one NVLink domain; a low-latency-only Buffer (no NVLink buffer) any group.
     DEEP_EP_CHECK(num_ranks_ >= 1, "a Buffer needs at least 1 rank, got " << num_ranks_);
     DEEP_EP_CHECK(num_nvl_bytes_ == 0 || num_ranks_ <= kMaxNvlRanks,
@@ -333,14 +333,16 @@ void Buffer::require_usable() const {
 void register_apis(pybind11::module_& m) {
     pybind11::class_<Buffer>(m, "RuntimeBuffer")
         .def(pybind11::init([](int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, int64_t comm_stream,
-                               int max_num_sms, bool conservative_loads, bool host_expert_id_check) {
+                               int max_num_sms, bool conservative_loads, bool host_expert_id_check,
+                               bool always_comm_stream) {
                  return std::make_unique<Buffer>(
                      BufferOptions{rank, num_ranks, num_nvl_bytes, timeout_s, reinterpret_cast<cudaStream_t>(comm_stream),
-                                   max_num_sms, conservative_loads, host_expert_id_check});
+                                   max_num_sms, conservative_loads, host_expert_id_check, always_comm_stream});
              }),
              pybind11::arg("rank"), pybind11::arg("num_ranks"), pybind11::arg("num_nvl_bytes"),
              pybind11::arg("timeout_s"), pybind11::arg("comm_stream") = 0, pybind11::arg("max_num_sms") = 1,
-             pybind11::arg("conservative_loads") = false, pybind11::arg("host_expert_id_check") = false)
+             pybind11::arg("conservative_loads") = false, pybind11::arg("host_expert_id_check") = false,
+             pybind11::arg("always_comm_stream") = false)
         .def("local_ipc_handle", &Buffer::local_ipc_handle)
         .def("connect", &Buffer::connect)
         .def("destroy", &Buffer::destroy)

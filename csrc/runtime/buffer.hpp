@@ -33,6 +33,9 @@ struct BufferOptions {
     // Check expert ids on the host before anything runs (one GPU synchronisation per call that takes
     // topk_idx) instead of on the GPU: DEEP_EP_HOST_EXPERT_ID_CHECK=1.
     bool host_expert_id_check = false;
+    // Run every normal op on the communication stream, as DeepEP V1 does, also without the flags that ask
+    // for it (DEEP_EP_INLINE_OPS=0); by default such ops run on the caller's stream (runtime/op_streams.hpp).
+    bool always_comm_stream = false;
 };
 
 /// The NVSHMEM symmetric buffer of the low-latency ops (allocated by Python, collectively) and the state
@@ -79,6 +82,7 @@ class Buffer {
     bool conservative_loads() const { return conservative_loads_; }
     int max_num_sms() const { return max_num_sms_; }
     bool host_expert_id_check() const { return host_expert_id_check_; }
+    bool always_comm_stream() const { return always_comm_stream_; }
     // An op's SM budget: what the Config asks for, within what this rank may take of a shared GPU.
     int num_sms(int64_t requested) const {
         return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, max_num_sms_)));
@@ -152,6 +156,7 @@ class Buffer {
     int max_num_sms_;
     bool conservative_loads_;
     bool host_expert_id_check_;
+    bool always_comm_stream_;
     SymmetricBuffer symmetric_;
     bool connected_ = false, destroyed_ = false;
     int notify_tag_ = 0;

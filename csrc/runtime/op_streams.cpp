@@ -61,7 +61,8 @@ OpStreams::OpStreams(Buffer& buffer, const StreamOrder& order)
     : buffer_(buffer),
       device_(buffer.device()),
       caller_(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream()),
-      on_comm_stream_(!order.previous_event.is_none() || order.async_finish || order.allocate_on_comm_stream),
+      on_comm_stream_(buffer.always_comm_stream() || !order.previous_event.is_none() || order.async_finish ||
+                      order.allocate_on_comm_stream),
       order_(order) {
     stream_ = on_comm_stream_ ? buffer.comm_stream() : caller_;
     bool after_caller = false;

@@ -45,6 +45,9 @@ DIRECT_READS_ENV = "DEEP_EP_DIRECT_READS"
 # "1": check expert ids on the host before anything runs, as the reference does (one GPU synchronisation per
 # call that takes topk_idx), instead of on the GPU (README, "Bad arguments").
 HOST_EXPERT_ID_CHECK_ENV = "DEEP_EP_HOST_EXPERT_ID_CHECK"
+# "0": every normal op runs on the communication stream, as in DeepEP V1; by default an op without
+# previous_event / async_finish / allocate_on_comm_stream runs on the caller's stream (csrc/runtime/op_streams.hpp).
+INLINE_OPS_ENV = "DEEP_EP_INLINE_OPS"
 
 _make_intranode_handle = IntranodeHandle._make
 _make_low_latency_handle = LowLatencyHandle._make
@@ -93,6 +96,7 @@ class CudaBackend:
             self.sm_cap,
             self.load_kind == CONSERVATIVE,
             os.environ.get(HOST_EXPERT_ID_CHECK_ENV, "0") == "1",
+            os.environ.get(INLINE_OPS_ENV, "1") == "0",
         )
         if num_nvl_bytes > 0:
             handles = self._all_gather_object(self.runtime.local_ipc_handle())
