@@ -7,7 +7,9 @@ without communicating.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Optional
 
 import torch
@@ -137,3 +139,18 @@ def assert_low_latency_dispatch_equivalent(actual, expected) -> None:
             for part, (a_part, e_part) in enumerate(zip(a_parts, e_parts)):
                 got, want = a_part[e, a_rows[a_order]], e_part[e, e_rows[e_order]]
                 assert bytes_equal(got, want), f"{where}: rows differ (part {part})"
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """`name=value` while the block runs (e.g. DEEP_EP_TIMEOUT_S, read when a Buffer is created); rank
+    processes of a pool are reused by later tests, so the old value comes back afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old

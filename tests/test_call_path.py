@@ -20,12 +20,9 @@ Capturing low-latency ops in a CUDA graph (the rule users must follow):
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
-from oracle import bytes_equal
+from oracle import bytes_equal, environment
 
 import deep_ep
 from deep_ep.backends import reference
@@ -75,23 +72,9 @@ def pool(request):
 # --- rank-side helpers (module level: they run in the rank processes) --------------------------------------
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """`name=value` while the block runs; the pool's processes are reused, so the old value comes back."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def _ll_buffer(group, num_ranks, backend, timeout_s=TIMEOUT_S):
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, HIDDEN, num_ranks, NUM_EXPERTS)
-    with _environment(TIMEOUT_ENV, str(timeout_s)):
+    with environment(TIMEOUT_ENV, str(timeout_s)):
         return deep_ep.Buffer(group, 0, size, low_latency_mode=True, explicitly_destroy=True, backend=backend)
 
 
@@ -451,7 +434,7 @@ def _rank_normal_calls_do_not_wait(rank, num_ranks, group, backend="cuda"):
     tokens = [NORMAL_TOKENS + 9 * r for r in range(num_ranks)]
     worst = sum(tokens)
     size = deep_ep.Config(24, 8, 256).get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks)
-    with _environment(TIMEOUT_ENV, str(TIMEOUT_S)):
+    with environment(TIMEOUT_ENV, str(TIMEOUT_S)):
         buffer = deep_ep.Buffer(group, size, 0, explicitly_destroy=True, backend=backend)
     device = buffer.device
     # The same input tensors every round, as a model loop would reuse them.

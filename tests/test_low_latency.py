@@ -14,11 +14,9 @@ which is how the harness itself is checked without a GPU (CUDA-only steps are sk
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
+from oracle import environment
 
 import deep_ep
 from deep_ep.backends import reference
@@ -55,23 +53,9 @@ def pool(request):
 # --- rank-side helpers (module level: they run in the rank processes) --------------------------------------
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """`name=value` while the block runs; the pool's processes are reused, so the old value comes back."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def _make_buffer(group, num_ranks, m, hidden, num_experts, backend, allow_nvlink=True, timeout_s=TIMEOUT_S):
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
-    with _environment(TIMEOUT_ENV, str(timeout_s)):
+    with environment(TIMEOUT_ENV, str(timeout_s)):
         return deep_ep.Buffer(
             group,
             0,
