@@ -134,13 +134,6 @@ SymmetricBuffer& Buffer::symmetric(const char* op) {
     return symmetric_;
 }
 
-std::vector<int64_t> Buffer::mapped_bases() const {
-    if (!symmetric_.mapped_bases.defined())
-        return {};
-    const torch::Tensor host = symmetric_.mapped_bases.cpu();
-    return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-}
-
 void Buffer::attach_host_exchange(const std::string& name, bool create) {
     require_usable();
     host_exchange_ = std::make_unique<HostExchange>(name, rank_, num_ranks_, create, timeout_ns_);
@@ -348,7 +341,6 @@ void register_apis(pybind11::module_& m) {
         .def("destroy", &Buffer::destroy)
         .def("raise_if_failed", &Buffer::raise_if_failed)
         .def("raise_if_invalid_expert_id", &Buffer::raise_if_invalid_expert_id)
-        .def("raise_pending_errors", &Buffer::raise_pending_errors)
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
         .def("attach_symmetric", &Buffer::attach_symmetric, pybind11::arg("base"), pybind11::arg("num_bytes"),
@@ -362,12 +354,7 @@ void register_apis(pybind11::module_& m) {
         .def_property_readonly("num_ranks", &Buffer::num_ranks)
         .def_property_readonly("device", &Buffer::device)
         .def_property_readonly("num_nvl_bytes", &Buffer::num_nvl_bytes)
-        .def_property_readonly("max_num_sms", &Buffer::max_num_sms)
-        .def_property_readonly("conservative_loads", &Buffer::conservative_loads)
-        .def_property_readonly("local_buffer_ptr", &Buffer::local_buffer_ptr)
-        .def_property_readonly("symmetric_base", &Buffer::symmetric_base)
-        .def_property_readonly("all_ranks_mapped", &Buffer::all_ranks_mapped)
-        .def_property_readonly("mapped_bases", &Buffer::mapped_bases);
+        .def_property_readonly("local_buffer_ptr", &Buffer::local_buffer_ptr);
 }
 
 }  // namespace deep_ep::runtime

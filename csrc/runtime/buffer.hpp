@@ -80,7 +80,6 @@ class Buffer {
     cudaStream_t last_op_stream() const { return last_op_stream_; }
     void set_last_op_stream(cudaStream_t stream) { last_op_stream_ = stream; }
     bool conservative_loads() const { return conservative_loads_; }
-    int max_num_sms() const { return max_num_sms_; }
     bool host_expert_id_check() const { return host_expert_id_check_; }
     bool always_comm_stream() const { return always_comm_stream_; }
     // An op's SM budget: what the Config asks for, within what this rank may take of a shared GPU.
@@ -122,9 +121,6 @@ class Buffer {
     // in the error raised when the Buffer has none.
     void attach_symmetric(uintptr_t base, int64_t num_bytes, const std::vector<int64_t>& mapped_bases, int num_blocks);
     SymmetricBuffer& symmetric(const char* op);
-    uintptr_t symmetric_base() const { return reinterpret_cast<uintptr_t>(symmetric_.base); }
-    bool all_ranks_mapped() const { return symmetric_.all_ranks_mapped; }
-    std::vector<int64_t> mapped_bases() const;
 
     // Expert ids are range-checked on the GPU (no host sync before launching): a kernel treats a bad one as
     // -1 and records the first in this host-mapped word. Ops raise it as a ValueError once their own kernels
