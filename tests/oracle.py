@@ -154,3 +154,12 @@ def environment(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = old
+
+
+def low_latency_compiled() -> bool:
+    """A CUDA GPU and deep_ep._C built with NVSHMEM: what the low-latency GPU tests need."""
+    try:
+        from deep_ep import _C  # noqa: PLC0415 - optional compiled extension
+    except (ImportError, OSError):
+        return False
+    return torch.cuda.is_available() and bool(getattr(_C, "low_latency_compiled", False))

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import low_latency_compiled
 
 import deep_ep
 from deep_ep.config import nvl_buffer_size_hint
 
-try:
-    from deep_ep import _C
-except ImportError:
-    _C = None
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        _C is None or not torch.cuda.is_available() or not getattr(_C, "low_latency_compiled", False),
-        reason="needs a CUDA GPU and deep_ep._C built with NVSHMEM",
+        not low_latency_compiled(), reason="needs a CUDA GPU and deep_ep._C built with NVSHMEM"
     ),
 ]
 

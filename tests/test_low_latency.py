@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import environment
+from oracle import environment, low_latency_compiled
 
 import deep_ep
 from deep_ep.backends import reference
@@ -24,19 +24,10 @@ from deep_ep.backends.fp8 import per_token_cast_back
 from deep_ep.handles import LowLatencyHandle
 from deep_ep.tools.launch import RankPool
 
-
-def _low_latency_compiled() -> bool:
-    try:
-        from deep_ep import _C  # noqa: PLC0415 - optional compiled extension
-    except (ImportError, OSError):
-        return False
-    return torch.cuda.is_available() and bool(getattr(_C, "low_latency_compiled", False))
-
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not _low_latency_compiled(), reason="needs a CUDA GPU and deep_ep._C built with NVSHMEM"
+        not low_latency_compiled(), reason="needs a CUDA GPU and deep_ep._C built with NVSHMEM"
     ),
 ]
 

@@ -53,6 +53,12 @@ _make_intranode_handle = IntranodeHandle._make
 _make_low_latency_handle = LowLatencyHandle._make
 
 
+def _check_previous_event(previous_event) -> None:
+    """A TypeError naming previous_event unless it is an EventOverlap or None (the C++ side reads .event)."""
+    if previous_event is not None and type(previous_event) is not EventOverlap:
+        check_optional_type("previous_event", previous_event, EventOverlap)
+
+
 class CudaBackend:
     name = "cuda"
 
@@ -170,8 +176,7 @@ class CudaBackend:
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
     ):
-        if previous_event is not None and type(previous_event) is not EventOverlap:
-            check_optional_type("previous_event", previous_event, EventOverlap)
+        _check_previous_event(previous_event)
         per_rank, per_expert, in_rank, event = _C.get_dispatch_layout(
             self.runtime, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
@@ -195,8 +200,7 @@ class CudaBackend:
         allocate_on_comm_stream,
     ):
         num_sms = self._num_sms(config)
-        if previous_event is not None and type(previous_event) is not EventOverlap:
-            check_optional_type("previous_event", previous_event, EventOverlap)
+        _check_previous_event(previous_event)
         recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = _C.intranode_dispatch(
             self.runtime,
             x,
@@ -222,8 +226,7 @@ class CudaBackend:
         self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
     ):
         num_sms = self._num_sms(config)
-        if previous_event is not None and type(previous_event) is not EventOverlap:
-            check_optional_type("previous_event", previous_event, EventOverlap)
+        _check_previous_event(previous_event)
         combined_x, combined_topk_weights, event = _C.intranode_combine(
             self.runtime,
             x,

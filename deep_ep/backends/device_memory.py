@@ -1,5 +1,5 @@
 """Tensors over device memory that torch did not allocate (the communication buffers the C++ runtime and
-NVSHMEM own), shared by the CUDA backends."""
+NVSHMEM own): the CUDA backend's get_local_buffer_tensor."""
 
 from __future__ import annotations
 
