@@ -71,11 +71,17 @@ struct DispatchLayoutArgs {
     int num_experts;
     int num_ranks;
     int* num_tokens_per_rank;    // [num_ranks], written
-    int* num_tokens_per_expert;  // [num_experts], written; right after num_tokens_per_rank (one memset zeroes both)
+    int* num_tokens_per_expert;  // [num_experts], written
     bool* is_token_in_rank;      // [num_tokens, num_ranks], written
+    // With more than one block: each block's counts [blocks, num_ranks + num_experts] (scratch, overwritten),
+    // and the number of blocks done so far (0 between calls: the last block resets it).
+    int* block_counts;
+    int* done_blocks;
     InvalidExpertIdWord* invalid;  // flagged on an id outside [-1, num_experts) (skipped then); or nullptr
     cudaStream_t stream;
 };
+// Blocks of the layout kernel for num_tokens (rows of DispatchLayoutArgs::block_counts when more than one).
+int dispatch_layout_blocks(int num_tokens);
 void launch_dispatch_layout(const DispatchLayoutArgs& args);
 
 }  // namespace deep_ep

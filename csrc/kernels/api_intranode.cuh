@@ -30,6 +30,9 @@ struct NvlPeers {
 struct NvlBarrier {
     WaitContext wait;
     bool active;
+    // The kernel also ends with a barrier (NvlKernelBarrier::close): with direct reads, no rank's stream may
+    // move past the op while a peer still reads its inputs.
+    bool closes;
 };
 
 /// A bare group barrier on a stream: one block. Benchmarks use it to line the ranks up on the GPU itself.

@@ -24,14 +24,18 @@ __global__ void __launch_bounds__(kCheckThreads) check_expert_ids(CheckExpertIds
         expert_ids::is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
 }
 
-// One thread per token. Counts go to shared-memory histograms first, so each block adds to global memory
+// One thread per token. Counts go to shared-memory histograms first, so each block touches global memory
 // once per expert and rank instead of once per token (8 topk x 4096 tokens would serialise on atomics).
+// Nothing needs zeroing before the launch (a memset would be a second launch, and launches are most of a
+// small call's host time): one block writes its counts directly; several blocks each publish theirs in a
+// row of block_counts, and the last block to finish sums the rows.
 template <typename IndexT>
 __global__ void __launch_bounds__(kLayoutThreads) count_tokens(DispatchLayoutArgs args) {
     extern __shared__ int shared_counts[];
-    int* block_tokens_per_expert = shared_counts;
-    int* block_tokens_per_rank = shared_counts + args.num_experts;
-    for (int i = threadIdx.x; i < args.num_experts + args.num_ranks; i += blockDim.x)
+    const int num_counts = args.num_ranks + args.num_experts;
+    int* block_tokens_per_rank = shared_counts;
+    int* block_tokens_per_expert = shared_counts + args.num_ranks;
+    for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
         shared_counts[i] = 0;
     __syncthreads();
 
@@ -58,12 +62,42 @@ __global__ void __launch_bounds__(kLayoutThreads) count_tokens(DispatchLayoutArg
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < args.num_experts; i += blockDim.x)
-        if (block_tokens_per_expert[i] != 0)
-            atomicAdd(&args.num_tokens_per_expert[i], block_tokens_per_expert[i]);
-    for (int i = threadIdx.x; i < args.num_ranks; i += blockDim.x)
-        if (block_tokens_per_rank[i] != 0)
-            atomicAdd(&args.num_tokens_per_rank[i], block_tokens_per_rank[i]);
+
+    auto store_count = [&](int i, int value) {
+        if (i < args.num_ranks)
+            args.num_tokens_per_rank[i] = value;
+        else
+            args.num_tokens_per_expert[i - args.num_ranks] = value;
+    };
+    if (gridDim.x == 1) {
+        for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
+            store_count(i, shared_counts[i]);
+        return;
+    }
+    int* own_row = args.block_counts + static_cast<int64_t>(blockIdx.x) * num_counts;
+    for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
+        own_row[i] = shared_counts[i];
+    // Release: the row is visible GPU-wide before this block is counted as done.
+    __threadfence();
+    __syncthreads();
+    __shared__ bool is_last_block;
+    if (threadIdx.x == 0)
+        is_last_block = atomicAdd(args.done_blocks, 1) == static_cast<int>(gridDim.x) - 1;
+    __syncthreads();
+    if (!is_last_block)
+        return;
+    // Acquire: every other block's row was published before its increment; read them from L2 (__ldcg),
+    // never from a stale L1 line.
+    __threadfence();
+    for (int i = threadIdx.x; i < num_counts; i += blockDim.x) {
+        int sum = 0;
+        for (int b = 0; b < static_cast<int>(gridDim.x); ++b)
+            sum += __ldcg(args.block_counts + static_cast<int64_t>(b) * num_counts + i);
+        store_count(i, sum);
+    }
+    // The ops of a Buffer run one after another, so the next layout call finds the counter at 0 again.
+    if (threadIdx.x == 0)
+        *args.done_blocks = 0;
 }
 
 }  // namespace routing
@@ -79,15 +113,13 @@ void launch_check_expert_ids(const CheckExpertIdsArgs& args) {
     DEEP_EP_LAUNCH_CHECK();
 }
 
+int dispatch_layout_blocks(int num_tokens) { return std::max(1, (num_tokens + kLayoutThreads - 1) / kLayoutThreads); }
+
 void launch_dispatch_layout(const DispatchLayoutArgs& args) {
     DEEP_EP_CHECK(args.num_ranks >= 1 && args.num_ranks <= 64, "layout supports 1..64 ranks, got " << args.num_ranks);
-    DEEP_EP_CHECK(args.num_tokens_per_expert == args.num_tokens_per_rank + args.num_ranks,
-                  "the layout's counts are one array: per rank, then per expert");
-    DEEP_EP_CUDA_CHECK(
-        cudaMemsetAsync(args.num_tokens_per_rank, 0, sizeof(int) * (args.num_ranks + args.num_experts), args.stream));
-    if (args.num_tokens == 0)
-        return;
-    const int blocks = (args.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
+    const int blocks = dispatch_layout_blocks(args.num_tokens);
+    DEEP_EP_CHECK(blocks == 1 || (args.block_counts != nullptr && args.done_blocks != nullptr),
+                  "a layout over several blocks needs block_counts and done_blocks");
     const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks);
     auto kernel = args.topk_idx_is_int64 ? routing::count_tokens<int64_t> : routing::count_tokens<int32_t>;
     if (shared_bytes > 48 * 1024)

@@ -16,6 +16,7 @@
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/op_streams.hpp"
+#include "runtime/output_tensors.hpp"
 #include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
@@ -136,12 +137,6 @@ std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, co
     sources.x_stride = x.size(1) * 2;
     sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
     return sources;
-}
-
-// Direct reads: peers read this rank's inputs until they pass this barrier, queued after the pull, so the
-// caller's stream (which waits for ours) cannot overwrite or free them earlier.
-void close_direct_op(runtime::Buffer& buffer, const NvlPeers& peers, cudaStream_t stream) {
-    launch_intranode_barrier(IntranodeBarrierArgs{peers, next_barrier(buffer), stream});
 }
 
 // The six tensors of an intra-node handle (deep_ep/handles.py IntranodeHandle), checked.
@@ -390,7 +385,6 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     const int64_t num_topk = topk_idx.has_value() ? topk_idx->size(1) : 0;
     const int64_t num_experts = call.num_experts;
     const DispatchRowShape shape = dispatch_row_shape(hidden_bytes, num_scales, num_topk, num_ranks);
-    const auto int_options = x.options().dtype(torch::kInt32);
 
     torch::Tensor rank_prefix_matrix;
     OptionalTensor channel_prefix_matrix, recv_channel_prefix_matrix, send_head;
@@ -403,20 +397,20 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
             launch_check_expert_ids(CheckExpertIdsArgs{topk_idx->data_ptr(), topk_idx->scalar_type() == torch::kInt64,
                                                        topk_idx->numel(), static_cast<int>(num_experts),
                                                        buffer.invalid_expert_id_device(), stream});
-        // The handle's int32 tensors and the per-expert counts share one allocation (fewer allocator calls).
+        // The handle's int32 tensors and the per-expert counts share one allocation (runtime/output_tensors.hpp).
         const int64_t num_local_experts = num_experts / num_ranks;
-        const auto ints = torch::empty({num_ranks * (num_ranks + 2 + num_tokens) + num_local_experts}, int_options);
-        int64_t offset = 0;
-        auto take = [&](int64_t rows, int64_t cols) {
-            auto part = ints.narrow(0, offset, rows * cols).view({rows, cols});
-            offset += rows * cols;
-            return part;
-        };
-        rank_prefix_matrix = take(num_ranks, num_ranks);
-        channel_prefix_matrix = take(num_ranks, 1);
-        recv_channel_prefix_matrix = take(num_ranks, 1);
-        send_head = take(num_tokens, num_ranks);
-        auto num_recv_tokens_per_expert = take(num_local_experts, 1);
+        runtime::OutputTensors ints;
+        const int rank_prefix_index = ints.add({num_ranks, num_ranks}, torch::kInt32);
+        const int channel_prefix_index = ints.add({num_ranks, 1}, torch::kInt32);
+        const int recv_channel_prefix_index = ints.add({num_ranks, 1}, torch::kInt32);
+        const int send_head_index = ints.add({num_tokens, num_ranks}, torch::kInt32);
+        const int per_expert_index = ints.add({num_local_experts, 1}, torch::kInt32);
+        ints.allocate(x.device());
+        rank_prefix_matrix = ints[rank_prefix_index];
+        channel_prefix_matrix = ints[channel_prefix_index];
+        recv_channel_prefix_matrix = ints[recv_channel_prefix_index];
+        send_head = ints[send_head_index];
+        const torch::Tensor num_recv_tokens_per_expert = ints[per_expert_index];
 
         IntranodeNotifyArgs notify{};
         notify.peers = peers;
@@ -472,19 +466,31 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     }
 
     // Outputs on the current stream (the caller's, or the comm stream with allocate_on_comm_stream).
-    auto recv_x = torch::empty({num_recv_capacity, x.size(1)}, x.options());
+    // One allocation for all of them (runtime/output_tensors.hpp).
+    runtime::OutputTensors outputs;
+    const int recv_x_index = outputs.add({num_recv_capacity, x.size(1)}, x.scalar_type());
+    const int recv_x_scales_index = x_scales.has_value() ? outputs.add({num_recv_capacity, num_scales}, torch::kFloat32) : -1;
+    const int recv_topk_idx_index = topk_idx.has_value() ? outputs.add({num_recv_capacity, num_topk}, torch::kInt64) : -1;
+    const int recv_topk_weights_index =
+        topk_idx.has_value() ? outputs.add({num_recv_capacity, num_topk}, torch::kFloat32) : -1;
+    const int recv_src_idx_index = outputs.add({num_recv_capacity}, torch::kInt32);
+    outputs.allocate(x.device());
+    const torch::Tensor recv_x = outputs[recv_x_index];
     OptionalTensor recv_x_scales, recv_topk_idx, recv_topk_weights;
     if (x_scales.has_value())
-        recv_x_scales = torch::empty({num_recv_capacity, num_scales}, x_scales->options());
+        recv_x_scales = outputs[recv_x_scales_index];
     if (topk_idx.has_value()) {
-        recv_topk_idx = torch::empty({num_recv_capacity, num_topk}, topk_idx->options().dtype(torch::kInt64));
-        recv_topk_weights = torch::empty({num_recv_capacity, num_topk}, topk_weights->options());
+        recv_topk_idx = outputs[recv_topk_idx_index];
+        recv_topk_weights = outputs[recv_topk_weights_index];
     }
-    auto recv_src_idx = torch::empty({num_recv_capacity}, int_options);
+    const torch::Tensor recv_src_idx = outputs[recv_src_idx_index];
 
     IntranodeDispatchPullArgs pull{};
     pull.peers = peers;
     pull.barrier = next_barrier(buffer);
+    // Direct reads: peers read this rank's inputs until the pull's closing barrier, so the caller's stream
+    // (which waits for ours) cannot overwrite or free them earlier.
+    pull.barrier.closes = direct.has_value();
     pull.shape = shape;
     pull.sources = direct.has_value() ? *direct : staged_dispatch_sources(peers, shape);
     pull.num_experts = static_cast<int>(num_experts);
@@ -499,8 +505,6 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
     launch_intranode_dispatch_pull(pull);
-    if (direct.has_value())
-        close_direct_op(buffer, peers, stream);
 
     HandleTensors handle;
     if (!cached)
@@ -548,10 +552,15 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
 
-    auto combined_x = torch::empty({num_tokens, hidden}, x.options());
+    runtime::OutputTensors outputs;
+    const int combined_x_index = outputs.add({num_tokens, hidden}, x.scalar_type());
+    const int combined_topk_weights_index =
+        topk_weights.has_value() ? outputs.add({num_tokens, num_topk}, torch::kFloat32) : -1;
+    outputs.allocate(x.device());
+    const torch::Tensor combined_x = outputs[combined_x_index];
     OptionalTensor combined_topk_weights;
     if (topk_weights.has_value())
-        combined_topk_weights = torch::empty({num_tokens, num_topk}, topk_weights->options());
+        combined_topk_weights = outputs[combined_topk_weights_index];
 
     const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
     if (!direct.has_value()) {
@@ -571,6 +580,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     IntranodeCombinePullArgs pull{};
     pull.peers = peers;
     pull.barrier = next_barrier(buffer);
+    pull.barrier.closes = direct.has_value();  // as in the dispatch
     pull.hidden = static_cast<int>(hidden);
     pull.num_topk = static_cast<int>(num_topk);
     pull.num_tokens = static_cast<int>(num_tokens);
@@ -584,8 +594,6 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
     launch_intranode_combine_pull(pull);
-    if (direct.has_value())
-        close_direct_op(buffer, peers, stream);
 
     pybind11::object event;
     if (streams.needs_tensor_lists()) {

@@ -7,6 +7,7 @@
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
 #include "runtime/op_streams.hpp"
+#include "runtime/output_tensors.hpp"
 #include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
@@ -24,25 +25,30 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
         arguments::check_expert_ids_on_host(topk_idx, num_experts);
 
     runtime::OpStreams streams(buffer, {previous_event, async_finish, allocate_on_comm_stream});
-    // One allocation for the three outputs (the host cost of a call is mostly per allocation and launch):
-    // the counts first, zeroed by one memset, then the membership matrix.
-    const int64_t num_counts = num_ranks + num_experts, num_tokens = topk_idx.size(0);
-    const auto storage = torch::empty({num_counts * 4 + num_tokens * num_ranks}, topk_idx.options().dtype(torch::kUInt8));
-    auto counts = storage.narrow(0, 0, num_counts * 4).view(torch::kInt32);
-    auto num_tokens_per_rank = counts.narrow(0, 0, num_ranks);
-    auto num_tokens_per_expert = counts.narrow(0, num_ranks, num_experts);
-    auto is_token_in_rank =
-        storage.narrow(0, num_counts * 4, num_tokens * num_ranks).view(torch::kBool).view({num_tokens, num_ranks});
+    // One allocation for the outputs and the kernel's per-block scratch (runtime/output_tensors.hpp).
+    const int64_t num_tokens = topk_idx.size(0);
+    const int num_blocks = dispatch_layout_blocks(static_cast<int>(num_tokens));
+    runtime::OutputTensors outputs;
+    const int per_rank_index = outputs.add({num_ranks}, torch::kInt32);
+    const int per_expert_index = outputs.add({num_experts}, torch::kInt32);
+    const int in_rank_index = outputs.add({num_tokens, num_ranks}, torch::kBool);
+    const int scratch_index = num_blocks > 1 ? outputs.add({num_blocks, num_ranks + num_experts}, torch::kInt32) : -1;
+    outputs.allocate(topk_idx.device());
+    auto num_tokens_per_rank = outputs[per_rank_index];
+    auto num_tokens_per_expert = outputs[per_expert_index];
+    auto is_token_in_rank = outputs[in_rank_index];
     DispatchLayoutArgs args{};
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
-    args.num_tokens = static_cast<int>(topk_idx.size(0));
+    args.num_tokens = static_cast<int>(num_tokens);
     args.num_topk = static_cast<int>(topk_idx.size(1));
     args.num_experts = static_cast<int>(num_experts);
     args.num_ranks = static_cast<int>(num_ranks);
     args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+    args.block_counts = scratch_index >= 0 ? outputs[scratch_index].data_ptr<int>() : nullptr;
+    args.done_blocks = buffer.layout_done_blocks();
     args.invalid = buffer.invalid_expert_id_device();
     args.stream = streams.stream();
     launch_dispatch_layout(args);

@@ -18,6 +18,7 @@
 #include "runtime/errors.hpp"
 #include "runtime/event.hpp"
 #include "runtime/nvshmem.hpp"
+#include "runtime/output_tensors.hpp"
 #include "runtime/size_hints.hpp"
 
 namespace deep_ep::ops {
@@ -198,17 +199,26 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
     use_layout(symmetric, layout, stream);
     const int64_t num_local_experts = layout.num_local_experts(), rows = num_ranks * m;
     const int64_t num_groups = hidden / kFp8GroupSize;
-    const auto options = x.options();
-    auto recv_x = torch::empty({num_local_experts, rows, hidden},
-                               options.dtype(use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16));
-    torch::Tensor recv_scales;
-    if (use_fp8 && use_ue8m0)  // column-major: allocated [L, groups/4, rows], returned transposed
-        recv_scales = torch::empty({num_local_experts, (num_groups + 3) / 4, rows}, options.dtype(torch::kInt32)).transpose(1, 2);
-    else if (use_fp8)
-        recv_scales = torch::empty({num_local_experts, num_groups, rows}, options.dtype(torch::kFloat32)).transpose(1, 2);
-    auto recv_count = torch::empty({num_local_experts}, options.dtype(torch::kInt32));
-    auto recv_src_info = torch::empty({num_local_experts, rows}, options.dtype(torch::kInt32));
-    auto recv_layout_range = torch::empty({num_local_experts, num_ranks}, options.dtype(torch::kInt64));
+    // One allocation for the five outputs (runtime/output_tensors.hpp); the handle keeps it alive until the
+    // combine, as it keeps recv_src_info and recv_layout_range.
+    runtime::OutputTensors outputs;
+    const int recv_x_index = outputs.add({num_local_experts, rows, hidden}, use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16);
+    // Scales are column-major: [L, rows, groups] with the rows of each group contiguous. UE8M0 packs four
+    // groups' exponents in one int32.
+    const int64_t num_scale_columns = use_ue8m0 ? (num_groups + 3) / 4 : num_groups;
+    const int recv_scales_index =
+        use_fp8 ? outputs.add({num_local_experts, rows, num_scale_columns}, use_ue8m0 ? torch::kInt32 : torch::kFloat32,
+                              {num_scale_columns * rows, 1, rows})
+                : -1;
+    const int recv_count_index = outputs.add({num_local_experts}, torch::kInt32);
+    const int recv_src_info_index = outputs.add({num_local_experts, rows}, torch::kInt32);
+    const int recv_layout_range_index = outputs.add({num_local_experts, num_ranks}, torch::kInt64);
+    outputs.allocate(x.device());
+    const torch::Tensor recv_x = outputs[recv_x_index];
+    const torch::Tensor recv_scales = use_fp8 ? outputs[recv_scales_index] : torch::Tensor();
+    const torch::Tensor recv_count = outputs[recv_count_index];
+    const torch::Tensor recv_src_info = outputs[recv_src_info_index];
+    const torch::Tensor recv_layout_range = outputs[recv_layout_range_index];
 
     LowLatencyDispatchArgs args{};
     fill_common(args, buffer, symmetric, layout, symmetric.take_set(), stream);

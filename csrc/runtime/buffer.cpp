@@ -51,6 +51,8 @@ Buffer::Buffer(const BufferOptions& options)
     allocate_mapped(1, &error_host_, &error_device_);
     allocate_mapped(kNumMappedCounters, &mapped_counters_host_, &mapped_counters_device_);
     allocate_mapped(1, &invalid_expert_id_host_, &invalid_expert_id_device_);
+    DEEP_EP_CUDA_CHECK(cudaMalloc(&layout_done_blocks_, sizeof(int)));
+    DEEP_EP_CUDA_CHECK(cudaMemset(layout_done_blocks_, 0, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -107,6 +109,8 @@ void Buffer::destroy() {
     free_mapped(&error_host_, &error_device_);
     free_mapped(&mapped_counters_host_, &mapped_counters_device_);
     free_mapped(&invalid_expert_id_host_, &invalid_expert_id_device_);
+    if (layout_done_blocks_ != nullptr)
+        cudaFree(std::exchange(layout_done_blocks_, nullptr));
     symmetric_ = SymmetricBuffer{};  // the symmetric memory itself is freed collectively by Python
     connected_ = false;
 }

@@ -96,6 +96,8 @@ class Buffer {
     const std::array<void*, kMaxNvlRanks>& peer_buffers() const { return peer_buffers_; }
     // Host-mapped ints the notify kernel writes (received token and expert counts); read after a sync.
     int* mapped_counters_device() const { return mapped_counters_device_; }
+    // Device int, 0 between calls: how many blocks of the running get_dispatch_layout are done.
+    int* layout_done_blocks() const { return layout_done_blocks_; }
     const volatile int* mapped_counters_host() const { return mapped_counters_host_; }
     static constexpr int kNumMappedCounters = 4096;
 
@@ -163,6 +165,7 @@ class Buffer {
     InvalidExpertIdWord* invalid_expert_id_host_ = nullptr;
     InvalidExpertIdWord* invalid_expert_id_device_ = nullptr;
     int* mapped_counters_device_ = nullptr;
+    int* layout_done_blocks_ = nullptr;
     bool direct_reads_ = true;
     int64_t num_direct_ops_ = 0;
     int64_t num_peer_allocation_opens_ = 0;

@@ -65,7 +65,7 @@ class NvlKernelBarrier {
     }
 
     __device__ __forceinline__ ~NvlKernelBarrier() {
-        if (!active_ || threadIdx.x != 0)
+        if (!active_ || threadIdx.x != 0 || closed_)
             return;
         // Every block read the counter before its thread 0 gets here (the constructor's __syncthreads).
         if (atomicAdd(layout::kernel_exits(own_), 1) == static_cast<int>(gridDim.x) - 1) {
@@ -81,10 +81,40 @@ class NvlKernelBarrier {
     /// must then return.
     __device__ __forceinline__ bool passed() const { return passed_; }
 
+    /// The closing barrier, for a barrier opened with `closes` (a no-op otherwise): every thread of every
+    /// block calls it at the kernel's end. The last block of this rank to get here tells every rank that
+    /// this rank has finished reading their inputs, and waits until all ranks have; only then does this
+    /// rank's stream move on (to work that may free or overwrite its own inputs). The same epoch sequence
+    /// as a separate barrier kernel after this one, one launch fewer.
+    __device__ __forceinline__ void close(const NvlPeers& peers, const NvlBarrier& barrier) {
+        if (!active_ || !barrier.closes)
+            return;
+        closed_ = true;
+        __shared__ bool is_last_block;
+        // The block's peer loads are done: their values were stored before this bar.sync. The fence makes
+        // them precede this block's count, which the last block observes before it arrives.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            is_last_block = atomicAdd(layout::kernel_exits(own_), 1) == static_cast<int>(gridDim.x) - 1;
+        }
+        __syncthreads();
+        if (!is_last_block)
+            return;
+        __threadfence();
+        nvl_barrier_arrive(peers, barrier, epoch_ + 1);
+        nvl_barrier_wait(peers, barrier, epoch_ + 1);  // on a timeout the error word is already set
+        if (threadIdx.x == 0) {
+            *layout::kernel_exits(own_) = 0;
+            ptx::st_volatile_global(layout::epoch_counter(own_), epoch_ + 1);
+        }
+    }
+
   private:
     void* own_;
     bool active_;
     bool passed_ = false;
+    bool closed_ = false;
     int epoch_ = 0;
 };
 

@@ -58,7 +58,7 @@ namespace intranode {
 
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) combine(IntranodeCombinePullArgs args) {
-    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    NvlKernelBarrier barrier(args.peers, args.barrier);
     if (!barrier.passed())
         return;
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
@@ -129,6 +129,7 @@ __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) combine(Intranod
             args.combined_topk_weights[int64_t{token} * args.num_topk + lane] = sum;
         }
     }
+    barrier.close(args.peers, args.barrier);
 }
 
 }  // namespace intranode

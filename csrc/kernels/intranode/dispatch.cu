@@ -147,7 +147,7 @@ namespace intranode {
 
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) dispatch(IntranodeDispatchPullArgs args) {
-    const NvlKernelBarrier barrier(args.peers, args.barrier);
+    NvlKernelBarrier barrier(args.peers, args.barrier);
     if (!barrier.passed())
         return;
     const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(kPullThreads, 1) dispatch(IntranodeDispatchPul
                 args.recv_src_idx[row] = token;
         }
     }
+    barrier.close(args.peers, args.barrier);
 }
 
 }  // namespace intranode
