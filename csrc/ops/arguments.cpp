@@ -17,6 +17,14 @@ void raise_type_error(const std::string& message) { throw pybind11::type_error(m
 
 void raise_value_error(const std::string& message) { throw pybind11::value_error(message); }
 
+HandleItems::HandleItems(pybind11::handle obj, const char* made_by)
+    : obj_(obj.ptr()), is_tuple_(PyTuple_Check(obj_)) {
+    if (!is_tuple_ && !PyList_Check(obj_))
+        raise_type_error(std::string("handle: expected the tuple returned by ") + made_by + ", got " +
+                         python_type_name(obj));
+    size_ = is_tuple_ ? PyTuple_GET_SIZE(obj_) : PyList_GET_SIZE(obj_);
+}
+
 std::string shape_text(std::initializer_list<int64_t> shape) {
     std::ostringstream text;
     text << "[";

@@ -39,6 +39,22 @@ void check_tensor_or_none(pybind11::handle obj, const char* name);
 // An int (not a bool, not a tensor: reading a tensor's value would synchronise with the GPU), >= minimum.
 int64_t integer(pybind11::handle obj, const char* name, int64_t minimum);
 
+// The elements of a handle: a tuple, or a list (code that rebuilds V1 handles makes lists); anything else
+// is a TypeError that names `made_by`, the op whose handle is expected. Borrowed from `obj`.
+class HandleItems {
+  public:
+    HandleItems(pybind11::handle obj, const char* made_by);
+    Py_ssize_t size() const { return size_; }
+    pybind11::handle operator()(Py_ssize_t i) const {
+        return pybind11::handle(is_tuple_ ? PyTuple_GET_ITEM(obj_, i) : PyList_GET_ITEM(obj_, i));
+    }
+
+  private:
+    PyObject* obj_;
+    bool is_tuple_;
+    Py_ssize_t size_;
+};
+
 // "[8, *, 16]"-style shape text and torch's dtype names ("torch.bfloat16"), for messages.
 std::string shape_text(std::initializer_list<int64_t> shape);
 std::string dtype_name(c10::ScalarType dtype);

@@ -7,11 +7,10 @@
 #include <optional>
 #include <sstream>
 
-#include <torch/csrc/autograd/python_variable.h>
-
 #include "kernels/api.cuh"
 #include "kernels/common/buffer_layout.cuh"
 #include "ops/arguments.hpp"
+#include "ops/intranode_arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/errors.hpp"
@@ -21,8 +20,6 @@
 
 namespace deep_ep::ops {
 namespace {
-
-using OptionalTensor = std::optional<torch::Tensor>;
 
 NvlPeers nvl_peers(const runtime::Buffer& buffer) {
     DEEP_EP_CHECK(buffer.is_connected(), "the Buffer is not connected to its peers");
@@ -137,216 +134,6 @@ std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, co
     sources.x_stride = x.size(1) * 2;
     sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
     return sources;
-}
-
-// The six tensors of an intra-node handle (deep_ep/handles.py IntranodeHandle), checked.
-struct HandleTensors {
-    torch::Tensor rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-        is_token_in_rank, send_head;
-
-    pybind11::tuple as_tuple() const {
-        return pybind11::make_tuple(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-                                    is_token_in_rank, send_head);
-    }
-};
-
-HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device) {
-    using arguments::kAny;
-    PyObject* obj = handle.ptr();
-    const bool is_tuple = PyTuple_Check(obj);
-    if (!is_tuple && !PyList_Check(obj))
-        arguments::raise_type_error(std::string("handle: expected the tuple returned by dispatch, got ") +
-                                    Py_TYPE(obj)->tp_name);
-    const Py_ssize_t length = is_tuple ? PyTuple_GET_SIZE(obj) : PyList_GET_SIZE(obj);
-    if (length == 5)
-        arguments::raise_value_error(
-            "handle: this is a low-latency handle (5 elements); normal ops need dispatch's 6-element one");
-    if (length == 10)
-        arguments::raise_value_error("handle: inter-node handles (10 elements) are not supported by an intra-node Buffer");
-    if (length != 6)
-        arguments::raise_value_error("handle: expected the 6-element intra-node handle, got " + std::to_string(length) +
-                                     " elements");
-    auto item = [&](Py_ssize_t i) { return pybind11::handle(is_tuple ? PyTuple_GET_ITEM(obj, i) : PyList_GET_ITEM(obj, i)); };
-    const auto int32 = c10::ScalarType::Int;
-    HandleTensors h;
-    h.rank_prefix_matrix = arguments::tensor(item(0), "handle.rank_prefix_matrix", {{int32}, {num_ranks, num_ranks}}, device);
-    h.channel_prefix_matrix = arguments::tensor(item(1), "handle.channel_prefix_matrix", {{int32}, {num_ranks, kAny}}, device);
-    h.recv_channel_prefix_matrix =
-        arguments::tensor(item(2), "handle.recv_channel_prefix_matrix", {{int32}, {num_ranks, kAny}}, device);
-    h.recv_src_idx = arguments::tensor(item(3), "handle.recv_src_idx", {{int32}, {}, 1}, device);
-    h.is_token_in_rank =
-        arguments::tensor(item(4), "handle.is_token_in_rank", {{c10::ScalarType::Bool}, {kAny, num_ranks}}, device);
-    h.send_head = arguments::tensor(item(5), "handle.send_head", {{int32}, {h.is_token_in_rank.size(0), num_ranks}}, device);
-    return h;
-}
-
-// `x`: BF16 [T, H], or the FP8 tuple (float8_e4m3fn [T, H], float32 scales [T, H / 128] of any strides,
-// made contiguous here: DeepGEMM produces column-major ones).
-std::pair<torch::Tensor, OptionalTensor> checked_dispatch_x(pybind11::handle x, int device) {
-    if (PyTuple_Check(x.ptr())) {  // as V1: only a tuple means FP8
-        const Py_ssize_t length = PyTuple_GET_SIZE(x.ptr());
-        if (length != 2)
-            arguments::raise_value_error("x: an FP8 input is a tuple (x_fp8, x_scales), got " + std::to_string(length) +
-                                         " elements");
-        const torch::Tensor& data = arguments::tensor(pybind11::handle(PyTuple_GET_ITEM(x.ptr(), 0)), "x[0]",
-                                                      {{c10::ScalarType::Float8_e4m3fn}, {}, 2}, device);
-        if (data.size(1) % kFp8GroupSize != 0)
-            arguments::raise_value_error("x[0]: FP8 hidden size must be a multiple of " + std::to_string(kFp8GroupSize) +
-                                         ", got " + std::to_string(data.size(1)));
-        const torch::Tensor& scales =
-            arguments::tensor(pybind11::handle(PyTuple_GET_ITEM(x.ptr(), 1)), "x[1]",
-                              {{c10::ScalarType::Float}, {data.size(0), data.size(1) / kFp8GroupSize}, -1, false}, device);
-        return {data, scales.contiguous()};
-    }
-    if (THPVariable_Check(x.ptr()) && THPVariable_Unpack(x.ptr()).scalar_type() == c10::ScalarType::Float8_e4m3fn)
-        arguments::raise_type_error("x: an FP8 tensor must come with its scales, as the tuple (x_fp8, x_scales)");
-    const torch::Tensor& data = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
-    if (data.size(1) * data.element_size() % 16 != 0)
-        arguments::raise_value_error("x: hidden size must be a multiple of 8 for BF16 (16-byte rows), got " +
-                                     std::to_string(data.size(1)));
-    return {data, std::nullopt};
-}
-
-/// An intra-node dispatch whose arguments passed every check.
-struct DispatchCall {
-    torch::Tensor x;
-    OptionalTensor x_scales;
-    std::optional<HandleTensors> handle;  // a cached dispatch
-    OptionalTensor num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights;
-    torch::Tensor is_token_in_rank;
-    int64_t num_experts = 0;
-    int64_t expert_alignment = 1;
-    int64_t num_worst_tokens = 0;
-    int num_sms = 1;
-};
-
-DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
-                              pybind11::handle num_tokens_per_rank, pybind11::handle num_tokens_per_rdma_rank,
-                              pybind11::handle is_token_in_rank, pybind11::handle num_tokens_per_expert,
-                              pybind11::handle topk_idx, pybind11::handle topk_weights, pybind11::handle expert_alignment,
-                              pybind11::handle num_worst_tokens, int64_t num_sms) {
-    using arguments::kAny;
-    const int device = buffer.device();
-    const int64_t num_ranks = buffer.num_ranks();
-    DispatchCall call;
-    call.expert_alignment = arguments::integer(expert_alignment, "expert_alignment", 1);
-    call.num_worst_tokens = arguments::integer(num_worst_tokens, "num_worst_tokens", 0);
-    arguments::check_tensor_or_none(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");  // inter-node only
-    std::tie(call.x, call.x_scales) = checked_dispatch_x(x, device);
-    const int64_t num_tokens = call.x.size(0);
-    int64_t num_topk = 0;
-    if (!handle.is_none()) {
-        call.handle = checked_handle(handle, num_ranks, device);
-        if (!topk_idx.is_none() || !topk_weights.is_none())
-            arguments::raise_value_error(std::string(topk_idx.is_none() ? "topk_weights" : "topk_idx") +
-                                         ": must be None for a cached dispatch (handle given); top-k is not resent");
-        if (call.handle->is_token_in_rank.size(0) != num_tokens)
-            arguments::raise_value_error("x: has " + std::to_string(num_tokens) + " tokens but the handle was made for " +
-                                         std::to_string(call.handle->is_token_in_rank.size(0)));
-        call.is_token_in_rank = call.handle->is_token_in_rank;
-    } else {
-        for (const auto& [name, value] : {std::pair{"num_tokens_per_rank", num_tokens_per_rank},
-                                          std::pair{"is_token_in_rank", is_token_in_rank},
-                                          std::pair{"num_tokens_per_expert", num_tokens_per_expert}})
-            if (value.is_none())
-                arguments::raise_value_error(std::string(name) +
-                                             ": required when no handle is given (get it from get_dispatch_layout)");
-        call.num_tokens_per_rank = arguments::tensor(num_tokens_per_rank, "num_tokens_per_rank",
-                                                     {{c10::ScalarType::Int}, {num_ranks}}, device);
-        call.is_token_in_rank = arguments::tensor(is_token_in_rank, "is_token_in_rank",
-                                                  {{c10::ScalarType::Bool}, {num_tokens, num_ranks}}, device);
-        call.num_tokens_per_expert = arguments::tensor(num_tokens_per_expert, "num_tokens_per_expert",
-                                                       {{c10::ScalarType::Int}, {}, 1}, device);
-        call.num_experts = call.num_tokens_per_expert->size(0);
-        if (call.num_experts == 0 || call.num_experts % num_ranks != 0)
-            arguments::raise_value_error("num_tokens_per_expert: length (the expert count) must be a positive multiple of " +
-                                         std::to_string(num_ranks) + " ranks, got " + std::to_string(call.num_experts));
-        if (topk_idx.is_none() != topk_weights.is_none())
-            arguments::raise_value_error(
-                "topk_weights: topk_idx and topk_weights must be given together (or both None)");
-        if (!topk_idx.is_none()) {
-            call.topk_idx = arguments::topk_idx(topk_idx, num_tokens, runtime::size_hints::kMaxNumTopk, device);
-            if (buffer.host_expert_id_check())
-                arguments::check_expert_ids_on_host(*call.topk_idx, call.num_experts);
-            num_topk = call.topk_idx->size(1);
-            call.topk_weights = arguments::tensor(topk_weights, "topk_weights",
-                                                  {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
-        } else if (call.num_worst_tokens > 0) {
-            arguments::raise_value_error("num_worst_tokens: requires topk_idx and topk_weights (as in DeepEP V1)");
-        }
-    }
-    const int64_t needed =
-        runtime::size_hints::nvl_dispatch_bytes(call.x.size(1) * call.x.element_size(),
-                                                call.x_scales.has_value() ? call.x_scales->size(1) : 0, num_topk,
-                                                num_ranks, num_tokens);
-    if (needed > buffer.num_nvl_bytes())
-        arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens", needed,
-                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
-    call.num_sms = buffer.num_sms(num_sms);
-    return call;
-}
-
-/// An intra-node combine whose arguments passed every check.
-struct CombineCall {
-    torch::Tensor x;
-    HandleTensors handle;
-    OptionalTensor topk_weights, bias_0, bias_1;
-    int num_sms = 1;
-};
-
-CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
-                            pybind11::handle topk_weights, pybind11::handle bias, int64_t num_sms) {
-    using arguments::kAny;
-    const int device = buffer.device();
-    const int64_t num_ranks = buffer.num_ranks();
-    CombineCall call;
-    if (handle.is_none())
-        arguments::raise_value_error("handle: combine needs the handle returned by dispatch");
-    call.handle = checked_handle(handle, num_ranks, device);
-    const int64_t num_rows = call.handle.recv_src_idx.size(0);
-    call.x = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
-    if (call.x.size(0) != num_rows)
-        arguments::raise_value_error("x: has " + std::to_string(call.x.size(0)) +
-                                     " rows but the handle's dispatch received " + std::to_string(num_rows));
-    const int64_t hidden = call.x.size(1);
-    if (hidden * 2 % 16 != 0)
-        arguments::raise_value_error("x: hidden size must be a multiple of 8 (16-byte rows), got " + std::to_string(hidden));
-    int64_t num_topk = 0;
-    if (!topk_weights.is_none()) {
-        call.topk_weights =
-            arguments::tensor(topk_weights, "topk_weights", {{c10::ScalarType::Float}, {num_rows, kAny}}, device);
-        num_topk = call.topk_weights->size(1);
-        if (num_topk < 1 || num_topk > runtime::size_hints::kMaxNumTopk)
-            arguments::raise_value_error("topk_weights: top-k must be in [1, " +
-                                         std::to_string(runtime::size_hints::kMaxNumTopk) + "], got " +
-                                         std::to_string(num_topk));
-    }
-    // bias: None, one tensor, or a tuple / list of up to two, each BF16 [T, H].
-    std::vector<pybind11::handle> parts;
-    if (THPVariable_Check(bias.ptr())) {
-        parts.push_back(bias);
-    } else if (PyTuple_Check(bias.ptr()) || PyList_Check(bias.ptr())) {
-        const pybind11::sequence sequence = pybind11::reinterpret_borrow<pybind11::sequence>(bias);
-        if (sequence.size() > 2)
-            arguments::raise_value_error("bias: at most 2 tensors, got " + std::to_string(sequence.size()));
-        for (const pybind11::handle part : sequence)
-            parts.push_back(part);
-    } else if (!bias.is_none()) {
-        arguments::raise_type_error(std::string("bias: expected a tensor or a tuple of tensors, got ") +
-                                    Py_TYPE(bias.ptr())->tp_name);
-    }
-    const int64_t num_tokens = call.handle.is_token_in_rank.size(0);
-    for (size_t i = 0; i < parts.size(); ++i) {
-        const std::string name = "bias[" + std::to_string(i) + "]";
-        (i == 0 ? call.bias_0 : call.bias_1) =
-            arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
-    }
-    const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
-    if (needed > buffer.num_nvl_bytes())
-        arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows", needed,
-                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
-    call.num_sms = buffer.num_sms(num_sms);
-    return call;
 }
 
 pybind11::object tensor_or_none(const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); }

@@ -261,16 +261,10 @@ struct LowLatencyHandleTensors {
 };
 
 LowLatencyHandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device) {
-    PyObject* obj = handle.ptr();
-    const bool is_tuple = PyTuple_Check(obj);
-    if (!is_tuple && !PyList_Check(obj))
-        arguments::raise_type_error(std::string("handle: expected the tuple returned by low_latency_dispatch, got ") +
-                                    Py_TYPE(obj)->tp_name);
-    const Py_ssize_t length = is_tuple ? PyTuple_GET_SIZE(obj) : PyList_GET_SIZE(obj);
-    if (length != 5)
-        arguments::raise_value_error("handle: expected the 5-element low-latency handle, got " + std::to_string(length) +
-                                     " elements");
-    auto item = [&](Py_ssize_t i) { return pybind11::handle(is_tuple ? PyTuple_GET_ITEM(obj, i) : PyList_GET_ITEM(obj, i)); };
+    const arguments::HandleItems item(handle, "low_latency_dispatch");
+    if (item.size() != 5)
+        arguments::raise_value_error("handle: expected the 5-element low-latency handle, got " +
+                                     std::to_string(item.size()) + " elements");
     LowLatencyHandleTensors h;
     h.num_max_tokens = arguments::integer(item(2), "handle.num_max_dispatch_tokens_per_rank", 1);
     h.hidden = arguments::integer(item(3), "handle.hidden", 1);

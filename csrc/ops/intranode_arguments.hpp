@@ -1,0 +1,61 @@
+// The checked arguments of the intra-node ops: every check runs before anything is launched or
+// communicated, so a rejected call leaves the Buffer as it was (ops/arguments.hpp has the rules and wording).
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "runtime/buffer.hpp"
+
+namespace deep_ep::ops {
+
+using OptionalTensor = std::optional<torch::Tensor>;
+
+// The six tensors of an intra-node handle (deep_ep/handles.py IntranodeHandle), checked.
+struct HandleTensors {
+    torch::Tensor rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+        is_token_in_rank, send_head;
+
+    pybind11::tuple as_tuple() const {
+        return pybind11::make_tuple(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                                    is_token_in_rank, send_head);
+    }
+};
+
+// The handle's tensors, checked against the Buffer's rank count and device.
+HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device);
+
+/// An intra-node dispatch whose arguments passed every check.
+struct DispatchCall {
+    torch::Tensor x;
+    OptionalTensor x_scales;
+    std::optional<HandleTensors> handle;  // a cached dispatch
+    OptionalTensor num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights;
+    torch::Tensor is_token_in_rank;
+    int64_t num_experts = 0;
+    int64_t expert_alignment = 1;
+    int64_t num_worst_tokens = 0;
+    int num_sms = 1;
+};
+
+DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
+                              pybind11::handle num_tokens_per_rank, pybind11::handle num_tokens_per_rdma_rank,
+                              pybind11::handle is_token_in_rank, pybind11::handle num_tokens_per_expert,
+                              pybind11::handle topk_idx, pybind11::handle topk_weights, pybind11::handle expert_alignment,
+                              pybind11::handle num_worst_tokens, int64_t num_sms);
+
+/// An intra-node combine whose arguments passed every check.
+struct CombineCall {
+    torch::Tensor x;
+    HandleTensors handle;
+    OptionalTensor topk_weights, bias_0, bias_1;
+    int num_sms = 1;
+};
+
+CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
+                            pybind11::handle topk_weights, pybind11::handle bias, int64_t num_sms);
+
+}  // namespace deep_ep::ops
