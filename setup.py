@@ -189,8 +189,10 @@ setup(
     name="deep_ep",
     version="0.1.0",
     description="Expert-parallel dispatch/combine for Mixture-of-Experts, DeepEP V1 compatible",
-    packages=find_packages(include=["deep_ep", "deep_ep.*"]),
+    packages=find_packages(include=["deep_ep", "deep_ep.*", "deep_ep_cpp"]),
     python_requires=">=3.10",
+    # `pip install 'deep_ep[bench]'`: the plots and progress bars of `python -m deep_ep.bench` (optional).
+    extras_require={"bench": ["matplotlib", "tqdm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

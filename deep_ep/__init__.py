@@ -6,6 +6,7 @@ the pure-PyTorch reference backend.
 
 import torch  # first: deep_ep._C links against torch's libraries
 
+from . import utils as utils  # V1's deep_ep.utils: EventHandle, EventOverlap, check_nvlink_connections
 from .buffer import Buffer
 from .config import Config
 from .event import EventOverlap

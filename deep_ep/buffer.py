@@ -9,7 +9,9 @@ and returns V1's tuple.
 
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from collections.abc import Callable
 from typing import Optional, Union
 
@@ -17,10 +19,31 @@ import torch
 import torch.distributed as dist
 
 from .backends import validation
-from .config import Config, default_combine_config, default_dispatch_config, low_latency_rdma_size_hint
+from .config import (
+    DEFAULT_NUM_SMS,
+    Config,
+    default_combine_config,
+    default_dispatch_config,
+    low_latency_rdma_size_hint,
+)
 from .event import EventOverlap, capture
 
 BACKENDS = ("auto", "cuda", "reference")
+
+# Every live Buffer by a process-unique name (Buffer.op_key): a torch.library custom op cannot take a Buffer,
+# so deep_ep.library's ops name it by this key, which torch.compile reads as a constant of the graph.
+_live_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_next_op_key = itertools.count(1)
+
+
+def buffer_by_op_key(key: int) -> Buffer:
+    """The live Buffer whose op_key is `key` (RuntimeError when none is)."""
+    buffer = _live_buffers.get(key)
+    if buffer is None:
+        raise RuntimeError(f"no live deep_ep.Buffer has op_key {key}")
+    return buffer
+
+
 CONSERVATIVE_LOADS_ENV = "DEEP_EP_CONSERVATIVE_LOADS"
 
 
@@ -83,7 +106,7 @@ class Buffer:
     CUDA is available, else the CPU (reference backend only).
     """
 
-    num_sms: int = 24
+    num_sms: int = DEFAULT_NUM_SMS  # V1's 20; set_num_sms changes it class-wide
 
     def __init__(
         self,
@@ -107,6 +130,10 @@ class Buffer:
         self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
         self.allow_mnnvl = bool(allow_mnnvl)
         self.explicitly_destroy = bool(explicitly_destroy)
+        # V1 (newer releases) has rank shrinking behind this flag; we do not, so it is always False.
+        self.enable_shrink = False
+        self.op_key = f"deep_ep.Buffer#{next(_next_op_key)}"
+        _live_buffers[self.op_key] = self
         self.comm = comm
         conservative_loads = _check_conservative_loads(conservative_loads)
         backend_name = _resolve_backend(backend)

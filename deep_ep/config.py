@@ -31,7 +31,8 @@ LOW_LATENCY_SUPPORTED_HIDDEN = (2048, 2560, 4096, 5120, 7168, 8192)
 # FP8 scales cover this many consecutive hidden elements each.
 FP8_SCALE_BLOCK = 128
 
-DEFAULT_NUM_SMS = 24
+# DeepEP V1's SM budget: of Config() and of the default configs (Buffer.num_sms).
+DEFAULT_NUM_SMS = 20
 
 
 def _round_up(value: int, alignment: int) -> int:
@@ -52,13 +53,14 @@ class Config:
 
     `num_sms` is the SM budget of the communication kernels; the chunk sizes are V1's tuning knobs (our
     pull-based intra-node kernels read only `num_sms`, the others are kept so V1 code runs unchanged).
+    The defaults are V1's: `Config()` is `Config(20, 6, 256, 6, 256)`.
     """
 
     def __init__(
         self,
-        num_sms: int,
-        num_max_nvl_chunked_send_tokens: int,
-        num_max_nvl_chunked_recv_tokens: int,
+        num_sms: int = DEFAULT_NUM_SMS,
+        num_max_nvl_chunked_send_tokens: int = 6,
+        num_max_nvl_chunked_recv_tokens: int = 256,
         num_max_rdma_chunked_send_tokens: int = 6,
         num_max_rdma_chunked_recv_tokens: int = 256,
     ) -> None:

@@ -10,9 +10,10 @@ import torch
 class EventOverlap:
     """A CUDA event returned by an operation, for overlapping communication with computation.
 
-    `event` is a `torch.cuda.Event`, any object with a `current_stream_wait()` method (the CUDA backend's
-    own event handle), or None. None means there is nothing to wait for: the operation already finished on
-    the current stream (synchronous call, or a CPU tensor), so waiting is a no-op rather than an error.
+    `event` is a `torch.cuda.Event`, any object with a `current_stream_wait()` method (V1's kind of handle:
+    `deep_ep.utils.EventHandle()`, which records on the current stream, or another library's), or None.
+    None means there is nothing to wait for: the operation already finished on the current stream
+    (synchronous call, or a CPU tensor), so waiting is a no-op rather than an error.
 
     `extra_tensors` is kept referenced by this object: it keeps tensors that a communication stream still
     reads or writes alive until the user waited (V1's substitute for `record_stream`, which CUDA graphs do

@@ -131,9 +131,9 @@ def test_our_additions_are_keyword_only():
 
 def test_config_signature_and_attributes():
     assert positional(deep_ep.Config.__init__, skip_self=True) == [
-        ("num_sms", _),
-        ("num_max_nvl_chunked_send_tokens", _),
-        ("num_max_nvl_chunked_recv_tokens", _),
+        ("num_sms", 20),
+        ("num_max_nvl_chunked_send_tokens", 6),
+        ("num_max_nvl_chunked_recv_tokens", 256),
         ("num_max_rdma_chunked_send_tokens", 6),
         ("num_max_rdma_chunked_recv_tokens", 256),
     ]
