@@ -34,6 +34,9 @@ ones bench_low_latency.py's.
     python benchmarks/bench_host.py --num-ranks 2 4
     python benchmarks/bench_host.py --backend reference --calls 100   # CPU machine (gloo, host timers)
     python -m deep_ep.bench host --num-ranks 2
+    python -m deep_ep.bench host --sweep quick --results-dir /tmp/bench/results
+
+`--sweep quick` is a preset (explicit options override it); rank 0 shows the progress over cases on stderr.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def _host_us_of(fn):
     return lambda: _timed(fn)[1]
 
 
-def _measure(group, step, opts: dict, *, gpu_idle: bool) -> dict:
+def _measure(group, step, opts: dict, progress, *, gpu_idle: bool) -> dict:
     """Per-call host times of `step` (it returns the host microseconds of one iteration) and the wall time
     per iteration of back-to-back iterations, on this rank."""
 
@@ -122,6 +125,7 @@ def _measure(group, step, opts: dict, *, gpu_idle: bool) -> dict:
     common.synchronize()
     iter_us = (time.perf_counter() - start) / opts["iters"] * 1e6
     dist.barrier(group=group)  # the next case starts with the ranks together
+    progress.update()
     stats = common.summarize(host_us)
     return {
         "host_us": stats["median_us"],
@@ -139,7 +143,7 @@ def _buffer_facts(buffer) -> dict:
     return {"loads": getattr(buffer, "load_kind", None), "backend": getattr(buffer, "backend_name", None)}
 
 
-def _normal_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
+def _normal_cases(rank, num_ranks, group, opts, progress) -> tuple[dict, dict]:
     device = _device()
     tokens, hidden, experts, topk = opts["tokens"], opts["hidden"], opts["experts"], opts["topk"]
     x = common.random_bf16(tokens, hidden, 100 + rank, device)
@@ -177,7 +181,8 @@ def _normal_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
             "host_layer_roundtrip": layer_roundtrip,
         }
         results = {
-            case: _measure(group, step, opts, gpu_idle=case in GPU_IDLE_CASES) for case, step in steps.items()
+            case: _measure(group, step, opts, progress, gpu_idle=case in GPU_IDLE_CASES)
+            for case, step in steps.items()
         }
         common.synchronize()
         setup = {"num_sms": deep_ep.Buffer.num_sms, **_buffer_facts(buffer)}
@@ -187,7 +192,7 @@ def _normal_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
         buffer.destroy()
 
 
-def _low_latency_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
+def _low_latency_cases(rank, num_ranks, group, opts, progress) -> tuple[dict, dict]:
     device = _device()
     tokens, hidden, experts, topk = opts["tokens"], opts["hidden"], opts["ll_experts"], opts["topk"]
     x = common.random_bf16(tokens, hidden, 300 + rank, device)
@@ -222,7 +227,9 @@ def _low_latency_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
             ),
             "ll_eager_roundtrip": eager_roundtrip,
         }
-        results = {case: _measure(group, step, opts, gpu_idle=False) for case, step in steps.items()}
+        results = {
+            case: _measure(group, step, opts, progress, gpu_idle=False) for case, step in steps.items()
+        }
         common.synchronize()
         setup = {"num_sms": common.low_latency_num_blocks(buffer), **_buffer_facts(buffer)}
         return results, setup
@@ -233,12 +240,17 @@ def _low_latency_cases(rank, num_ranks, group, opts) -> tuple[dict, dict]:
 
 def _bench_rank(rank, num_ranks, group, opts):
     measured, setups = {}, {}
+    num_cases = {"normal": len(NORMAL_CASES), "low-latency": len(LOW_LATENCY_CASES)}
+    progress = common.Progress(
+        sum(num_cases[mode] for mode in opts["modes"]), f"host, {num_ranks} ranks", enabled=rank == 0
+    )
     if "normal" in opts["modes"]:
-        results, setups["normal"] = _normal_cases(rank, num_ranks, group, opts)
+        results, setups["normal"] = _normal_cases(rank, num_ranks, group, opts, progress)
         measured.update(results)
     if "low-latency" in opts["modes"]:
-        results, setups["low-latency"] = _low_latency_cases(rank, num_ranks, group, opts)
+        results, setups["low-latency"] = _low_latency_cases(rank, num_ranks, group, opts, progress)
         measured.update(results)
+    progress.close()
     per_rank: list = [None] * num_ranks
     dist.all_gather_object(per_rank, measured, group=group)
     return {"rows": _reduce(per_rank), "setups": setups, "gpus": min(num_ranks, visible_gpu_count())}
@@ -277,7 +289,11 @@ def _meets(row: dict) -> str:
     return "-" if not verdicts else ("yes" if all(verdicts) else "no")
 
 
-def main(argv=None) -> None:
+# `--sweep quick`: 2 and 4 ranks, the fewest calls the medians take (~20 s of one GPU).
+QUICK = dict(num_ranks=[2, 4], calls=100, iters=50, warmup=5)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -302,8 +318,12 @@ def main(argv=None) -> None:
         "(0: none)",
     )
     parser.add_argument("--device-kind", default=None, help="name in records (default: detected)")
-    parser.add_argument("--out-dir", default=common.RESULTS_DIR)
-    args = parser.parse_args(argv)
+    parser.add_argument("--results-dir", "--out-dir", dest="out_dir", default=common.RESULTS_DIR)
+    return common.parse_args_with_sweep(parser, argv, {"quick": QUICK})
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     opts = dict(
         tokens=args.tokens,
         hidden=args.hidden,

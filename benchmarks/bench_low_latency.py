@@ -18,6 +18,10 @@ timed with host timers, once (no paths or load kinds), without the GPU sleep and
 
     python benchmarks/bench_low_latency.py --num-ranks 2 4 [--commit SHA] [--device-name nvidia-h200]
     python benchmarks/bench_low_latency.py --backend reference --runs 20 --experts 16
+    python benchmarks/bench_low_latency.py --sweep quick --results-dir /tmp/bench/results
+
+`--tokens` takes several values (a sweep, one Buffer each); `--paths` and `--loads` narrow the combinations;
+`--sweep quick` is a preset (explicit options override it). The sweep's progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -218,7 +222,50 @@ def _case_name(name: str) -> str:
     return "low_latency_" + name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
 
 
-def main(argv=None):
+# `--sweep quick`: latency and GB/s over tokens per rank at 2 and 4 ranks, mapped path, default loads (up to
+# the DESIGN shape's 128 tokens, so the first Buffer's NVSHMEM heap holds every later one).
+QUICK = dict(
+    num_ranks=[2, 4], tokens=[16, 32, 64, 128], paths="mapped", loads="aggressive", warmup=5, runs=20
+)
+TABLE = [
+    ("tokens", "tokens", "{}"),
+    ("name", "case", "{}"),
+    ("median_us", "median us", "{:.1f}"),
+    ("p10_us", "p10", "{:.1f}"),
+    ("p90_us", "p90", "{:.1f}"),
+    ("recv_gbps", "recv GB/s", "{:.1f}"),
+    ("remote_gbps", "remote GB/s", "{:.1f}"),
+    ("host_us", "host us", "{:.1f}"),
+]
+
+
+def _rows(per_rank: list[dict], tokens: int) -> list[dict]:
+    """One row per case: the slowest rank's median (what the step waits for) and that rank's spread."""
+    num_ranks = len(per_rank)
+    rows = []
+    for name in per_rank[0]["results"]:
+        samples = [sorted(r["results"][name][0]) for r in per_rank]
+        medians = [statistics.median(s) for s in samples]
+        worst = max(range(num_ranks), key=lambda i: medians[i])
+        s, median = samples[worst], medians[worst]
+        recv_bytes = per_rank[worst]["results"][name][1]
+        remote_bytes = per_rank[worst]["results"][name][2]
+        rows.append(
+            dict(
+                tokens=tokens,
+                name=name,
+                median_us=median,
+                p10_us=s[len(s) // 10],
+                p90_us=s[(len(s) * 9) // 10],
+                recv_gbps=recv_bytes / median / 1e3 if recv_bytes else 0.0,
+                remote_gbps=remote_bytes / median / 1e3 if remote_bytes else 0.0,
+                host_us=max(statistics.median(r["results"][name][3]) for r in per_rank),
+            )
+        )
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -226,23 +273,33 @@ def main(argv=None):
         "--num-ranks", "--ranks", dest="num_ranks", type=int, nargs="+", action="extend", default=None
     )
     parser.add_argument("--backend", choices=["cuda", "reference", "auto"], default="cuda")
-    parser.add_argument("--tokens", type=int, default=M)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[M], help="tokens per rank (a sweep)")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--experts", type=int, default=EXPERTS)
     parser.add_argument("--topk", type=int, default=TOPK)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--paths", choices=["both", "mapped", "put"], default="both", help="mapped stores, NVSHMEM puts"
+    )
+    parser.add_argument("--loads", choices=["both", "aggressive", "conservative"], default="both")
     parser.add_argument("--commit", default=None, help="commit in records (default: git / $DEEP_EP_COMMIT)")
     parser.add_argument(
         "--device-name", "--device-kind", dest="device_name", default=os.environ.get("DEEP_EP_DEVICE")
     )
-    parser.add_argument("--out", default=None, help="default: results/low_latency_<device>_<date>.jsonl")
-    args = parser.parse_args(argv)
+    parser.add_argument("--results-dir", default=common.RESULTS_DIR)
+    parser.add_argument(
+        "--out", default=None, help="default: <results-dir>/low_latency_<device>_<date>.jsonl"
+    )
+    return common.parse_args_with_sweep(parser, argv, {"quick": QUICK})
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = common.device_kind(args.device_name)
-    out = args.out or os.path.join(common.RESULTS_DIR, f"low_latency_{device}_{common.today()}.jsonl")
+    out = args.out or os.path.join(args.results_dir, f"low_latency_{device}_{common.today()}.jsonl")
     opts = dict(
         backend=args.backend,
-        tokens=args.tokens,
         hidden=args.hidden,
         experts=args.experts,
         topk=args.topk,
@@ -250,64 +307,50 @@ def main(argv=None):
         runs=args.runs,
     )
     gpus = visible_gpu_count()
-    # Both load kinds on both paths: the conservative fallback's cost is a measured number. The reference
-    # backend has neither.
-    combos = (
-        [(True, None)]
-        if args.backend == "reference"
-        else list(itertools.product((True, False), (False, True)))
-    )
+    # Both load kinds on both paths by default: the conservative fallback's cost is a measured number. The
+    # reference backend has neither.
+    paths = {"both": (True, False), "mapped": (True,), "put": (False,)}[args.paths]
+    loads = {"both": (False, True), "aggressive": (False,), "conservative": (True,)}[args.loads]
+    combos = [(True, None)] if args.backend == "reference" else list(itertools.product(paths, loads))
     records = []
     for num_ranks in args.num_ranks or [2]:
         with RankPool(num_ranks, timeout_s=900) as pool:
             for allow_nvlink, conservative in combos:
-                per_rank = pool.run(_bench, allow_nvlink, conservative, opts)
-                setup = per_rank[0]
+                progress = common.Progress(len(args.tokens), f"low-latency, {num_ranks} ranks")
+                rows, setups = [], []
+                for tokens in args.tokens:
+                    per_rank = pool.run(_bench, allow_nvlink, conservative, {**opts, "tokens": tokens})
+                    rows += _rows(per_rank, tokens)
+                    setups += [per_rank[0]] * len(per_rank[0]["results"])
+                    progress.update()
+                progress.close()
+                setup = setups[0]
                 path = "n/a" if setup["backend"] == "reference" else ("mapped" if allow_nvlink else "put")
-                loads = setup["loads"] or ("conservative" if conservative else "aggressive")
+                load_kind = setup["loads"] or ("conservative" if conservative else "aggressive")
                 blocks = setup["num_blocks"]
                 print(f"\n{num_ranks} ranks on {min(gpus, num_ranks)} GPU(s), {setup['backend']} backend, "
-                      f"{path} path, {loads} loads, {'?' if blocks is None else blocks} blocks per rank")  # fmt: skip
-                print(
-                    f"{'case':<24}{'median us':>10}{'p10':>9}{'p90':>9}{'recv GB/s':>11}{'remote GB/s':>13}"
-                    f"{'host us':>9}"
-                )
-                for name in setup["results"]:
-                    # The slowest rank's median is what the step waits for.
-                    samples = [sorted(r["results"][name][0]) for r in per_rank]
-                    medians = [statistics.median(s) for s in samples]
-                    worst = max(range(num_ranks), key=lambda i: medians[i])
-                    s = samples[worst]
-                    median = medians[worst]
-                    p10, p90 = s[len(s) // 10], s[(len(s) * 9) // 10]
-                    recv_bytes = per_rank[worst]["results"][name][1]
-                    remote_bytes = per_rank[worst]["results"][name][2]
-                    host_us = max(statistics.median(r["results"][name][3]) for r in per_rank)
-                    gbps = recv_bytes / median / 1e3 if recv_bytes else 0.0
-                    remote = remote_bytes / median / 1e3 if remote_bytes else 0.0
-                    print(
-                        f"{name:<24}{median:>10.1f}{p10:>9.1f}{p90:>9.1f}{gbps:>11.1f}{remote:>13.1f}"
-                        f"{host_us:>9.1f}"
-                    )
+                      f"{path} path, {load_kind} loads, {'?' if blocks is None else blocks} blocks per rank")  # fmt: skip
+                common.print_table(rows, TABLE)
+                for row, row_setup in zip(rows, setups):
                     record = common.record(
                         device,
                         num_ranks,
                         min(gpus, num_ranks),
-                        _case_name(name),
-                        num_sms=blocks,
-                        tokens=args.tokens,
+                        _case_name(row["name"]),
+                        num_sms=row_setup["num_blocks"],
+                        tokens=row["tokens"],
                         hidden=args.hidden,
                         topk=args.topk,
                         experts=args.experts,
-                        loads=loads,
+                        loads=load_kind,
                         path=path,
-                        median_us=round(median, 2),
-                        p10_us=round(p10, 2),
-                        p90_us=round(p90, 2),
-                        recv_gbps=round(gbps, 2),
-                        remote_gbps=round(remote, 2),
+                        median_us=round(row["median_us"], 2),
+                        p10_us=round(row["p10_us"], 2),
+                        p90_us=round(row["p90_us"], 2),
+                        recv_gbps=round(row["recv_gbps"], 2),
+                        remote_gbps=round(row["remote_gbps"], 2),
                         nccl_median_us=None,
-                        host_us=round(host_us, 2),
+                        host_us=round(row["host_us"], 2),
                         gpu_barrier=GPU_BARRIER and setup["backend"] == "cuda",
                         backend=setup["backend"],
                     )

@@ -1,11 +1,13 @@
 """Shared pieces of the benchmark scripts: timing (DESIGN section 6), the NCCL baseline written as a user would
-write it, DeepSeek-style inputs, JSON records (DESIGN section 7) and the printed table.
+write it, DeepSeek-style inputs, JSON records (DESIGN section 7), the printed table, sweep presets
+(`--sweep quick`) and the sweep progress line (the last two shared with `python -m deep_ep.bench`).
 
 Benchmarks never assert: they measure and report.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -17,6 +19,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from deep_ep.tools.bench import Progress, format_table  # noqa: F401 - shared with the entry point
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -241,17 +245,39 @@ def append_records(records: list[dict], path: str) -> str:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format) with format like '{:.1f}'; missing values print as '-'."""
-    cells = [[h for _, h, _ in columns]]
-    for row in rows:
-        line = []
-        for key, _, fmt in columns:
-            value: Optional[object] = row.get(key)
-            line.append(
-                "-" if value is None else (fmt.format(value) if not isinstance(value, str) else value)
-            )
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    for i, line in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows, columns))
+
+
+# --- sweeps ----------------------------------------------------------------------------------------------
+
+
+def parse_args_with_sweep(
+    parser: argparse.ArgumentParser, argv, presets: dict[str, dict]
+) -> argparse.Namespace:
+    """Adds `--sweep NAME` to `parser`: a preset of option defaults (`quick`: a few configurations, sized so
+    that every script's preset together takes a few minutes of one GPU); options given explicitly win."""
+    parser.add_argument(
+        "--sweep",
+        choices=["default", *presets],
+        default="default",
+        help="a preset of sweep options; options given explicitly override it. "
+        + "; ".join(f"{name}: {_describe(preset)}" for name, preset in presets.items()),
+    )
+    known, _ = parser.parse_known_args(argv)
+    preset = presets.get(known.sweep, {})
+    # An option whose default is None (an accumulating one, like bench_low_latency's --ranks 2 --ranks 4)
+    # gets the preset after parsing: as a default it would be extended by the values given, not replaced.
+    late = {key: value for key, value in preset.items() if parser.get_default(key) is None}
+    parser.set_defaults(**{key: value for key, value in preset.items() if key not in late})
+    args = parser.parse_args(argv)
+    for key, value in late.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _describe(preset: dict) -> str:
+    def value(v) -> str:
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return " ".join(f"--{key.replace('_', '-')} {value(v)}" for key, v in preset.items())
