@@ -144,7 +144,9 @@ def _extension_modules():
 
     library_dirs, extra_link_args, nvcc_dlink = [], [], []
     if nvshmem_dir is not None:
-        sources += sorted(glob.glob("csrc/kernels/low_latency/*.cu"))
+        sources += sorted(
+            glob.glob("csrc/kernels/low_latency/*.cu") + glob.glob("csrc/kernels/internode/*.cu")
+        )
         defines.append("DEEP_EP_WITH_NVSHMEM")
         nvshmem_lib = os.path.join(nvshmem_dir, "lib")
         include_dirs.append(os.path.join(nvshmem_dir, "include"))

@@ -37,6 +37,7 @@ PYBIND11_MODULE(_C, m) {
     deep_ep::runtime::nvshmem::register_apis(m);
     deep_ep::ops::register_layout_apis(m);
     deep_ep::ops::register_intranode_apis(m);
+    deep_ep::ops::register_internode_apis(m);
     deep_ep::ops::register_low_latency_apis(m);
     deep_ep::ops::register_testing_apis(m);
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import weakref
 from collections.abc import Callable
 from typing import Optional, Union
@@ -27,6 +28,7 @@ from .config import (
     low_latency_rdma_size_hint,
 )
 from .event import EventOverlap, capture
+from .topology import agree_num_nvl_ranks
 
 BACKENDS = ("auto", "cuda", "reference")
 
@@ -100,10 +102,14 @@ class Buffer:
     dispatch/combine (NVSHMEM), DeepEP V1 compatible.
 
     Our keyword-only additions: `backend` ("auto": the CUDA kernels when deep_ep._C loads and CUDA is
-    available, else the pure-PyTorch reference; "cuda"; "reference") and `conservative_loads` (None: read
+    available, else the pure-PyTorch reference; "cuda"; "reference"), `conservative_loads` (None: read
     DEEP_EP_CONSERVATIVE_LOADS; True: `ld.volatile.global` peer loads instead of the aggressive
-    `ld.global.nc.L1::no_allocate.L2::256B`). Tensors live on `buffer.device`: the current CUDA device when
-    CUDA is available, else the CPU (reference backend only).
+    `ld.global.nc.L1::no_allocate.L2::256B`) and `num_nvl_ranks` (ranks per NVLink domain, "node"; None:
+    DEEP_EP_NUM_NVL_RANKS, else detected from the ranks' hostnames, see deep_ep.topology). With fewer
+    ranks a node than in the group the Buffer is inter-node (`is_internode`): normal ops then take
+    `num_rdma_bytes` (size it with Config.get_rdma_buffer_size_hint) and return DeepEP V1's inter-node layout
+    and handle. Tensors live on `buffer.device`: the current CUDA device when CUDA is available, else the
+    CPU (reference backend only).
     """
 
     num_sms: int = DEFAULT_NUM_SMS  # V1's 20; set_num_sms changes it class-wide
@@ -122,6 +128,7 @@ class Buffer:
         *,
         backend: str = "auto",
         conservative_loads: Optional[bool] = None,
+        num_nvl_ranks: Optional[int] = None,
     ) -> None:
         self.num_nvl_bytes = validation.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
         self.num_rdma_bytes = validation.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
@@ -136,6 +143,8 @@ class Buffer:
         _live_buffers[self.op_key] = self
         self.comm = comm
         conservative_loads = _check_conservative_loads(conservative_loads)
+        if num_nvl_ranks is not None:
+            validation.check_int("num_nvl_ranks", num_nvl_ranks, minimum=1)
         backend_name = _resolve_backend(backend)
         if group is not None:
             self.rank, self.group_size = group.rank(), group.size()
@@ -151,11 +160,17 @@ class Buffer:
         )
 
         # Every rank must run the same backend, or the first collective would hang: agree up front.
-        names = self._all_gather_object(backend_name)
+        names_and_hosts = self._all_gather_object((backend_name, socket.gethostname()))
+        names = [name for name, _ in names_and_hosts]
         if any(n != names[0] for n in names):
             raise RuntimeError(
                 f"backend: ranks resolved different backends {names}; pass backend= explicitly"
             )
+        self.num_nvl_ranks = agree_num_nvl_ranks(
+            num_nvl_ranks, [host for _, host in names_and_hosts], self.rank, self._all_gather_object
+        )
+        self.num_rdma_ranks = self.group_size // self.num_nvl_ranks
+        self.is_internode = self.num_rdma_ranks > 1
 
         if backend_name == "cuda":
             from .backends.cuda import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension
@@ -176,6 +191,7 @@ class Buffer:
             comm=comm,
             conservative_loads=conservative_loads,  # None: the backend follows DEEP_EP_CONSERVATIVE_LOADS
             default_num_sms=lambda: type(self).num_sms,  # read per call: V1 code sets Buffer.num_sms
+            num_nvl_ranks=self.num_nvl_ranks,
         )
         self.backend_name = self._backend.name
         # 'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' (reference)
@@ -265,8 +281,9 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
-        """-> (num_tokens_per_rank int32 [R], None (intra-node), num_tokens_per_expert int32 [E],
-        is_token_in_rank bool [T, R], event)."""
+        """-> (num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank, num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [T, R], event). num_tokens_per_rdma_rank: None on an intra-node Buffer; on an
+        inter-node one int32 [num_rdma_ranks], the tokens with at least one destination rank on each node."""
         return self._backend.get_dispatch_layout(
             topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
@@ -292,7 +309,10 @@ class Buffer:
 
         recv_x matches x's form (tensor, or (fp8, scales) tuple). A cached dispatch (handle given) returns
         (recv_x, None, None, None, None, event), as V1 does. See deep_ep.backends.reference.intranode_dispatch
-        for the exact semantics (row order, padding with num_worst_tokens, handle contents).
+        for the exact semantics (row order, padding with num_worst_tokens, handle contents). An inter-node
+        Buffer moves the same rows; its handle is deep_ep.handles.InternodeHandle (10 elements, V1's
+        layout) instead of IntranodeHandle (6), and it accepts num_tokens_per_rdma_rank from
+        get_dispatch_layout (optional: it follows from is_token_in_rank).
         """
         return self._backend.dispatch(
             x,

@@ -9,6 +9,10 @@ the same formulas stands in; tests/test_extension.py checks in CI that the two a
 
 from __future__ import annotations
 
+from typing import Optional
+
+from .topology import MAX_NVL_RANKS, env_num_nvl_ranks
+
 try:
     from ._C import layout as _cpp_layout
 except (ImportError, OSError):  # not built, or no CUDA driver: the transcription below stands in
@@ -30,6 +34,8 @@ LOW_LATENCY_MAX_TOKENS_PER_RANK = 16383
 LOW_LATENCY_SUPPORTED_HIDDEN = (2048, 2560, 4096, 5120, 7168, 8192)
 # FP8 scales cover this many consecutive hidden elements each.
 FP8_SCALE_BLOCK = 128
+# Largest number of experts one rank may own (the kernels' per-rank expert count tables).
+MAX_LOCAL_EXPERTS = 2048
 
 # DeepEP V1's SM budget: of Config() and of the default configs (Buffer.num_sms).
 DEFAULT_NUM_SMS = 20
@@ -117,10 +123,22 @@ class Config:
         return nvl_buffer_size_hint(hidden_bytes, num_ranks, num_max_tokens_per_rank=num_max_tokens_per_rank)
 
     def get_rdma_buffer_size_hint(
-        self, hidden_bytes: int, num_ranks: int, *, num_max_tokens_per_rank: int = 4096
+        self,
+        hidden_bytes: int,
+        num_ranks: int,
+        *,
+        num_max_tokens_per_rank: int = 4096,
+        num_nvl_ranks: Optional[int] = None,
     ) -> int:
-        """Bytes of RDMA buffer per rank for inter-node normal mode; for now the NVL formula over all ranks."""
-        return nvl_buffer_size_hint(hidden_bytes, num_ranks, num_max_tokens_per_rank=num_max_tokens_per_rank)
+        """Bytes of symmetric (RDMA) buffer per rank for inter-node normal dispatch + combine of up to
+        `num_max_tokens_per_rank` tokens per rank, with nodes of `num_nvl_ranks` ranks (None:
+        DEEP_EP_NUM_NVL_RANKS if set, else min(8, num_ranks))."""
+        if num_nvl_ranks is None:
+            from_env = env_num_nvl_ranks()
+            num_nvl_ranks = min(MAX_NVL_RANKS, num_ranks) if from_env is None else from_env
+        return internode_size_hint(
+            hidden_bytes, num_ranks, num_nvl_ranks, num_max_tokens_per_rank=num_max_tokens_per_rank
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,9 +189,58 @@ class _PythonLayout:
         )
         return _round_up(needed, BUFFER_ALIGNMENT_BYTES)
 
+    # Inter-node normal mode: one symmetric (NVSHMEM) buffer per rank; N = num_ranks // num_nvl_ranks nodes.
+
+    @staticmethod
+    def internode_control_bytes(num_ranks, num_nvl_ranks):
+        # Signal words (8 bytes each) and counters, then the count messages: [2 parities][R] in and [R] out,
+        # one row of int32 per rank (per-rank counts, per-node counts, a slice of the per-expert counts).
+        num_nodes = num_ranks // num_nvl_ranks
+        msg_ints = _round_up(num_ranks + num_nodes + MAX_LOCAL_EXPERTS, 4)
+        signal_bytes = _round_up(8 * (num_ranks + 2 * num_nodes + num_nvl_ranks) + 64, 4096)
+        return _round_up(signal_bytes + 3 * num_ranks * msg_ints * 4, 4096)
+
+    @staticmethod
+    def internode_dispatch_stride(hidden_bytes, num_scales, num_topk):
+        # One row: a 16-byte header, x, float32 scales, int32 top-k ids + float32 top-k weights.
+        return _align16(16 + _align16(hidden_bytes) + num_scales * 4 + num_topk * 8)
+
+    @staticmethod
+    def internode_dispatch_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_nvl_ranks, num_tokens):
+        stride = _PythonLayout.internode_dispatch_stride(hidden_bytes, num_scales, num_topk)
+        num_nodes = num_ranks // num_nvl_ranks
+        control = _PythonLayout.internode_control_bytes(num_ranks, num_nvl_ranks)
+        # Token slots come in fours, so that every list area keeps the rows after it 16-byte aligned.
+        slots = _round_up(num_tokens, 4)
+        return control + slots * (stride + num_nodes * (stride + 8 * num_nvl_ranks))
+
+    @staticmethod
+    def internode_combine_stride(hidden, num_topk):
+        return _align16(hidden * 2) + _align16(num_topk * 4)
+
+    @staticmethod
+    def internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens):
+        num_nodes = num_ranks // num_nvl_ranks
+        control = _PythonLayout.internode_control_bytes(num_ranks, num_nvl_ranks)
+        stride = _PythonLayout.internode_combine_stride(hidden, num_topk)
+        return control + (num_ranks + 2 * num_nodes) * num_tokens * stride
+
+    @staticmethod
+    def internode_size_hint(hidden_bytes, num_ranks, num_nvl_ranks, num_max_tokens_per_rank):
+        num_scales = -(-hidden_bytes // FP8_SCALE_BLOCK)
+        dispatch = _PythonLayout.internode_dispatch_bytes(
+            hidden_bytes, num_scales, MAX_NUM_TOPK, num_ranks, num_nvl_ranks, num_max_tokens_per_rank
+        )
+        combine = _PythonLayout.internode_combine_bytes(
+            (hidden_bytes + 1) // 2, MAX_NUM_TOPK, num_ranks, num_nvl_ranks, num_max_tokens_per_rank
+        )
+        return _round_up(max(dispatch, combine), BUFFER_ALIGNMENT_BYTES)
+
 
 # The sizes every check and hint uses: the C++ layouts themselves when the extension is built.
 layout = _cpp_layout if _cpp_layout is not None else _PythonLayout
+# An extension built before the inter-node layout existed lacks its functions: the transcription stands in.
+internode_layout = layout if hasattr(layout, "internode_size_hint") else _PythonLayout
 
 
 def nvl_dispatch_bytes(
@@ -203,6 +270,56 @@ def nvl_buffer_size_hint(hidden_bytes: int, num_ranks: int, *, num_max_tokens_pe
     _check_positive_int("num_ranks", num_ranks)
     _check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank, allow_zero=True)
     return layout.nvl_size_hint(hidden_bytes, num_ranks, num_max_tokens_per_rank)
+
+
+def _check_num_nvl_ranks(num_ranks: int, num_nvl_ranks: int) -> None:
+    _check_positive_int("num_ranks", num_ranks)
+    _check_positive_int("num_nvl_ranks", num_nvl_ranks)
+    if num_nvl_ranks > MAX_NVL_RANKS or num_ranks % num_nvl_ranks != 0:
+        raise ValueError(
+            f"num_nvl_ranks: must be at most {MAX_NVL_RANKS} and divide num_ranks={num_ranks}, got {num_nvl_ranks}"
+        )
+
+
+def internode_dispatch_bytes(
+    hidden_bytes: int, num_scales: int, num_topk: int, num_ranks: int, num_nvl_ranks: int, num_tokens: int
+) -> int:
+    """Symmetric buffer bytes a rank of an inter-node Buffer needs to dispatch `num_tokens` rows of
+    `hidden_bytes` bytes with `num_scales` float32 scales and `num_topk` top-k entries each (control region
+    included)."""
+    _check_positive_int("hidden_bytes", hidden_bytes)
+    _check_positive_int("num_scales", num_scales, allow_zero=True)
+    _check_positive_int("num_topk", num_topk, allow_zero=True)
+    _check_num_nvl_ranks(num_ranks, num_nvl_ranks)
+    _check_positive_int("num_tokens", num_tokens, allow_zero=True)
+    return internode_layout.internode_dispatch_bytes(
+        hidden_bytes, num_scales, num_topk, num_ranks, num_nvl_ranks, num_tokens
+    )
+
+
+def internode_combine_bytes(
+    hidden: int, num_topk: int, num_ranks: int, num_nvl_ranks: int, num_tokens: int
+) -> int:
+    """Symmetric buffer bytes a rank of an inter-node Buffer needs to combine BF16 rows of `hidden` values
+    back into up to `num_tokens` tokens per rank (control region included)."""
+    _check_positive_int("hidden", hidden)
+    _check_positive_int("num_topk", num_topk, allow_zero=True)
+    _check_num_nvl_ranks(num_ranks, num_nvl_ranks)
+    _check_positive_int("num_tokens", num_tokens, allow_zero=True)
+    return internode_layout.internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens)
+
+
+def internode_size_hint(
+    hidden_bytes: int, num_ranks: int, num_nvl_ranks: int, *, num_max_tokens_per_rank: int = 4096
+) -> int:
+    """Smallest 2 MiB multiple that holds an inter-node dispatch of `num_max_tokens_per_rank` tokens per rank
+    (BF16, or FP8 with scales, any top-k) and its combine."""
+    _check_positive_int("hidden_bytes", hidden_bytes)
+    _check_num_nvl_ranks(num_ranks, num_nvl_ranks)
+    _check_positive_int("num_max_tokens_per_rank", num_max_tokens_per_rank, allow_zero=True)
+    return internode_layout.internode_size_hint(
+        hidden_bytes, num_ranks, num_nvl_ranks, num_max_tokens_per_rank
+    )
 
 
 def low_latency_rdma_size_hint(

@@ -50,18 +50,40 @@ class LowLatencyHandle(NamedTuple):
 
 
 class InternodeHandle(NamedTuple):
-    """Returned by an inter-node `dispatch` (V1 element order; `recv_gbl_rank_prefix_sum` is at index -4)."""
+    """Returned by an inter-node `dispatch`; consumed by `combine` and by a cached `dispatch`.
 
+    DeepEP V1's element names and order (`recv_gbl_rank_prefix_sum` is at index -4); the comments say what
+    each element holds in this implementation (both backends produce this layout). R = ranks, L = ranks a
+    node (num_nvl_ranks), N = R / L nodes, T = tokens of this rank, num_recv = rows this rank received (or
+    num_worst_tokens when padded). Rank g is on node g // L with local index g % L.
+    """
+
+    # [T, R] bool: whether token t of this rank was sent to rank r.
     is_token_in_rank: torch.Tensor
+    # [R, N] int32, the node count matrix: [g][n] = tokens rank g sends to node n (a token counts once per
+    # node, however many ranks of that node receive it). Identical on every rank.
     rdma_channel_prefix_matrix: torch.Tensor
+    # [R, R] int32, the rank prefix matrix: [i][j] = rows rank j receives from ranks 0..i (cumulative over
+    # the source rank), as IntranodeHandle.rank_prefix_matrix. Identical on every rank.
     gbl_channel_prefix_matrix: torch.Tensor
+    # [N + 1] int32, forward offsets (their use is the CUDA backend's). Reference backend: the exclusive
+    # prefix sum over source nodes m of the tokens rank (m, this rank's local index) sends to this rank's
+    # node, counting 0 for this rank's own node: the rows this rank forwards inside its node.
     recv_rdma_channel_prefix_matrix: torch.Tensor
+    # [F, L] int32, forward map, F = forward offsets[-1] (its contents are the CUDA backend's). Reference
+    # backend: filled with -1.
     recv_rdma_rank_prefix_sum: torch.Tensor
+    # [R] int32: first row of recv_x that came from rank i (exclusive prefix sum over source ranks).
     recv_gbl_channel_prefix_matrix: torch.Tensor
-    # [R] int32: rows received from ranks 0..i (cumulative).
+    # [R] int32: rows received from ranks 0..i (inclusive prefix sum over source ranks).
     recv_gbl_rank_prefix_sum: torch.Tensor
+    # [num_recv] int32: source token index of each received row (-1 in num_worst_tokens padding rows).
     recv_src_meta: torch.Tensor
+    # [T, N] int32: position of token t among the tokens this rank sends to node n (in token order), -1
+    # where token t does not go to node n.
     send_rdma_head: torch.Tensor
+    # [T, R] int32: row of recv_x on rank r where token t of this rank landed, -1 where it was not sent
+    # (as IntranodeHandle.send_head).
     send_nvl_head: torch.Tensor
 
 

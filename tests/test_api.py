@@ -126,7 +126,7 @@ def test_buffer_static_signature_is_v1(method):
 def test_our_additions_are_keyword_only():
     params = inspect.signature(deep_ep.Buffer.__init__).parameters
     keyword_only = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keyword_only == {"backend": "auto", "conservative_loads": None}
+    assert keyword_only == {"backend": "auto", "conservative_loads": None, "num_nvl_ranks": None}
 
 
 def test_config_signature_and_attributes():
@@ -233,6 +233,57 @@ def test_low_latency_hint():
     # The receive region alone holds one BF16 row per (local expert, source rank, token).
     assert hint >= 2 * (288 // 8) * 8 * 128 * 7168 * 2
     assert deep_ep.Buffer.get_low_latency_rdma_size_hint(256, 7168, 8, 288) > hint
+
+
+def test_internode_bytes_formula():
+    # 4 ranks as 2 nodes x 2. Control: signals round_up(8 * (4 + 2 * 2 + 2) + 64, 4096) = 4096, then three
+    # message regions of 4 rows of round_up(4 + 2 + 2048, 4) = 2056 int32: 4096 + 98688 -> 106496.
+    assert cfg.internode_layout.internode_control_bytes(4, 2) == 106496
+    # A row: 16-byte header + 256 bytes + 2 scales + 2 top-k (8 bytes each) = 296 -> 304; per token one send
+    # slot and, per node, a slot plus 8 bytes per rank of the node; token slots come in fours (10 -> 12).
+    assert cfg.internode_dispatch_bytes(256, 2, 2, 4, 2, 10) == 106496 + 12 * (304 + 2 * (304 + 16))
+    # 128 bf16 values + 3 weights padded to 16 bytes = 272 bytes a row, (4 + 2 * 2) rows a token.
+    assert cfg.internode_combine_bytes(128, 3, 4, 2, 10) == 106496 + 8 * 10 * 272
+    with pytest.raises(ValueError, match="^num_nvl_ranks:"):
+        cfg.internode_dispatch_bytes(256, 2, 2, 6, 4, 10)
+    with pytest.raises(ValueError, match="^num_nvl_ranks:"):
+        cfg.internode_size_hint(256, 32, 16)
+    with pytest.raises(TypeError, match="^num_tokens:"):
+        cfg.internode_combine_bytes(128, 3, 4, 2, 1.5)
+
+
+@pytest.mark.parametrize(("num_ranks", "num_nvl_ranks"), [(4, 2), (8, 4), (8, 2), (16, 8), (32, 8)])
+@pytest.mark.parametrize("hidden", [128, 7168])
+def test_rdma_hint_covers_every_internode_call_it_was_asked_about(num_ranks, num_nvl_ranks, hidden):
+    tokens = 1024
+    hint = deep_ep.Config().get_rdma_buffer_size_hint(
+        hidden * 2, num_ranks, num_nvl_ranks=num_nvl_ranks, num_max_tokens_per_rank=tokens
+    )
+    assert hint % cfg.BUFFER_ALIGNMENT_BYTES == 0
+    assert hint == cfg.internode_size_hint(
+        hidden * 2, num_ranks, num_nvl_ranks, num_max_tokens_per_rank=tokens
+    )
+    for num_topk in (0, 1, 8, cfg.MAX_NUM_TOPK):
+        for row_bytes, num_scales in ((hidden * 2, 0), (hidden, hidden // 128)):
+            needed = cfg.internode_dispatch_bytes(
+                row_bytes, num_scales, num_topk, num_ranks, num_nvl_ranks, tokens
+            )
+            assert needed <= hint
+        assert cfg.internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, tokens) <= hint
+    assert cfg.internode_combine_bytes(hidden, 8, num_ranks, num_nvl_ranks, tokens * 2) > hint
+
+
+def test_rdma_hint_default_num_nvl_ranks(monkeypatch):
+    from deep_ep.topology import NUM_NVL_RANKS_ENV  # noqa: PLC0415
+
+    monkeypatch.delenv(NUM_NVL_RANKS_ENV, raising=False)
+    config = deep_ep.Config()
+    # Unset: min(8, num_ranks), so a group of up to 8 ranks is sized as one node.
+    assert config.get_rdma_buffer_size_hint(4096, 16) == cfg.internode_size_hint(4096, 16, 8)
+    assert config.get_rdma_buffer_size_hint(4096, 4) == cfg.internode_size_hint(4096, 4, 4)
+    monkeypatch.setenv(NUM_NVL_RANKS_ENV, "2")
+    assert config.get_rdma_buffer_size_hint(4096, 4) == cfg.internode_size_hint(4096, 4, 2)
+    assert config.get_rdma_buffer_size_hint(4096, 4, num_nvl_ranks=4) == cfg.internode_size_hint(4096, 4, 4)
 
 
 class FakeEvent:

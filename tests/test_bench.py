@@ -1,11 +1,13 @@
 """`python -m deep_ep.bench`: the entry's arguments and usage, the sweep progress line, the table, sweep
 presets, the plotter on small synthetic records (and on the records committed under benchmarks/results),
-and tiny reference-backend runs of the three scripts on the session's rank pool. CPU only; the tests that
-draw PNGs skip without matplotlib."""
+the inter-node benchmark's topologies and byte accounting on hand-checked routings, and tiny
+reference-backend runs of the four scripts on the session's rank pool. CPU only; the tests that draw PNGs
+skip without matplotlib."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -13,16 +15,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import deep_ep
 from deep_ep.tools import bench, plot
 
 sys.path.insert(0, bench.ROOT)  # the benchmark scripts live in the source tree, not the package
 
-from benchmarks import bench_host, bench_intranode, bench_low_latency, common  # noqa: E402
+from benchmarks import bench_host, bench_internode, bench_intranode, bench_low_latency, common  # noqa: E402
 
 needs_matplotlib = pytest.mark.skipif(not plot.have_matplotlib(), reason="matplotlib is not installed")
 SCRIPT_PARSERS = {
     "intranode": bench_intranode.parse_args,
+    "internode": bench_internode.parse_args,
     "low-latency": bench_low_latency.parse_args,
     "host": bench_host.parse_args,
 }
@@ -48,17 +53,14 @@ def test_unknown_mode_is_refused(capsys):
     assert "unknown mode 'intra'" in capsys.readouterr().err
 
 
-def test_internode_is_named_but_not_available(capsys):
-    assert bench.main(["internode"]) == 2
-    assert "no benchmark yet" in capsys.readouterr().err
-
-
-def test_mode_options_go_to_the_script(monkeypatch):
+@pytest.mark.parametrize("mode", ["low-latency", "internode"])
+def test_mode_options_go_to_the_script(monkeypatch, mode):
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 0)
-    assert bench.main(["low-latency", "--tokens", "16", "32"]) == 0
+    assert bench.main([mode, "--tokens", "16", "32"]) == 0
     ((command, cwd),) = calls
-    assert command[1:] == [bench.script_path("low-latency"), "--tokens", "16", "32"] and cwd == bench.ROOT
+    assert command[1:] == [bench.script_path(mode), "--tokens", "16", "32"] and cwd == bench.ROOT
+    assert os.path.exists(command[1])
 
 
 def test_all_passes_the_preset_and_folders_to_every_script(tmp_path):
@@ -67,13 +69,29 @@ def test_all_passes_the_preset_and_folders_to_every_script(tmp_path):
     )
     args.out_dir = str(tmp_path)
     commands = bench.all_commands(args)
-    assert [mode for mode, _ in commands] == ["intranode", "low-latency", "host"]
+    assert [mode for mode, _ in commands] == ["intranode", "internode", "low-latency", "host"]
     for mode, command in commands:
         assert command[0] == bench.script_path(mode)
         parsed = SCRIPT_PARSERS[mode](command[1:])  # every script takes every option `all` passes
         assert parsed.num_ranks == [2] and parsed.backend == "reference" and parsed.sweep == "quick"
     assert bench_intranode.parse_args(commands[0][1][1:]).results_dir == str(tmp_path / "results")
-    assert bench_host.parse_args(commands[2][1][1:]).out_dir == str(tmp_path / "results")
+    assert bench_internode.parse_args(commands[1][1][1:]).results_dir == str(tmp_path / "results")
+    assert bench_host.parse_args(commands[3][1][1:]).out_dir == str(tmp_path / "results")
+
+
+def test_all_quick_measures_the_internode_targets(tmp_path, capsys):
+    args = bench._all_parser().parse_args(["--quick", "--modes", "internode"])
+    args.out_dir = str(tmp_path)
+    ((_, command),) = bench.all_commands(args)
+    parsed = bench_internode.parse_args(command[1:])
+    assert bench_internode.topologies(parsed.num_ranks, parsed.num_nvl_ranks, parsed.num_nodes) == {
+        4: [2],
+        8: [4],
+    }
+    assert parsed.tokens == [4096] and parsed.sms == [24] and parsed.runs == 20
+    # With ranks that make no inter-node topology (`all --num-ranks 2`) the script measures nothing.
+    bench_internode.main([*command[1:], "--num-ranks", "2"])
+    assert "nothing to measure" in capsys.readouterr().out
 
 
 def test_all_runs_the_modes_then_plots_what_they_wrote(monkeypatch, tmp_path):
@@ -89,7 +107,7 @@ def test_all_runs_the_modes_then_plots_what_they_wrote(monkeypatch, tmp_path):
     monkeypatch.setattr(plot, "main", lambda argv: plotted.append(argv) or 0)
     assert bench.main(["all", "--out-dir", str(tmp_path)]) == 3  # the failed script's exit status
     (argv,) = plotted
-    assert len(argv[argv.index("--results") + 1 : argv.index("--out-dir")]) == 3
+    assert len(argv[argv.index("--results") + 1 : argv.index("--out-dir")]) == len(bench.SCRIPTS)
     assert argv[-1] == str(tmp_path / "plots")
 
 
@@ -106,6 +124,93 @@ def test_quick_preset_of_an_accumulating_option_is_replaced_not_extended():
     assert bench_low_latency.parse_args(["--sweep", "quick"]).num_ranks == [2, 4]
     assert bench_low_latency.parse_args(["--sweep", "quick", "--ranks", "2"]).num_ranks == [2]
     assert bench_low_latency.parse_args(["--ranks", "2", "--ranks", "4"]).num_ranks == [2, 4]
+
+
+def test_internode_topologies_default_to_every_domain_size_that_fits():
+    assert bench_internode.topologies([4, 8, 16]) == {4: [2], 8: [2, 4], 16: [2, 4, 8]}
+    assert bench_internode.topologies([2, 6, 32], [1, 2, 3, 16]) == {2: [1], 6: [1, 2, 3], 32: [1, 2]}
+    assert bench_internode.topologies([8, 16], num_nodes=[2]) == {8: [4], 16: [8]}
+    assert bench_internode.topologies([2]) == {}
+
+
+# --- inter-node byte accounting ------------------------------------------------------------------------------
+
+# 4 ranks in nodes of 2 ({0, 1} and {2, 3}); each row of a source rank: the ranks one token goes to.
+HAND_ROUTING = [[{0, 2}, {1}, {2, 3}], [{3}, {0, 1}], [{0, 1, 2}], []]
+
+
+def _in_rank(routing, num_ranks=4):
+    return [
+        torch.tensor([[r in dests for r in range(num_ranks)] for dests in tokens], dtype=torch.bool).view(
+            -1, num_ranks
+        )
+        for tokens in routing
+    ]
+
+
+def test_traffic_rows_on_a_hand_checked_routing():
+    nvl, rdma = bench_internode.traffic_rows(_in_rank(HAND_ROUTING), 2)
+    assert nvl == [3, 3, 3, 2]  # rows received, own share included (rank 0: its token 0, 1's 1, 2's 0)
+    # Forwarder (node, local): rank 0 lands rank 2's token (it has ranks 0, 1 in node 0); rank 1 nothing
+    # (rank 3 has no tokens); rank 2 lands rank 0's tokens 0 and 2 (token 1 stays in node 0); rank 3 lands
+    # rank 1's token 0.
+    assert rdma == [1, 0, 2, 1]
+    assert bench_internode.traffic_rows(_in_rank(HAND_ROUTING), 4) == ([3, 3, 3, 2], [0, 0, 0, 0])
+    # One rank a node: every row from another rank crosses a node boundary (nvl minus the own share).
+    assert bench_internode.traffic_rows(_in_rank(HAND_ROUTING), 1)[1] == [3 - 1, 3 - 1, 3 - 1, 2 - 0]
+    with pytest.raises(ValueError, match="num_nvl_ranks"):
+        bench_internode.traffic_rows(_in_rank(HAND_ROUTING), 3)
+
+
+def test_row_bytes_count_fp8_scales_and_bf16_otherwise():
+    assert bench_internode.row_bytes("internode_dispatch_fp8", 7168) == 7168 + 56 * 4
+    for case in ("internode_dispatch_bf16", "internode_cached_dispatch_bf16", "internode_combine_bf16"):
+        assert bench_internode.row_bytes(case, 7168) == 14336
+
+
+def _timing(rank, num_nvl_ranks, median_us, case="internode_dispatch_bf16"):
+    return dict(
+        case=case, num_nvl_ranks=num_nvl_ranks, tokens=3, num_sms=8, rank=rank, loads="n/a",
+        median_us=median_us, p10_us=median_us - 1, p90_us=median_us + 1, aligned_median_us=None,
+        host_call_us=1.0,
+    )  # fmt: skip
+
+
+def test_aggregate_counts_both_sides_per_rank_against_the_same_run_intranode_time():
+    in_rank = _in_rank(HAND_ROUTING)
+    per_rank = [
+        {
+            "results": [_timing(rank, 2, 10.0 * (rank + 1)), _timing(rank, 4, 5.0)],
+            "nccl": {},
+            "in_rank": {3: in_rank[rank]},
+            "gpus": 0,
+        }
+        for rank in range(4)
+    ]
+    (row,) = bench_internode.aggregate(per_rank, 4, hidden=128)  # BF16 rows of 256 bytes
+    assert row["topology"] == "2x2" and row["median_us"] == 40.0  # the slowest rank
+    assert row["nvl_bytes"] == (3 + 3 + 3 + 2) * 256 / 4 and row["rdma_bytes"] == (1 + 0 + 2 + 1) * 256 / 4
+    assert row["nvl_gbps"] == pytest.approx((768 / 10 + 768 / 20 + 768 / 30 + 512 / 40) / 4 / 1e3)
+    assert row["rdma_gbps"] == pytest.approx((256 / 10 + 0 + 512 / 30 + 256 / 40) / 4 / 1e3)
+    assert row["recv_gbps"] == row["nvl_gbps"]
+    assert row["intranode_median_us"] == 5.0 and row["ratio_to_intranode"] == 8.0
+    assert row["nccl_median_us"] is None
+
+
+def test_records_of_carry_the_design_fields_and_the_note():
+    row = dict(
+        case="internode_combine_bf16", num_nvl_ranks=2, num_sms=24, tokens=4096, loads="aggressive",
+        median_us=100.0, aligned_median_us=None, host_call_us=5.0, p10_us=90.0, p90_us=110.0, recv_gbps=1.0,
+        rdma_bytes=10, nvl_bytes=20, rdma_gbps=0.5, nvl_gbps=1.0, intranode_median_us=None,
+        ratio_to_intranode=None, nccl_median_us=None,
+    )  # fmt: skip
+    args = bench_internode.parse_args([])
+    (record,) = bench_internode.records_of([row], "gpu", 16, 1, args)
+    for key in ("device", "date", "commit", "num_ranks", "gpus", "case", "num_sms", "tokens", "hidden", "topk",
+                "experts", "loads", "median_us", "recv_gbps", "nccl_median_us", "num_nvl_ranks", "rdma_bytes",
+                "nvl_bytes", "rdma_gbps", "nvl_gbps", "intranode_median_us", "ratio_to_intranode"):  # fmt: skip
+        assert key in record
+    assert "P2P" in record["note"] and record["intranode_median_us"] is None
 
 
 # --- progress --------------------------------------------------------------------------------------------
@@ -332,7 +437,7 @@ def scripts_on_shared_pool(rank_pool, monkeypatch):
     def shared_pool(num_ranks, timeout_s):
         yield rank_pool(num_ranks)
 
-    for script in (bench_intranode, bench_low_latency, bench_host):
+    for script in (bench_intranode, bench_internode, bench_low_latency, bench_host):
         monkeypatch.setattr(script, "RankPool", shared_pool)
     monkeypatch.setenv("DEEP_EP_BENCH_DATE", "2026-12-01")
     monkeypatch.setenv(bench.PROGRESS_ENV, "off")
@@ -371,3 +476,27 @@ def test_host_runs_on_the_reference_backend(scripts_on_shared_pool, tmp_path):
     records = plot.load_records(plot.record_files([str(tmp_path)]))
     assert [r["case"] for r in records] == list(bench_host.LOW_LATENCY_CASES)
     assert [p.name for p in plot.build_plots(records)] == ["host_cpu"]
+
+
+needs_internode_api = pytest.mark.skipif(
+    "num_nvl_ranks" not in inspect.signature(deep_ep.Buffer.__init__).parameters,
+    reason="deep_ep.Buffer has no num_nvl_ranks yet (the inter-node path)",
+)
+
+
+@needs_internode_api
+def test_internode_runs_on_the_reference_backend(scripts_on_shared_pool, tmp_path, capsys):
+    bench_internode.main(
+        [*REFERENCE, "--num-ranks", "4", "--tokens", "8", "--sms", "8", "--hidden", "128", "--runs", "2",
+         "--results-dir", str(tmp_path)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "4 ranks as 2x2" in out and "inter/intra" in out
+    records = plot.load_records(plot.record_files([str(tmp_path)]))
+    assert [(r["case"], r["num_nvl_ranks"], r["tokens"]) for r in records] == [
+        (c, 2, 8) for c in bench_internode.CASES
+    ]
+    for r in records:
+        assert r["intranode_median_us"] > 0 and r["ratio_to_intranode"] > 0 and r["nccl_median_us"] is None
+        assert r["rdma_bytes"] > 0 and r["nvl_bytes"] >= r["rdma_bytes"] and r["gpus"] == 0
+    assert [p.name for p in plot.build_plots(records)] == ["internode_cpu"]

@@ -19,6 +19,8 @@ except ImportError:
     HAS_EXTENSION = False
 
 pytestmark = pytest.mark.skipif(not HAS_EXTENSION, reason="deep_ep._C is not built")
+# The inter-node layout functions come with the inter-node kernels; an older build lacks them.
+HAS_INTERNODE_LAYOUT = HAS_EXTENSION and hasattr(deep_ep._C.layout, "internode_size_hint")
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,39 @@ def test_python_transcription_of_the_layouts_equals_the_cpp_layouts(num_ranks, h
         assert cpp.low_latency_size_hint(*args) == python.low_latency_size_hint(*args), args
 
 
+@pytest.mark.skipif(not HAS_INTERNODE_LAYOUT, reason="deep_ep._C was built without the inter-node layout")
+@pytest.mark.parametrize(
+    ("num_ranks", "num_nvl_ranks"), [(2, 1), (4, 2), (8, 4), (8, 2), (16, 8), (32, 8), (8, 8)]
+)
+@pytest.mark.parametrize("hidden", [128, 2048, 7168])
+@pytest.mark.parametrize("num_topk", [0, 1, 8, 16])
+def test_python_transcription_of_the_internode_layout_equals_the_cpp_one(
+    num_ranks, num_nvl_ranks, hidden, num_topk
+):
+    """The inter-node symmetric buffer layout, as the intra-node ones above."""
+    from deep_ep import _C, config  # noqa: PLC0415
+
+    cpp, python = _C.layout, config._PythonLayout
+    assert config.internode_layout is cpp
+    args = (num_ranks, num_nvl_ranks)
+    assert cpp.internode_control_bytes(*args) == python.internode_control_bytes(*args), args
+    for name, args in (
+        ("internode_dispatch_stride", (hidden * 2, 0, num_topk)),
+        ("internode_dispatch_stride", (hidden, hidden // 128, num_topk)),
+        ("internode_combine_stride", (hidden, num_topk)),
+    ):
+        if hasattr(cpp, name):  # the strides are optional in the binding
+            assert getattr(cpp, name)(*args) == getattr(python, name)(*args), (name, args)
+    for num_tokens in (0, 1, 127, 4096):
+        for hidden_bytes, num_scales in ((hidden * 2, 0), (hidden, hidden // 128)):  # BF16 rows, FP8 + scales
+            args = (hidden_bytes, num_scales, num_topk, num_ranks, num_nvl_ranks, num_tokens)
+            assert cpp.internode_dispatch_bytes(*args) == python.internode_dispatch_bytes(*args), args
+        args = (hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens)
+        assert cpp.internode_combine_bytes(*args) == python.internode_combine_bytes(*args), args
+        args = (hidden * 2, num_ranks, num_nvl_ranks, num_tokens)
+        assert cpp.internode_size_hint(*args) == python.internode_size_hint(*args), args
+
+
 def test_python_constants_equal_the_cpp_ones():
     from deep_ep import _C, config  # noqa: PLC0415
 
@@ -83,3 +118,5 @@ def test_python_constants_equal_the_cpp_ones():
     ):
         assert getattr(config, name) == getattr(_C.layout, name), name
     assert tuple(config.LOW_LATENCY_SUPPORTED_HIDDEN) == tuple(_C.layout.LOW_LATENCY_SUPPORTED_HIDDEN)
+    if hasattr(_C.layout, "MAX_LOCAL_EXPERTS"):  # exported with the inter-node layout
+        assert config.MAX_LOCAL_EXPERTS == _C.layout.MAX_LOCAL_EXPERTS

@@ -44,7 +44,17 @@ def pool(request):
 # --- rank-side helpers (module level: they run in the rank processes) --------------------------------------
 
 
-def _make_buffer(group, num_ranks, m, hidden, num_experts, backend, allow_nvlink=True, timeout_s=TIMEOUT_S):
+def _make_buffer(
+    group,
+    num_ranks,
+    m,
+    hidden,
+    num_experts,
+    backend,
+    allow_nvlink=True,
+    timeout_s=TIMEOUT_S,
+    num_nvl_ranks=None,
+):
     size = deep_ep.Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
     with environment(TIMEOUT_ENV, str(timeout_s)):
         return deep_ep.Buffer(
@@ -55,6 +65,7 @@ def _make_buffer(group, num_ranks, m, hidden, num_experts, backend, allow_nvlink
             allow_nvlink_for_low_latency_mode=allow_nvlink,
             explicitly_destroy=True,
             backend=backend,
+            num_nvl_ranks=num_nvl_ranks,
         )
 
 
@@ -130,7 +141,16 @@ def _round_trip(rank, num_ranks, group, case, backend="cuda"):
     m, hidden, num_experts, topk = case["m"], case["hidden"], case["experts"], case["topk"]
     use_fp8, round_scale, use_ue8m0 = case["use_fp8"], case["round_scale"], case["use_ue8m0"]
     mode = case["mode"]
-    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, case["allow_nvlink"])
+    buffer = _make_buffer(
+        group,
+        num_ranks,
+        m,
+        hidden,
+        num_experts,
+        backend,
+        case["allow_nvlink"],
+        num_nvl_ranks=case.get("num_nvl_ranks"),
+    )
     device = buffer.device
     try:
         for step, tokens in enumerate(case["tokens"]):
@@ -239,6 +259,40 @@ def test_dispatch_combine_match_reference(pool, fmt, allow_nvlink):
     tokens = _tokens(n, 128, "full") + _tokens(n, 128, "partial")
     case = _case(tokens=tokens, allow_nvlink=allow_nvlink, seed=11, **FORMATS[fmt])
     assert all(pool.run(_round_trip, case))
+
+
+# Measured on nvidia-h200 (2026-11-29): with 16 ranks sharing the GPU the received counts differ from the
+# reference (4x4 and 8x2 splits; the 2x2 split at 4 ranks passes). Not yet understood: kept as a known failure.
+SIXTEEN_RANKS_FAIL = pytest.mark.xfail(
+    reason="16 low-latency ranks on one GPU: recv_count mismatch (issue 15)"
+)
+
+
+@pytest.mark.parametrize(
+    ("num_ranks", "num_nvl_ranks", "allow_nvlink"),
+    [
+        (4, 2, True),
+        *(
+            pytest.param(16, nvl, allow, marks=SIXTEEN_RANKS_FAIL)
+            for nvl, allow in ((4, True), (None, True), (None, False))
+        ),
+    ],
+    ids=["2x2", "4x4", "16", "16-puts"],
+)
+def test_virtual_nodes_and_16_ranks(num_ranks, num_nvl_ranks, allow_nvlink):
+    """Peers outside this rank's node (a virtual split of the host, or the 16 ranks' default of two nodes of 8)
+    are reached by NVSHMEM puts, the node's own ranks over NVLink mappings; results match the reference."""
+    tokens = _tokens(num_ranks, 64, "full") + _tokens(num_ranks, 64, "partial")
+    case = _case(
+        m=64,
+        experts=16 * num_ranks,
+        tokens=tokens,
+        num_nvl_ranks=num_nvl_ranks,
+        allow_nvlink=allow_nvlink,
+        seed=17,
+    )
+    with RankPool(num_ranks, timeout_s=600) as pool16:
+        assert all(pool16.run(_round_trip, case))
 
 
 @pytest.mark.parametrize("hidden", [2048, 2560, 4096, 5120, 8192])

@@ -20,6 +20,10 @@ enum class WaitSite : int {
     kLowLatencyCount = 3,   // a low-latency receive count from a source rank
     kLowLatencyFlag = 4,    // a low-latency combine arrival flag
     kTestingWait = 5,       // tests/test_primitives.py's deliberate timeout
+    kInternodeExchange = 6, // the inter-node op-opening signal of a rank
+    kInternodeRows = 7,     // an inter-node dispatch's rows from a source rank (peer = the source)
+    kInternodeStaged = 8,   // a node peer's staged combine input (peer = that rank)
+    kInternodePartial = 9,  // the combine partial sums of a node (peer = the node)
 };
 
 /// One per Buffer, in host-mapped pinned memory: kernels write it when a wait times out, the host reads
@@ -70,10 +74,12 @@ struct DispatchLayoutArgs {
     int num_topk;
     int num_experts;
     int num_ranks;
+    int num_nvl_ranks;           // ranks per node: counts per node too when fewer than num_ranks
     int* num_tokens_per_rank;    // [num_ranks], written
+    int* num_tokens_per_node;    // [num_ranks / num_nvl_ranks], written, or nullptr (one node)
     int* num_tokens_per_expert;  // [num_experts], written
     bool* is_token_in_rank;      // [num_tokens, num_ranks], written
-    // With more than one block: each block's counts [blocks, num_ranks + num_experts] (scratch, overwritten),
+    // With more than one block: each block's counts [blocks, num_ranks + num_experts + nodes] (scratch),
     // and the number of blocks done so far (0 between calls: the last block resets it).
     int* block_counts;
     int* done_blocks;
@@ -88,5 +94,6 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args);
 
 // Each path keeps its Args structs in its own part of the seam.
 #include "kernels/api_intranode.cuh"
+#include "kernels/api_internode.cuh"
 #include "kernels/api_low_latency.cuh"
 #include "kernels/api_testing.cuh"

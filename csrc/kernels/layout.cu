@@ -32,9 +32,11 @@ __global__ void __launch_bounds__(kCheckThreads) check_expert_ids(CheckExpertIds
 template <typename IndexT>
 __global__ void __launch_bounds__(kLayoutThreads) count_tokens(DispatchLayoutArgs args) {
     extern __shared__ int shared_counts[];
-    const int num_counts = args.num_ranks + args.num_experts;
+    const int num_nodes = args.num_tokens_per_node != nullptr ? args.num_ranks / args.num_nvl_ranks : 0;
+    const int num_counts = args.num_ranks + args.num_experts + num_nodes;
     int* block_tokens_per_rank = shared_counts;
     int* block_tokens_per_expert = shared_counts + args.num_ranks;
+    int* block_tokens_per_node = block_tokens_per_expert + args.num_experts;
     for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
         shared_counts[i] = 0;
     __syncthreads();
@@ -60,14 +62,20 @@ __global__ void __launch_bounds__(kLayoutThreads) count_tokens(DispatchLayoutArg
             if (in_rank)
                 atomicAdd(&block_tokens_per_rank[r], 1);
         }
+        // Once per node however many of its ranks get the token: what crosses to that node.
+        for (int n = 0; n < num_nodes; ++n)
+            if ((rank_mask >> (n * args.num_nvl_ranks)) & ((1ull << args.num_nvl_ranks) - 1))
+                atomicAdd(&block_tokens_per_node[n], 1);
     }
     __syncthreads();
 
     auto store_count = [&](int i, int value) {
         if (i < args.num_ranks)
             args.num_tokens_per_rank[i] = value;
-        else
+        else if (i < args.num_ranks + args.num_experts)
             args.num_tokens_per_expert[i - args.num_ranks] = value;
+        else
+            args.num_tokens_per_node[i - args.num_ranks - args.num_experts] = value;
     };
     if (gridDim.x == 1) {
         for (int i = threadIdx.x; i < num_counts; i += blockDim.x)
@@ -120,7 +128,8 @@ void launch_dispatch_layout(const DispatchLayoutArgs& args) {
     const int blocks = dispatch_layout_blocks(args.num_tokens);
     DEEP_EP_CHECK(blocks == 1 || (args.block_counts != nullptr && args.done_blocks != nullptr),
                   "a layout over several blocks needs block_counts and done_blocks");
-    const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks);
+    const int num_nodes = args.num_tokens_per_node != nullptr ? args.num_ranks / args.num_nvl_ranks : 0;
+    const size_t shared_bytes = sizeof(int) * (args.num_experts + args.num_ranks + num_nodes);
     auto kernel = args.topk_idx_is_int64 ? routing::count_tokens<int64_t> : routing::count_tokens<int32_t>;
     if (shared_bytes > 48 * 1024)
         DEEP_EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));

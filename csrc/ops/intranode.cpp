@@ -10,6 +10,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/buffer_layout.cuh"
 #include "ops/arguments.hpp"
+#include "ops/dispatch_outputs.hpp"
 #include "ops/intranode_arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
@@ -34,18 +35,13 @@ NvlPeers nvl_peers(const runtime::Buffer& buffer) {
 
 NvlBarrier next_barrier(const runtime::Buffer& buffer) { return NvlBarrier{buffer.wait_context(), true}; }
 
-template <typename T>
-T* data_or_null(const OptionalTensor& tensor) {
-    return tensor.has_value() ? tensor->data_ptr<T>() : nullptr;
-}
-
 DispatchRowShape dispatch_row_shape(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks) {
     return DispatchRowShape{static_cast<int>(hidden_bytes), static_cast<int>(num_scales), static_cast<int>(num_topk),
                             static_cast<int>(num_ranks)};
 }
 
-// The one CPU synchronisation of a non-cached dispatch: the notify kernel publishes the receive counts
-// in host-mapped memory, tag last. Stage is already queued behind notify, so it runs while we wait.
+}  // namespace
+
 std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer, int tag, int num_local_experts) {
     const volatile int* counters = buffer.mapped_counters_host();
     {
@@ -68,6 +64,8 @@ std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer
         per_expert[e] = counters[2 + e];
     return {counters[1], per_expert};
 }
+
+namespace {
 
 // Rows in each rank's own staging area (stage copied them there).
 DispatchSources staged_dispatch_sources(const NvlPeers& peers, const DispatchRowShape& shape) {
@@ -135,8 +133,6 @@ std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, co
     sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
     return sources;
 }
-
-pybind11::object tensor_or_none(const OptionalTensor& t) { return t.has_value() ? pybind11::cast(*t) : pybind11::none(); }
 
 }  // namespace
 
@@ -253,24 +249,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     }
 
     // Outputs on the current stream (the caller's, or the comm stream with allocate_on_comm_stream).
-    // One allocation for all of them (runtime/output_tensors.hpp).
-    runtime::OutputTensors outputs;
-    const int recv_x_index = outputs.add({num_recv_capacity, x.size(1)}, x.scalar_type());
-    const int recv_x_scales_index = x_scales.has_value() ? outputs.add({num_recv_capacity, num_scales}, torch::kFloat32) : -1;
-    const int recv_topk_idx_index = topk_idx.has_value() ? outputs.add({num_recv_capacity, num_topk}, torch::kInt64) : -1;
-    const int recv_topk_weights_index =
-        topk_idx.has_value() ? outputs.add({num_recv_capacity, num_topk}, torch::kFloat32) : -1;
-    const int recv_src_idx_index = outputs.add({num_recv_capacity}, torch::kInt32);
-    outputs.allocate(x.device());
-    const torch::Tensor recv_x = outputs[recv_x_index];
-    OptionalTensor recv_x_scales, recv_topk_idx, recv_topk_weights;
-    if (x_scales.has_value())
-        recv_x_scales = outputs[recv_x_scales_index];
-    if (topk_idx.has_value()) {
-        recv_topk_idx = outputs[recv_topk_idx_index];
-        recv_topk_weights = outputs[recv_topk_weights_index];
-    }
-    const torch::Tensor recv_src_idx = outputs[recv_src_idx_index];
+    const DispatchOutputs out = DispatchOutputs::allocate(num_recv_capacity, x, x_scales, topk_idx);
 
     IntranodeDispatchPullArgs pull{};
     pull.peers = peers;
@@ -283,11 +262,11 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     pull.num_experts = static_cast<int>(num_experts);
     pull.rank_prefix_matrix = rank_prefix_matrix.data_ptr<int>();
     pull.num_recv_capacity = num_recv_capacity;
-    pull.recv_x = recv_x.data_ptr();
-    pull.recv_x_scales = data_or_null<float>(recv_x_scales);
-    pull.recv_topk_idx = data_or_null<int64_t>(recv_topk_idx);
-    pull.recv_topk_weights = data_or_null<float>(recv_topk_weights);
-    pull.recv_src_idx = recv_src_idx.data_ptr<int>();
+    pull.recv_x = out.recv_x.data_ptr();
+    pull.recv_x_scales = data_or_null<float>(out.recv_x_scales);
+    pull.recv_topk_idx = data_or_null<int64_t>(out.recv_topk_idx);
+    pull.recv_topk_weights = data_or_null<float>(out.recv_topk_weights);
+    pull.recv_src_idx = out.recv_src_idx.data_ptr<int>();
     pull.num_blocks = call.num_sms;
     pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
@@ -295,17 +274,17 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
 
     HandleTensors handle;
     if (!cached)
-        handle = HandleTensors{rank_prefix_matrix, *channel_prefix_matrix, *recv_channel_prefix_matrix, recv_src_idx,
-                               call.is_token_in_rank, *send_head};
+        handle = HandleTensors{rank_prefix_matrix, *channel_prefix_matrix, *recv_channel_prefix_matrix,
+                               out.recv_src_idx, call.is_token_in_rank, *send_head};
     pybind11::object event;
     if (streams.needs_tensor_lists()) {
         std::vector<torch::Tensor> inputs{x, call.is_token_in_rank};
         for (const OptionalTensor& t : {x_scales, topk_idx, topk_weights, call.num_tokens_per_rank, call.num_tokens_per_expert})
             if (t.has_value())
                 inputs.push_back(*t);
-        std::vector<torch::Tensor> outputs{recv_x, recv_src_idx, rank_prefix_matrix};
-        for (const OptionalTensor& t : {recv_x_scales, recv_topk_idx, recv_topk_weights, channel_prefix_matrix,
-                                        recv_channel_prefix_matrix, send_head})
+        std::vector<torch::Tensor> outputs = out.tensors();
+        outputs.push_back(rank_prefix_matrix);
+        for (const OptionalTensor& t : {channel_prefix_matrix, recv_channel_prefix_matrix, send_head})
             if (t.has_value())
                 outputs.push_back(*t);
         event = streams.finish(std::move(inputs), outputs);
@@ -313,13 +292,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         event = streams.finish();
     }
     raise_pending_errors(buffer, streams);
-
-    const pybind11::object recv =
-        x_scales.has_value() ? pybind11::object(pybind11::make_tuple(recv_x, *recv_x_scales)) : pybind11::cast(recv_x);
-    if (cached)
-        return pybind11::make_tuple(recv, pybind11::none(), pybind11::none(), pybind11::none(), pybind11::none(), event);
-    return pybind11::make_tuple(recv, tensor_or_none(recv_topk_idx), tensor_or_none(recv_topk_weights),
-                                pybind11::cast(num_recv_tokens_per_expert_list), handle.as_tuple(), event);
+    return out.result(cached, num_recv_tokens_per_expert_list, cached ? pybind11::object(pybind11::none()) : handle.as_tuple(), event);
 }
 
 /// Returns (combined_x, combined_topk_weights or None, event). x row i is the i-th row this rank received

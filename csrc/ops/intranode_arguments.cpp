@@ -2,6 +2,7 @@
 
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -51,7 +52,7 @@ HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int dev
         arguments::raise_value_error(
             "handle: this is a low-latency handle (5 elements); normal ops need dispatch's 6-element one");
     if (length == 10)
-        arguments::raise_value_error("handle: inter-node handles (10 elements) are not supported by an intra-node Buffer");
+        arguments::raise_value_error("handle: this is an inter-node handle (10 elements); this Buffer is intra-node");
     if (length != 6)
         arguments::raise_value_error("handle: expected the 6-element intra-node handle, got " + std::to_string(length) +
                                      " elements");
@@ -68,6 +69,32 @@ HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int dev
     return h;
 }
 
+InternodeHandleTensors checked_internode_handle(pybind11::handle handle, int64_t num_ranks, int64_t num_nvl_ranks,
+                                                int device) {
+    using arguments::kAny;
+    const arguments::HandleItems item(handle, "dispatch");
+    const Py_ssize_t length = item.size();
+    if (length != 10)
+        arguments::raise_value_error("handle: expected the 10-element inter-node handle, got " + std::to_string(length) +
+                                     " elements" + (length == 6 ? " (an intra-node handle)" : ""));
+    const auto int32 = c10::ScalarType::Int;
+    const int64_t num_nodes = num_ranks / num_nvl_ranks;
+    InternodeHandleTensors h;
+    h.is_token_in_rank =
+        arguments::tensor(item(0), "handle.is_token_in_rank", {{c10::ScalarType::Bool}, {kAny, num_ranks}}, device);
+    const int64_t num_tokens = h.is_token_in_rank.size(0);
+    h.node_count_matrix = arguments::tensor(item(1), "handle.node_count_matrix", {{int32}, {num_ranks, num_nodes}}, device);
+    h.rank_prefix_matrix = arguments::tensor(item(2), "handle.rank_prefix_matrix", {{int32}, {num_ranks, num_ranks}}, device);
+    h.forward_offsets = arguments::tensor(item(3), "handle.forward_offsets", {{int32}, {num_nodes + 1}}, device);
+    h.forward_map = arguments::tensor(item(4), "handle.forward_map", {{int32}, {kAny, num_nvl_ranks}}, device);
+    h.recv_first_row = arguments::tensor(item(5), "handle.recv_first_row", {{int32}, {num_ranks}}, device);
+    h.recv_rank_prefix_sum = arguments::tensor(item(6), "handle.recv_gbl_rank_prefix_sum", {{int32}, {num_ranks}}, device);
+    h.recv_src_idx = arguments::tensor(item(7), "handle.recv_src_idx", {{int32}, {}, 1}, device);
+    h.send_node_head = arguments::tensor(item(8), "handle.send_node_head", {{int32}, {num_tokens, num_nodes}}, device);
+    h.send_head = arguments::tensor(item(9), "handle.send_head", {{int32}, {num_tokens, num_ranks}}, device);
+    return h;
+}
+
 DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
                               pybind11::handle num_tokens_per_rank, pybind11::handle num_tokens_per_rdma_rank,
                               pybind11::handle is_token_in_rank, pybind11::handle num_tokens_per_expert,
@@ -79,19 +106,28 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
     DispatchCall call;
     call.expert_alignment = arguments::integer(expert_alignment, "expert_alignment", 1);
     call.num_worst_tokens = arguments::integer(num_worst_tokens, "num_worst_tokens", 0);
-    arguments::check_tensor_or_none(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");  // inter-node only
+    const bool internode = buffer.is_internode();
+    if (!internode)
+        arguments::check_tensor_or_none(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");  // inter-node only
     std::tie(call.x, call.x_scales) = checked_dispatch_x(x, device);
     const int64_t num_tokens = call.x.size(0);
     int64_t num_topk = 0;
     if (!handle.is_none()) {
-        call.handle = checked_handle(handle, num_ranks, device);
+        torch::Tensor handle_is_token_in_rank;
+        if (internode) {
+            call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
+            handle_is_token_in_rank = call.internode_handle->is_token_in_rank;
+        } else {
+            call.handle = checked_handle(handle, num_ranks, device);
+            handle_is_token_in_rank = call.handle->is_token_in_rank;
+        }
         if (!topk_idx.is_none() || !topk_weights.is_none())
             arguments::raise_value_error(std::string(topk_idx.is_none() ? "topk_weights" : "topk_idx") +
                                          ": must be None for a cached dispatch (handle given); top-k is not resent");
-        if (call.handle->is_token_in_rank.size(0) != num_tokens)
+        if (handle_is_token_in_rank.size(0) != num_tokens)
             arguments::raise_value_error("x: has " + std::to_string(num_tokens) + " tokens but the handle was made for " +
-                                         std::to_string(call.handle->is_token_in_rank.size(0)));
-        call.is_token_in_rank = call.handle->is_token_in_rank;
+                                         std::to_string(handle_is_token_in_rank.size(0)));
+        call.is_token_in_rank = handle_is_token_in_rank;
     } else {
         for (const auto& [name, value] : {std::pair{"num_tokens_per_rank", num_tokens_per_rank},
                                           std::pair{"is_token_in_rank", is_token_in_rank},
@@ -101,6 +137,11 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
                                              ": required when no handle is given (get it from get_dispatch_layout)");
         call.num_tokens_per_rank = arguments::tensor(num_tokens_per_rank, "num_tokens_per_rank",
                                                      {{c10::ScalarType::Int}, {num_ranks}}, device);
+        // Optional inter-node (the count exchange derives it from is_token_in_rank when absent).
+        if (internode)
+            call.num_tokens_per_rdma_rank =
+                arguments::optional_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank",
+                                           {{c10::ScalarType::Int}, {num_ranks / buffer.num_nvl_ranks()}}, device);
         call.is_token_in_rank = arguments::tensor(is_token_in_rank, "is_token_in_rank",
                                                   {{c10::ScalarType::Bool}, {num_tokens, num_ranks}}, device);
         call.num_tokens_per_expert = arguments::tensor(num_tokens_per_expert, "num_tokens_per_expert",
@@ -123,13 +164,21 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
             arguments::raise_value_error("num_worst_tokens: requires topk_idx and topk_weights (as in DeepEP V1)");
         }
     }
-    const int64_t needed =
-        runtime::size_hints::nvl_dispatch_bytes(call.x.size(1) * call.x.element_size(),
-                                                call.x_scales.has_value() ? call.x_scales->size(1) : 0, num_topk,
-                                                num_ranks, num_tokens);
-    if (needed > buffer.num_nvl_bytes())
-        arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens", needed,
-                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
+    const int64_t hidden_bytes = call.x.size(1) * call.x.element_size();
+    const int64_t num_scales = call.x_scales.has_value() ? call.x_scales->size(1) : 0;
+    if (internode) {
+        const int64_t needed = runtime::size_hints::internode_dispatch_bytes(hidden_bytes, num_scales, num_topk, num_ranks,
+                                                                             buffer.num_nvl_ranks(), num_tokens);
+        if (needed > buffer.num_rdma_bytes())
+            arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens inter-node",
+                                            needed, buffer.num_rdma_bytes(), "num_rdma_bytes");
+    } else {
+        const int64_t needed =
+            runtime::size_hints::nvl_dispatch_bytes(hidden_bytes, num_scales, num_topk, num_ranks, num_tokens);
+        if (needed > buffer.num_nvl_bytes())
+            arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens", needed,
+                                            buffer.num_nvl_bytes(), "num_nvl_bytes");
+    }
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }
@@ -142,8 +191,12 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
     CombineCall call;
     if (handle.is_none())
         arguments::raise_value_error("handle: combine needs the handle returned by dispatch");
-    call.handle = checked_handle(handle, num_ranks, device);
-    const int64_t num_rows = call.handle.recv_src_idx.size(0);
+    const bool internode = buffer.is_internode();
+    if (internode)
+        call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
+    else
+        call.handle = checked_handle(handle, num_ranks, device);
+    const int64_t num_rows = internode ? call.internode_handle->recv_src_idx.size(0) : call.handle.recv_src_idx.size(0);
     call.x = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
     if (call.x.size(0) != num_rows)
         arguments::raise_value_error("x: has " + std::to_string(call.x.size(0)) +
@@ -175,16 +228,27 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
         arguments::raise_type_error(std::string("bias: expected a tensor or a tuple of tensors, got ") +
                                     Py_TYPE(bias.ptr())->tp_name);
     }
-    const int64_t num_tokens = call.handle.is_token_in_rank.size(0);
+    const int64_t num_tokens =
+        internode ? call.internode_handle->is_token_in_rank.size(0) : call.handle.is_token_in_rank.size(0);
     for (size_t i = 0; i < parts.size(); ++i) {
         const std::string name = "bias[" + std::to_string(i) + "]";
         (i == 0 ? call.bias_0 : call.bias_1) =
             arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
     }
-    const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
-    if (needed > buffer.num_nvl_bytes())
-        arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows", needed,
-                                        buffer.num_nvl_bytes(), "num_nvl_bytes");
+    if (internode) {
+        // Staged rows hold R x capacity, the partial sums capacity per node: both bounded by the tokens.
+        const int64_t tokens_needed = std::max(num_tokens, (num_rows + num_ranks - 1) / num_ranks);
+        const int64_t needed = runtime::size_hints::internode_combine_bytes(hidden, num_topk, num_ranks,
+                                                                            buffer.num_nvl_ranks(), tokens_needed);
+        if (needed > buffer.num_rdma_bytes())
+            arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows inter-node", needed,
+                                            buffer.num_rdma_bytes(), "num_rdma_bytes");
+    } else {
+        const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
+        if (needed > buffer.num_nvl_bytes())
+            arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows", needed,
+                                            buffer.num_nvl_bytes(), "num_nvl_bytes");
+    }
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }

@@ -1,4 +1,4 @@
-// The checked arguments of the intra-node ops: every check runs before anything is launched or
+// The checked arguments of the normal (intra- and inter-node) ops: every check runs before anything is launched or
 // communicated, so a rejected call leaves the Buffer as it was (ops/arguments.hpp has the rules and wording).
 #pragma once
 
@@ -28,12 +28,29 @@ struct HandleTensors {
 // The handle's tensors, checked against the Buffer's rank count and device.
 HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device);
 
-/// An intra-node dispatch whose arguments passed every check.
+// The ten tensors of an inter-node handle (deep_ep/handles.py InternodeHandle, V1's element order; what each
+// holds in deep_ep is documented there), checked.
+struct InternodeHandleTensors {
+    torch::Tensor is_token_in_rank, node_count_matrix, rank_prefix_matrix, forward_offsets, forward_map, recv_first_row,
+        recv_rank_prefix_sum, recv_src_idx, send_node_head, send_head;
+
+    pybind11::tuple as_tuple() const {
+        return pybind11::make_tuple(is_token_in_rank, node_count_matrix, rank_prefix_matrix, forward_offsets,
+                                    forward_map, recv_first_row, recv_rank_prefix_sum, recv_src_idx, send_node_head,
+                                    send_head);
+    }
+};
+
+InternodeHandleTensors checked_internode_handle(pybind11::handle handle, int64_t num_ranks, int64_t num_nvl_ranks,
+                                                int device);
+
+/// A normal dispatch whose arguments passed every check (intra- or inter-node, as the Buffer is).
 struct DispatchCall {
     torch::Tensor x;
     OptionalTensor x_scales;
     std::optional<HandleTensors> handle;  // a cached dispatch
-    OptionalTensor num_tokens_per_rank, num_tokens_per_expert, topk_idx, topk_weights;
+    std::optional<InternodeHandleTensors> internode_handle;  // a cached dispatch of an inter-node Buffer
+    OptionalTensor num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, topk_idx, topk_weights;
     torch::Tensor is_token_in_rank;
     int64_t num_experts = 0;
     int64_t expert_alignment = 1;
@@ -47,10 +64,11 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
                               pybind11::handle topk_idx, pybind11::handle topk_weights, pybind11::handle expert_alignment,
                               pybind11::handle num_worst_tokens, int64_t num_sms);
 
-/// An intra-node combine whose arguments passed every check.
+/// A normal combine whose arguments passed every check (intra- or inter-node, as the Buffer is).
 struct CombineCall {
     torch::Tensor x;
-    HandleTensors handle;
+    HandleTensors handle;                       // intra-node
+    std::optional<InternodeHandleTensors> internode_handle;  // inter-node (then `handle` is empty)
     OptionalTensor topk_weights, bias_0, bias_1;
     int num_sms = 1;
 };

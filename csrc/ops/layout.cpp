@@ -12,8 +12,8 @@
 
 namespace deep_ep::ops {
 
-/// Returns (num_tokens_per_rank int32 [R], num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R],
-/// event or None). Expert ids are range-checked by the kernel itself (Buffer::invalid_expert_id_device).
+/// Returns (num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [N] (inter-node) or None,
+/// num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R], event or None). Expert ids are range-checked by the kernel itself (Buffer::invalid_expert_id_device).
 pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle topk_idx_arg, pybind11::handle num_experts_arg,
                                     pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
     buffer.require_usable();
@@ -32,7 +32,11 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
     const int per_rank_index = outputs.add({num_ranks}, torch::kInt32);
     const int per_expert_index = outputs.add({num_experts}, torch::kInt32);
     const int in_rank_index = outputs.add({num_tokens, num_ranks}, torch::kBool);
-    const int scratch_index = num_blocks > 1 ? outputs.add({num_blocks, num_ranks + num_experts}, torch::kInt32) : -1;
+    // An inter-node Buffer also counts the tokens bound for each node (V1's num_tokens_per_rdma_rank).
+    const int64_t num_nodes = buffer.is_internode() ? num_ranks / buffer.num_nvl_ranks() : 0;
+    const int per_node_index = num_nodes > 0 ? outputs.add({num_nodes}, torch::kInt32) : -1;
+    const int scratch_index =
+        num_blocks > 1 ? outputs.add({num_blocks, num_ranks + num_experts + num_nodes}, torch::kInt32) : -1;
     outputs.allocate(topk_idx.device());
     auto num_tokens_per_rank = outputs[per_rank_index];
     auto num_tokens_per_expert = outputs[per_expert_index];
@@ -44,6 +48,13 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
     args.num_topk = static_cast<int>(topk_idx.size(1));
     args.num_experts = static_cast<int>(num_experts);
     args.num_ranks = static_cast<int>(num_ranks);
+    args.num_nvl_ranks = buffer.num_nvl_ranks();
+    pybind11::object num_tokens_per_node = pybind11::none();
+    if (per_node_index >= 0) {
+        const torch::Tensor per_node = outputs[per_node_index];
+        args.num_tokens_per_node = per_node.data_ptr<int>();
+        num_tokens_per_node = pybind11::cast(per_node);
+    }
     args.num_tokens_per_rank = num_tokens_per_rank.data_ptr<int>();
     args.num_tokens_per_expert = num_tokens_per_expert.data_ptr<int>();
     args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
@@ -56,7 +67,7 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
                                  ? streams.finish({topk_idx}, {num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank})
                                  : streams.finish();
     raise_pending_errors(buffer, streams);
-    return pybind11::make_tuple(num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, event);
+    return pybind11::make_tuple(num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank, event);
 }
 
 void register_layout_apis(pybind11::module_& m) {

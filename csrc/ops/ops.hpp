@@ -5,6 +5,12 @@
 
 #include <pybind11/pybind11.h>
 
+#include <torch/extension.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
 #include "runtime/buffer.hpp"
 #include "runtime/op_streams.hpp"
 
@@ -21,7 +27,22 @@ inline void raise_pending_errors(runtime::Buffer& buffer, runtime::OpStreams& st
     }
 }
 
+template <typename T>
+T* data_or_null(const std::optional<torch::Tensor>& tensor) {
+    return tensor.has_value() ? tensor->data_ptr<T>() : nullptr;
+}
+
+inline pybind11::object tensor_or_none(const std::optional<torch::Tensor>& t) {
+    return t.has_value() ? pybind11::cast(*t) : pybind11::none();
+}
+
+// The one CPU synchronisation of a fresh normal dispatch: the notify kernel publishes the receive counts in
+// host-mapped memory, tag last ([1] rows, [2 + e] per local expert); the kernels queued after notify run
+// while this waits. Returns (rows received, aligned rows per local expert).
+std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer, int tag, int num_local_experts);
+
 void register_layout_apis(pybind11::module_& m);
+void register_internode_apis(pybind11::module_& m);
 void register_intranode_apis(pybind11::module_& m);
 void register_low_latency_apis(pybind11::module_& m);
 void register_testing_apis(pybind11::module_& m);

@@ -24,6 +24,14 @@ void allocate_mapped(size_t count, T** host, T** device) {
     DEEP_EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(device), *host, 0));
 }
 
+// Without a topology from Python: the largest NVLink domain size (at most 8) that divides the group.
+int default_num_nvl_ranks(int num_ranks) {
+    int size = std::min(num_ranks, kMaxNvlRanks);
+    while (size > 1 && num_ranks % size != 0)
+        --size;
+    return std::max(size, 1);
+}
+
 template <typename T>
 void free_mapped(T** host, T** device) {
     cudaFreeHost(*host);
@@ -33,7 +41,7 @@ void free_mapped(T** host, T** device) {
 }  // namespace
 
 Buffer::Buffer(const BufferOptions& options)
-    : rank_(options.rank), num_ranks_(options.num_ranks), num_nvl_bytes_(options.num_nvl_bytes),
+    : rank_(options.rank), num_ranks_(options.num_ranks), num_nvl_ranks_(options.num_nvl_ranks), num_nvl_bytes_(options.num_nvl_bytes),
       timeout_ns_(static_cast<uint64_t>(options.timeout_s * 1e9)), comm_stream_(options.comm_stream),
       max_num_sms_(std::max(1, options.max_num_sms)), conservative_loads_(options.conservative_loads),
       host_expert_id_check_(options.host_expert_id_check), always_comm_stream_(options.always_comm_stream) {
@@ -42,6 +50,10 @@ Buffer::Buffer(const BufferOptions& options)
     DEEP_EP_CHECK(num_nvl_bytes_ == 0 || num_ranks_ <= kMaxNvlRanks,
                   "an NVLink buffer spans at most " << kMaxNvlRanks << " ranks, got " << num_ranks_);
     DEEP_EP_CHECK(rank_ >= 0 && rank_ < num_ranks_, "rank " << rank_ << " out of range for " << num_ranks_ << " ranks");
+    DEEP_EP_CHECK(num_nvl_ranks_ >= 1 && num_nvl_ranks_ <= std::min(num_ranks_, kMaxNvlRanks) &&
+                      num_ranks_ % num_nvl_ranks_ == 0,
+                  "num_nvl_ranks must divide " << num_ranks_ << " ranks and be in [1, " << kMaxNvlRanks << "], got "
+                                               << num_nvl_ranks_);
     DEEP_EP_CUDA_CHECK(cudaGetDevice(&device_));
     if (num_nvl_bytes_ > 0) {
         DEEP_EP_CUDA_CHECK(cudaMalloc(&peer_buffers_[rank_], num_nvl_bytes_));
@@ -126,6 +138,9 @@ void Buffer::attach_symmetric(uintptr_t base, int64_t num_bytes, const std::vect
     symmetric_.num_bytes = num_bytes;
     symmetric_.mapped_bases = torch::tensor(mapped_bases, options.dtype(torch::kInt64));
     symmetric_.all_ranks_mapped = std::all_of(mapped_bases.begin(), mapped_bases.end(), [](int64_t p) { return p != 0; });
+    const auto node_begin = mapped_bases.begin() + rank_ / num_nvl_ranks_ * num_nvl_ranks_;
+    symmetric_.node_ranks_mapped =
+        std::all_of(node_begin, node_begin + num_nvl_ranks_, [](int64_t p) { return p != 0; });
     symmetric_.num_blocks = std::max(1, num_blocks);
     symmetric_.combine_done_blocks = torch::zeros({1}, options.dtype(torch::kInt32));
 }
@@ -280,6 +295,15 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
     return true;
 }
 
+int64_t Buffer::num_internode_rows_sent() const {
+    if (symmetric_.base == nullptr)
+        return 0;
+    int64_t value = 0;
+    const int64_t offset = InternodeControl{num_ranks_, num_nvl_ranks_}.rows_sent_counter();
+    DEEP_EP_CUDA_CHECK(cudaMemcpy(&value, static_cast<char*>(symmetric_.base) + offset, sizeof(value), cudaMemcpyDeviceToHost));
+    return value;
+}
+
 WaitContext Buffer::wait_context() const { return WaitContext{error_device_, rank_, timeout_ns_}; }
 
 std::string describe_wait_site(int site) {
@@ -289,6 +313,10 @@ std::string describe_wait_site(int site) {
         case WaitSite::kLowLatencyCount: return "the low-latency receive count from";
         case WaitSite::kLowLatencyFlag: return "the low-latency combine flag from";
         case WaitSite::kTestingWait: return "the test flag of";
+        case WaitSite::kInternodeExchange: return "the inter-node op-opening signal of";
+        case WaitSite::kInternodeRows: return "the inter-node dispatch rows of";
+        case WaitSite::kInternodeStaged: return "the inter-node staged combine input of";
+        case WaitSite::kInternodePartial: return "the inter-node combine partial sums of node";
         default: return "an unknown wait on";
     }
 }
@@ -331,15 +359,16 @@ void register_apis(pybind11::module_& m) {
     pybind11::class_<Buffer>(m, "RuntimeBuffer")
         .def(pybind11::init([](int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s, int64_t comm_stream,
                                int max_num_sms, bool conservative_loads, bool host_expert_id_check,
-                               bool always_comm_stream) {
-                 return std::make_unique<Buffer>(
-                     BufferOptions{rank, num_ranks, num_nvl_bytes, timeout_s, reinterpret_cast<cudaStream_t>(comm_stream),
-                                   max_num_sms, conservative_loads, host_expert_id_check, always_comm_stream});
+                               bool always_comm_stream, int num_nvl_ranks) {
+                 return std::make_unique<Buffer>(BufferOptions{
+                     rank, num_ranks, num_nvl_ranks <= 0 ? default_num_nvl_ranks(num_ranks) : num_nvl_ranks,
+                     num_nvl_bytes, timeout_s, reinterpret_cast<cudaStream_t>(comm_stream), max_num_sms,
+                     conservative_loads, host_expert_id_check, always_comm_stream});
              }),
              pybind11::arg("rank"), pybind11::arg("num_ranks"), pybind11::arg("num_nvl_bytes"),
              pybind11::arg("timeout_s"), pybind11::arg("comm_stream") = 0, pybind11::arg("max_num_sms") = 1,
              pybind11::arg("conservative_loads") = false, pybind11::arg("host_expert_id_check") = false,
-             pybind11::arg("always_comm_stream") = false)
+             pybind11::arg("always_comm_stream") = false, pybind11::arg("num_nvl_ranks") = 0)
         .def("local_ipc_handle", &Buffer::local_ipc_handle)
         .def("connect", &Buffer::connect)
         .def("destroy", &Buffer::destroy)
@@ -356,6 +385,8 @@ void register_apis(pybind11::module_& m) {
         .def_property_readonly("is_connected", &Buffer::is_connected)
         .def_property_readonly("rank", &Buffer::rank)
         .def_property_readonly("num_ranks", &Buffer::num_ranks)
+        .def_property_readonly("num_nvl_ranks", &Buffer::num_nvl_ranks)
+        .def_property_readonly("num_internode_rows_sent", &Buffer::num_internode_rows_sent)
         .def_property_readonly("device", &Buffer::device)
         .def_property_readonly("num_nvl_bytes", &Buffer::num_nvl_bytes)
         .def_property_readonly("local_buffer_ptr", &Buffer::local_buffer_ptr);

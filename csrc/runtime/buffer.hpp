@@ -25,6 +25,9 @@ namespace deep_ep::runtime {
 struct BufferOptions {
     int rank = 0;
     int num_ranks = 1;
+    // Ranks per NVLink domain ("node"): num_ranks when the group is one domain; fewer makes the normal ops
+    // inter-node (kernels/api_internode.cuh).
+    int num_nvl_ranks = 1;
     int64_t num_nvl_bytes = 0;  // 0: no NVLink buffer (a low-latency-only Buffer)
     double timeout_s = 100.0;
     cudaStream_t comm_stream = nullptr;  // the communication stream (a torch.cuda.Stream Python keeps)
@@ -45,6 +48,7 @@ struct SymmetricBuffer {
     int64_t num_bytes = 0;
     torch::Tensor mapped_bases;  // device int64 [num_ranks]: each rank's buffer mapped here, 0 = reach it by puts
     bool all_ranks_mapped = false;
+    bool node_ranks_mapped = false;  // every rank of this rank's node (inter-node ops read them directly)
     int num_blocks = 1;
     // Consecutive operations alternate between the buffer's two sets (kernels/api_low_latency.cuh).
     int next_set = 0;
@@ -72,8 +76,12 @@ class Buffer {
     bool is_connected() const { return connected_; }
     int rank() const { return rank_; }
     int num_ranks() const { return num_ranks_; }
+    int num_nvl_ranks() const { return num_nvl_ranks_; }
+    bool is_internode() const { return num_nvl_ranks_ < num_ranks_; }
     int device() const { return device_; }
     int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
+    // The symmetric buffer's size (0 before it is attached): what inter-node and low-latency ops fit in.
+    int64_t num_rdma_bytes() const { return symmetric_.num_bytes; }
     cudaStream_t comm_stream() const { return comm_stream_; }
     // The stream the Buffer's last normal op ran on (or that waits for it): the next op runs after it
     // (runtime/op_streams.hpp). nullptr before the first op.
@@ -86,7 +94,11 @@ class Buffer {
     int num_sms(int64_t requested) const {
         return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, max_num_sms_)));
     }
-    uintptr_t local_buffer_ptr() const { return reinterpret_cast<uintptr_t>(peer_buffers_[rank_]); }
+    uintptr_t local_buffer_ptr() const {
+        return num_nvl_bytes_ == 0 ? 0 : reinterpret_cast<uintptr_t>(peer_buffers_[rank_]);
+    }
+    // Rows inter-node dispatches of this Buffer sent across a node boundary (a test counter; synchronises).
+    int64_t num_internode_rows_sent() const;
 
     // Every kernel waiting on peers gets this; the timeout is the Buffer's, the error word is shared.
     WaitContext wait_context() const;
@@ -146,7 +158,7 @@ class Buffer {
     void* open_peer_allocation(const std::string& handle_bytes);
     void close_peer_allocations();
 
-    int rank_, num_ranks_, device_;
+    int rank_, num_ranks_, num_nvl_ranks_, device_;
     int64_t num_nvl_bytes_;
     uint64_t timeout_ns_;
     cudaStream_t comm_stream_;

@@ -44,6 +44,41 @@ int64_t low_latency_size_hint(int64_t num_max_tokens, int64_t hidden, int64_t nu
     return round_up(low_latency_bytes(num_max_tokens, hidden, num_ranks, num_experts), kBufferAlignmentBytes);
 }
 
+namespace {
+InternodeControl internode_control(int64_t num_ranks, int64_t num_nvl_ranks) {
+    return InternodeControl{static_cast<int>(num_ranks), static_cast<int>(num_nvl_ranks)};
+}
+}  // namespace
+
+int64_t internode_control_bytes(int64_t num_ranks, int64_t num_nvl_ranks) {
+    return internode_control(num_ranks, num_nvl_ranks).bytes();
+}
+
+int64_t internode_dispatch_bytes(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks,
+                                 int64_t num_nvl_ranks, int64_t num_tokens) {
+    const InternodeControl control = internode_control(num_ranks, num_nvl_ranks);
+    const int64_t stride = InternodeDispatchLayout::row_stride(hidden_bytes, num_scales, num_topk);
+    const int64_t slots = round_up(num_tokens, InternodeDispatchLayout::kTokenSlotGranularity);
+    return control.bytes() + slots * InternodeDispatchLayout::bytes_per_token(control, stride);
+}
+
+int64_t internode_combine_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
+                                int64_t num_tokens) {
+    const InternodeControl control = internode_control(num_ranks, num_nvl_ranks);
+    return control.bytes() +
+           (num_ranks + 2 * control.num_nodes()) * num_tokens * InternodeCombineLayout::row_stride(hidden, num_topk);
+}
+
+int64_t internode_size_hint(int64_t hidden_bytes, int64_t num_ranks, int64_t num_nvl_ranks,
+                            int64_t num_max_tokens_per_rank) {
+    const int64_t num_scales = (hidden_bytes + kFp8GroupSize - 1) / kFp8GroupSize;
+    const int64_t dispatch = internode_dispatch_bytes(hidden_bytes, num_scales, kMaxNumTopk, num_ranks, num_nvl_ranks,
+                                                      num_max_tokens_per_rank);
+    const int64_t combine =
+        internode_combine_bytes((hidden_bytes + 1) / 2, kMaxNumTopk, num_ranks, num_nvl_ranks, num_max_tokens_per_rank);
+    return round_up(std::max(dispatch, combine), kBufferAlignmentBytes);
+}
+
 void register_apis(pybind11::module_& m) {
     namespace py = pybind11;
     auto sub = m.def_submodule("layout", "Buffer sizes from the kernels' own buffer layouts");
@@ -56,6 +91,13 @@ void register_apis(pybind11::module_& m) {
             py::arg("num_ranks"), py::arg("num_experts"));
     sub.def("low_latency_size_hint", &low_latency_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),
             py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"));
+    sub.def("internode_control_bytes", &internode_control_bytes, py::arg("num_ranks"), py::arg("num_nvl_ranks"));
+    sub.def("internode_dispatch_bytes", &internode_dispatch_bytes, py::arg("hidden_bytes"), py::arg("num_scales"),
+            py::arg("num_topk"), py::arg("num_ranks"), py::arg("num_nvl_ranks"), py::arg("num_tokens"));
+    sub.def("internode_combine_bytes", &internode_combine_bytes, py::arg("hidden"), py::arg("num_topk"),
+            py::arg("num_ranks"), py::arg("num_nvl_ranks"), py::arg("num_tokens"));
+    sub.def("internode_size_hint", &internode_size_hint, py::arg("hidden_bytes"), py::arg("num_ranks"),
+            py::arg("num_nvl_ranks"), py::arg("num_max_tokens_per_rank"));
     sub.attr("NVL_CONTROL_BYTES") = layout::kControlBytes;
     sub.attr("BUFFER_ALIGNMENT_BYTES") = kBufferAlignmentBytes;
     sub.attr("MAX_NUM_TOPK") = kMaxNumTopk;

@@ -29,6 +29,17 @@ int64_t nvl_size_hint(int64_t hidden_bytes, int64_t num_ranks, int64_t num_max_t
 int64_t low_latency_bytes(int64_t num_max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts);
 int64_t low_latency_size_hint(int64_t num_max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts);
 
+// Symmetric (NVSHMEM) bytes of the inter-node normal ops (kernels/api_internode.cuh): the control region,
+// a dispatch of num_tokens tokens per rank, the combine of what those dispatches sent, and the hint that
+// holds both for num_max_tokens_per_rank tokens (BF16 or FP8 with scales, any top-k).
+int64_t internode_control_bytes(int64_t num_ranks, int64_t num_nvl_ranks);
+int64_t internode_dispatch_bytes(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks,
+                                 int64_t num_nvl_ranks, int64_t num_tokens);
+int64_t internode_combine_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
+                                int64_t num_tokens);
+int64_t internode_size_hint(int64_t hidden_bytes, int64_t num_ranks, int64_t num_nvl_ranks,
+                            int64_t num_max_tokens_per_rank);
+
 void register_apis(pybind11::module_& m);
 
 }  // namespace deep_ep::runtime::size_hints

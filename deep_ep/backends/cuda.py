@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .. import _C
 from ..config import Config
 from ..event import EventOverlap
-from ..handles import IntranodeHandle, LowLatencyHandle
+from ..handles import InternodeHandle, IntranodeHandle, LowLatencyHandle
 from . import nvshmem
 from .device_memory import local_buffer_view
 from .loads import CONSERVATIVE, resolve_load_kind
@@ -50,6 +50,7 @@ HOST_EXPERT_ID_CHECK_ENV = "DEEP_EP_HOST_EXPERT_ID_CHECK"
 INLINE_OPS_ENV = "DEEP_EP_INLINE_OPS"
 
 _make_intranode_handle = IntranodeHandle._make
+_make_internode_handle = InternodeHandle._make
 _make_low_latency_handle = LowLatencyHandle._make
 
 
@@ -76,9 +77,28 @@ class CudaBackend:
         allow_nvlink_for_low_latency_mode: bool = True,
         comm: Optional[object] = None,
         conservative_loads: Optional[bool] = None,
+        num_nvl_ranks: Optional[int] = None,
         **unused_options,
     ) -> None:
         self.group, self.comm, self.rank, self.num_ranks = group, comm, rank, num_ranks
+        self.num_nvl_ranks = num_ranks if num_nvl_ranks is None else num_nvl_ranks
+        # A group over several NVLink domains runs the normal ops inter-node (csrc/ops/internode.cpp), all in
+        # the NVSHMEM symmetric buffer: the NVLink (IPC) buffer is not used then.
+        self.internode = self.num_nvl_ranks < num_ranks
+        if self.internode:
+            num_nvl_bytes = 0
+            if not low_latency_mode and num_rdma_bytes == 0:
+                raise ValueError(
+                    "num_rdma_bytes: an inter-node Buffer (num_nvl_ranks="
+                    f"{self.num_nvl_ranks} < {num_ranks} ranks) runs its normal ops in the RDMA buffer; size it "
+                    "with Config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, num_nvl_ranks=...)"
+                )
+            if not getattr(_C, "internode_compiled", False):
+                raise RuntimeError(
+                    "inter-node mode needs deep_ep built with NVSHMEM (install nvidia-nvshmem-cu13 or set "
+                    "NVSHMEM_DIR, then rebuild)"
+                )
+        self.low_latency_mode = low_latency_mode
         self.device = torch.device(device)
         self.num_rdma_bytes = num_rdma_bytes
         self.load_kind = resolve_load_kind(conservative_loads, self.device.index)
@@ -103,6 +123,7 @@ class CudaBackend:
             self.load_kind == CONSERVATIVE,
             os.environ.get(HOST_EXPERT_ID_CHECK_ENV, "0") == "1",
             os.environ.get(INLINE_OPS_ENV, "1") == "0",
+            self.num_nvl_ranks,
         )
         if num_nvl_bytes > 0:
             handles = self._all_gather_object(self.runtime.local_ipc_handle())
@@ -112,15 +133,21 @@ class CudaBackend:
             self.runtime.direct_reads = os.environ.get(DIRECT_READS_ENV, "1") != "0"
 
         self._symmetric_base = 0
-        if low_latency_mode:
+        if low_latency_mode or self.internode:
             if not getattr(_C, "low_latency_compiled", False):
                 raise RuntimeError(
                     "low-latency mode needs deep_ep built with NVSHMEM (install nvidia-nvshmem-cu13 or set "
                     "NVSHMEM_DIR, then rebuild)"
                 )
             nvshmem.init_once(group, rank, num_ranks, num_rdma_bytes, self.ranks_per_gpu > 1)
+            # Ranks of this node are reached over NVLink (low-latency mode: unless the user forbids it), all
+            # others by NVSHMEM puts.
             self._symmetric_base, mapped = nvshmem.allocate_symmetric(
-                num_rdma_bytes, num_ranks, allow_nvlink_for_low_latency_mode
+                num_rdma_bytes,
+                rank,
+                num_ranks,
+                self.num_nvl_ranks,
+                allow_nvlink_for_low_latency_mode or not low_latency_mode,
             )
             # Kernels of ranks sharing the GPU run concurrently (MPS) and wait for each other: together they
             # must fit on the SMs, or a spinning block could keep a peer's block from ever starting.
@@ -177,10 +204,21 @@ class CudaBackend:
         self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
     ):
         _check_previous_event(previous_event)
-        per_rank, per_expert, in_rank, event = _C.get_dispatch_layout(
+        per_rank, per_node, per_expert, in_rank, event = _C.get_dispatch_layout(
             self.runtime, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )
-        return per_rank, None, per_expert, in_rank, EventOverlap(event)
+        return per_rank, per_node, per_expert, in_rank, EventOverlap(event)
+
+    def _normal_ops(self):
+        """(dispatch, combine, handle type) of this Buffer's normal mode."""
+        if not self.internode:
+            return _C.intranode_dispatch, _C.intranode_combine, _make_intranode_handle
+        if self.low_latency_mode:
+            raise RuntimeError(
+                "dispatch/combine: an inter-node Buffer made with low_latency_mode=True keeps its RDMA buffer "
+                "for the low-latency ops; make a second Buffer with low_latency_mode=False for normal mode"
+            )
+        return _C.internode_dispatch, _C.internode_combine, _make_internode_handle
 
     def dispatch(
         self,
@@ -201,7 +239,8 @@ class CudaBackend:
     ):
         num_sms = self._num_sms(config)
         _check_previous_event(previous_event)
-        recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = _C.intranode_dispatch(
+        dispatch, _, make_handle = self._normal_ops()
+        recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = dispatch(
             self.runtime,
             x,
             handle,
@@ -219,7 +258,7 @@ class CudaBackend:
             allocate_on_comm_stream,
         )
         if new_handle is not None:
-            new_handle = _make_intranode_handle(new_handle)
+            new_handle = make_handle(new_handle)
         return recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, EventOverlap(event)
 
     def combine(
@@ -227,7 +266,8 @@ class CudaBackend:
     ):
         num_sms = self._num_sms(config)
         _check_previous_event(previous_event)
-        combined_x, combined_topk_weights, event = _C.intranode_combine(
+        _, combine, _ = self._normal_ops()
+        combined_x, combined_topk_weights, event = combine(
             self.runtime,
             x,
             handle,
@@ -242,7 +282,8 @@ class CudaBackend:
 
     def barrier_on_current_stream(self) -> None:
         """A group barrier on the GPU, enqueued on the current stream (benchmarks line ranks up with it)."""
-        _C.intranode_barrier(self.runtime, torch.cuda.current_stream(self.device).cuda_stream)
+        barrier = _C.internode_barrier if self.internode else _C.intranode_barrier
+        barrier(self.runtime, torch.cuda.current_stream(self.device).cuda_stream)
 
     # --- low-latency mode ---------------------------------------------------------------------------------
 

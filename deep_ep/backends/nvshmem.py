@@ -38,13 +38,21 @@ def init_once(group: dist.ProcessGroup, rank: int, num_ranks: int, heap_bytes: i
     _members = (rank, num_ranks)
 
 
-def allocate_symmetric(num_bytes: int, num_ranks: int, allow_nvlink: bool) -> tuple[int, list[int]]:
+def allocate_symmetric(
+    num_bytes: int, rank: int, num_ranks: int, num_nvl_ranks: int, allow_nvlink: bool
+) -> tuple[int, list[int]]:
     """Collective: this rank's zeroed symmetric buffer and, per rank, the address that reaches its copy with
-    loads and stores (NVLink, or another process on this GPU), 0 where only NVSHMEM puts reach it (another
-    node, or `allow_nvlink` False). Kernels never ask which transport carries a put, so the same code runs on
-    P2P, IBGDA, IBRC, UCX and libfabric."""
+    loads and stores (NVLink, or another process on this GPU): only the ranks of this rank's node (the
+    `num_nvl_ranks` consecutive ranks holding it), and none when `allow_nvlink` is False; 0 means NVSHMEM
+    puts reach it. So ranks of another node, even one a virtual split of this host, are reached by puts, and
+    kernels never ask which transport carries a put: the same code runs on P2P, IBGDA, IBRC, UCX and
+    libfabric."""
     base = _C.nvshmem.alloc(num_bytes)
-    mapped = [_C.nvshmem.peer_ptr(base, pe) if allow_nvlink else 0 for pe in range(num_ranks)]
+    node = rank // num_nvl_ranks
+    mapped = [
+        _C.nvshmem.peer_ptr(base, pe) if allow_nvlink and pe // num_nvl_ranks == node else 0
+        for pe in range(num_ranks)
+    ]
     return base, mapped
 
 

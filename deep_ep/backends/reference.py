@@ -2,7 +2,8 @@
 `intranode_dispatch`, `intranode_combine`, `low_latency_dispatch`, `low_latency_combine`) that compute ONE
 rank's outputs from ALL ranks' inputs, given as lists indexed by rank. No communication: they are the oracle
 of the GPU tests, which regenerate every rank's inputs from one seed, and deep_ep.backends.reference_backend
-runs them over any torch.distributed group as the CPU fallback.
+runs them over any torch.distributed group as the CPU fallback. Inter-node normal mode moves the same rows:
+deep_ep.backends.reference_internode builds its layout and handle on these functions.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ included; CUDA tensors cross a gloo group through host memory) plus the pure fun
 deep_ep.backends.reference. It is the CPU fallback and, as functions, the oracle of the GPU tests.
 
 Its interface is the CUDA backend's (deep_ep/backends/cuda.py): `Buffer` hands every call's arguments over as
-the user passed them, and each method returns DeepEP V1's tuple. Arguments are checked here, in Python, by
+the user passed them, and each method returns DeepEP V1's tuple. With `num_nvl_ranks` below the group size
+(an inter-node Buffer) normal ops move the same rows and return V1's inter-node layout and handle
+(deep_ep.backends.reference_internode), sized against `num_rdma_bytes`. Arguments are checked here, in Python, by
 deep_ep.backends.validation (the CUDA backend checks the same in C++); expert ids are checked on the host.
 
 It runs synchronously on the current stream: it waits for `previous_event`, and with `async_finish` returns an
@@ -20,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..event import EventOverlap, record_event
-from ..handles import LowLatencyHandle, unpack_layout_range
-from . import validation
+from ..handles import InternodeHandle, LowLatencyHandle, unpack_layout_range
+from . import reference_internode, validation, validation_low_latency
 from .reference import (
     dispatch_layout,
     intranode_combine,
@@ -29,6 +31,7 @@ from .reference import (
     low_latency_combine,
     low_latency_dispatch,
 )
+from .reference_internode import as_intranode_handle, internode_handle
 
 
 def _check_agree(name: str, values: list) -> None:
@@ -53,11 +56,15 @@ class ReferenceBackend:
         num_nvl_bytes: int = 0,
         num_rdma_bytes: int = 0,
         low_latency_mode: bool = False,
+        num_nvl_ranks: Optional[int] = None,
         **unused_options,
     ) -> None:
         if group is None:
             raise ValueError("group: the reference backend needs a torch.distributed process group")
         self.group, self.rank, self.num_ranks = group, rank, num_ranks
+        # Ranks a node (deep_ep.topology); fewer than num_ranks: inter-node normal mode.
+        self.num_nvl_ranks = num_ranks if num_nvl_ranks is None else num_nvl_ranks
+        self.is_internode = self.num_nvl_ranks < num_ranks
         self.device = torch.device(device)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
@@ -108,6 +115,11 @@ class ReferenceBackend:
             return EventOverlap(None)
         return EventOverlap(record_event(self.device), keep_alive)
 
+    @staticmethod
+    def _intranode_view(handle):
+        """The intra-node functions' view of a validated handle of either kind (None stays None)."""
+        return as_intranode_handle(handle) if isinstance(handle, InternodeHandle) else handle
+
     def _require_low_latency(self, op: str) -> None:
         if not self.low_latency_mode:
             raise RuntimeError(f"{op}: requires Buffer(..., low_latency_mode=True)")
@@ -123,7 +135,10 @@ class ReferenceBackend:
         )
         self._wait(previous_event)
         per_rank, per_expert, in_rank = dispatch_layout(topk_idx, num_experts, self.num_ranks)
-        return per_rank, None, per_expert, in_rank, self._event(async_finish)
+        per_rdma_rank = None
+        if self.is_internode:
+            per_rdma_rank = reference_internode.num_tokens_per_rdma_rank(in_rank, self.num_nvl_ranks)
+        return per_rank, per_rdma_rank, per_expert, in_rank, self._event(async_finish)
 
     def dispatch(
         self,
@@ -158,9 +173,11 @@ class ReferenceBackend:
             num_ranks=self.num_ranks,
             device=self.device,
             num_nvl_bytes=self.num_nvl_bytes,
+            num_nvl_ranks=self.num_nvl_ranks,
+            num_rdma_bytes=self.num_rdma_bytes,
         )
         self._wait(previous_event)
-        handle = args.handle
+        handle = self._intranode_view(args.handle)
         is_token_in_rank = args.is_token_in_rank if handle is None else handle.is_token_in_rank
         gathered = self._all_gather(
             [
@@ -171,9 +188,12 @@ class ReferenceBackend:
                 args.num_tokens_per_expert,
                 args.topk_idx,
                 args.topk_weights,
+                args.num_tokens_per_rdma_rank,
             ]
         )
-        xs, scales, in_rank, per_rank, per_expert, idx, weights = (list(col) for col in zip(*gathered))
+        xs, scales, in_rank, per_rank, per_expert, idx, weights, per_rdma_rank = (
+            list(col) for col in zip(*gathered)
+        )
         _check_agree("x", [(t.size(1), t.dtype) for t in xs])
         _check_agree("x[1]", [s is None for s in scales])
         _check_agree("topk_idx", [t is None for t in idx])
@@ -183,6 +203,14 @@ class ReferenceBackend:
                 if not torch.equal(per_rank[s].long(), in_rank[s].sum(0)):
                     raise ValueError(
                         f"num_tokens_per_rank: on rank {s} it differs from is_token_in_rank.sum(0)"
+                    )
+                per_node = per_rdma_rank[s]
+                if per_node is not None and not torch.equal(
+                    per_node, reference_internode.num_tokens_per_rdma_rank(in_rank[s], self.num_nvl_ranks)
+                ):
+                    raise ValueError(
+                        f"num_tokens_per_rdma_rank: on rank {s} it differs from is_token_in_rank's tokens "
+                        "per node"
                     )
         result = intranode_dispatch(
             self.rank,
@@ -199,12 +227,15 @@ class ReferenceBackend:
         recv_x = result.recv_x if args.x_scales is None else (result.recv_x, result.recv_x_scales)
         if handle is not None:
             return recv_x, None, None, None, None, self._event(async_finish)
+        handle = result.handle
+        if self.is_internode:
+            handle = internode_handle(self.rank, handle, in_rank, self.num_nvl_ranks)
         return (
             recv_x,
             result.recv_topk_idx,
             result.recv_topk_weights,
             result.num_recv_tokens_per_expert_list,
-            result.handle,
+            handle,
             self._event(async_finish),
         )
 
@@ -221,9 +252,11 @@ class ReferenceBackend:
             num_ranks=self.num_ranks,
             device=self.device,
             num_nvl_bytes=self.num_nvl_bytes,
+            num_nvl_ranks=self.num_nvl_ranks,
+            num_rdma_bytes=self.num_rdma_bytes,
         )
         self._wait(previous_event)
-        handle = args.handle
+        handle = self._intranode_view(args.handle)
         gathered = self._all_gather(
             [args.x, handle.recv_src_idx, handle.rank_prefix_matrix, args.topk_weights]
         )
@@ -264,7 +297,7 @@ class ReferenceBackend:
         return_recv_hook,
     ):
         self._require_low_latency("low_latency_dispatch")
-        m, num_experts = validation.validate_low_latency_dispatch(
+        m, num_experts = validation_low_latency.validate_low_latency_dispatch(
             x,
             topk_idx,
             num_max_dispatch_tokens_per_rank,
@@ -315,7 +348,7 @@ class ReferenceBackend:
         combine_wait_recv_cost_stats,
     ):
         self._require_low_latency("low_latency_combine")
-        handle = validation.validate_low_latency_combine(
+        handle = validation_low_latency.validate_low_latency_combine(
             x,
             topk_idx,
             topk_weights,
@@ -345,7 +378,7 @@ class ReferenceBackend:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
         self._require_low_latency("clean_low_latency_buffer")
-        validation.validate_clean_low_latency_buffer(
+        validation_low_latency.validate_clean_low_latency_buffer(
             num_max_dispatch_tokens_per_rank,
             hidden,
             num_experts,
@@ -356,7 +389,9 @@ class ReferenceBackend:
 
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
         self._require_low_latency("get_next_low_latency_combine_buffer")
-        handle = validation.validate_low_latency_handle(handle, num_ranks=self.num_ranks, device=self.device)
+        handle = validation_low_latency.validate_low_latency_handle(
+            handle, num_ranks=self.num_ranks, device=self.device
+        )
         num_local_experts = handle.num_experts // self.num_ranks
         rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
         self._next_combine_buffer = torch.zeros(

@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
 from ..config import (
     FP8_SCALE_BLOCK,
-    LOW_LATENCY_MAX_EXPERTS,
-    LOW_LATENCY_MAX_NUM_TOPK,
-    LOW_LATENCY_MAX_TOKENS_PER_RANK,
-    LOW_LATENCY_SUPPORTED_HIDDEN,
     MAX_NUM_TOPK,
     Config,
-    low_latency_bytes,
+    internode_combine_bytes,
+    internode_dispatch_bytes,
     nvl_combine_bytes,
     nvl_dispatch_bytes,
 )
 from ..event import EventOverlap
-from ..handles import IntranodeHandle, LowLatencyHandle
+from ..handles import InternodeHandle, IntranodeHandle
 
 TOPK_IDX_DTYPES = (torch.int64, torch.int32)
 # Rows are copied with 16-byte vector accesses, so a row's byte size must be a multiple of 16.
@@ -181,17 +178,36 @@ def split_x(x: Any, device: torch.device) -> tuple[torch.Tensor, Optional[torch.
     return x, None
 
 
-def validate_handle(handle: Any, *, num_ranks: int, device: torch.device) -> IntranodeHandle:
+# Normal-mode handles by length: a Buffer takes the kind of its own dispatch.
+_NORMAL_HANDLE_KINDS = {6: "intra-node", 10: "inter-node"}
+
+
+def _check_normal_handle_length(handle: Any, num_elements: int) -> None:
     if not isinstance(handle, (tuple, list)):
         raise TypeError(f"handle: expected the tuple returned by dispatch, got {type(handle).__name__}")
-    if len(handle) == 5:
+    kind, length = _NORMAL_HANDLE_KINDS[num_elements], len(handle)
+    if length == 5:
         raise ValueError(
-            "handle: this is a low-latency handle (5 elements); normal ops need dispatch's 6-element one"
+            f"handle: this is a low-latency handle (5 elements); normal ops need dispatch's {num_elements}-element one"
         )
-    if len(handle) == 10:
-        raise ValueError("handle: inter-node handles (10 elements) are not supported by an intra-node Buffer")
-    if len(handle) != 6:
-        raise ValueError(f"handle: expected the 6-element intra-node handle, got {len(handle)} elements")
+    if length != num_elements and length in _NORMAL_HANDLE_KINDS:
+        raise ValueError(
+            f"handle: this is an {_NORMAL_HANDLE_KINDS[length]} handle ({length} elements); this Buffer is {kind}"
+        )
+    if length != num_elements:
+        raise ValueError(f"handle: expected the {num_elements}-element {kind} handle, got {length} elements")
+
+
+def validate_handle(
+    handle: Any, *, num_ranks: int, device: torch.device, num_nvl_ranks: Optional[int] = None
+) -> Union[IntranodeHandle, InternodeHandle]:
+    """The dispatch handle of this Buffer's kind: 6 elements intra-node, 10 inter-node (num_nvl_ranks <
+    num_ranks)."""
+    if num_nvl_ranks is not None and num_nvl_ranks < num_ranks:
+        return validate_internode_handle(
+            handle, num_ranks=num_ranks, num_nvl_ranks=num_nvl_ranks, device=device
+        )
+    _check_normal_handle_length(handle, 6)
     h = IntranodeHandle(*handle)
     int32, r = (torch.int32,), num_ranks
     check_tensor("handle.rank_prefix_matrix", h.rank_prefix_matrix, dtypes=int32, shape=(r, r), device=device)
@@ -214,12 +230,44 @@ def validate_handle(handle: Any, *, num_ranks: int, device: torch.device) -> Int
     return h
 
 
+def validate_internode_handle(
+    handle: Any, *, num_ranks: int, num_nvl_ranks: int, device: torch.device
+) -> InternodeHandle:
+    """The 10-element handle of an inter-node dispatch; shapes as documented in deep_ep.handles."""
+    _check_normal_handle_length(handle, 10)
+    h = InternodeHandle(*handle)
+    int32, r, n = (torch.int32,), num_ranks, num_ranks // num_nvl_ranks
+    check_tensor(
+        "handle.is_token_in_rank", h.is_token_in_rank, dtypes=(torch.bool,), shape=(None, r), device=device
+    )
+    num_tokens = h.is_token_in_rank.size(0)
+    for name, shape in (
+        ("rdma_channel_prefix_matrix", (r, n)),
+        ("gbl_channel_prefix_matrix", (r, r)),
+        ("recv_rdma_channel_prefix_matrix", (n + 1,)),
+        ("recv_rdma_rank_prefix_sum", (None, num_nvl_ranks)),
+        ("recv_gbl_channel_prefix_matrix", (r,)),
+        ("recv_gbl_rank_prefix_sum", (r,)),
+        ("recv_src_meta", (None,)),
+        ("send_rdma_head", (num_tokens, n)),
+        ("send_nvl_head", (num_tokens, r)),
+    ):
+        check_tensor(f"handle.{name}", getattr(h, name), dtypes=int32, shape=shape, device=device)
+    return h
+
+
+def handle_num_recv_rows(handle: Union[IntranodeHandle, InternodeHandle]) -> int:
+    """Rows the handle's dispatch received (num_worst_tokens when padded)."""
+    rows = handle.recv_src_meta if isinstance(handle, InternodeHandle) else handle.recv_src_idx
+    return rows.size(0)
+
+
 class DispatchArgs(NamedTuple):
     """A validated dispatch, as backends receive it (x_scales is None for BF16)."""
 
     x: torch.Tensor
     x_scales: Optional[torch.Tensor]
-    handle: Optional[IntranodeHandle]
+    handle: Union[IntranodeHandle, InternodeHandle, None]
     num_tokens_per_rank: Optional[torch.Tensor]
     is_token_in_rank: torch.Tensor
     num_tokens_per_expert: Optional[torch.Tensor]
@@ -227,6 +275,7 @@ class DispatchArgs(NamedTuple):
     topk_weights: Optional[torch.Tensor]
     expert_alignment: int
     num_worst_tokens: int
+    num_tokens_per_rdma_rank: Optional[torch.Tensor] = None  # inter-node only
 
 
 def validate_dispatch(
@@ -246,18 +295,30 @@ def validate_dispatch(
     num_ranks: int,
     device: torch.device,
     num_nvl_bytes: int,
+    num_nvl_ranks: Optional[int] = None,
+    num_rdma_bytes: int = 0,
 ) -> DispatchArgs:
+    """An inter-node Buffer passes num_nvl_ranks < num_ranks: it takes the 10-element handle, checks
+    num_tokens_per_rdma_rank, and sizes against num_rdma_bytes instead of num_nvl_bytes."""
     check_common(config, previous_event)
     expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1)
     num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, minimum=0)
-    check_optional_type(
-        "num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, torch.Tensor
-    )  # unused intra-node
+    internode = num_nvl_ranks is not None and num_nvl_ranks < num_ranks
+    if internode and num_tokens_per_rdma_rank is not None:
+        check_tensor(
+            "num_tokens_per_rdma_rank",
+            num_tokens_per_rdma_rank,
+            dtypes=(torch.int32,),
+            shape=(num_ranks // num_nvl_ranks,),
+            device=device,
+        )
+    else:  # unused intra-node
+        check_optional_type("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, torch.Tensor)
     data, scales = split_x(x, device)
     num_tokens, r = data.size(0), num_ranks
 
     if handle is not None:
-        handle = validate_handle(handle, num_ranks=r, device=device)
+        handle = validate_handle(handle, num_ranks=r, device=device, num_nvl_ranks=num_nvl_ranks)
         for name, value in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
             if value is not None:
                 raise ValueError(
@@ -309,9 +370,14 @@ def validate_dispatch(
         elif num_worst_tokens > 0:
             raise ValueError("num_worst_tokens: requires topk_idx and topk_weights (as in DeepEP V1)")
 
-    num_scales = 0 if scales is None else scales.size(1)
-    needed = nvl_dispatch_bytes(data.size(1) * data.element_size(), num_scales, num_topk, r, num_tokens)
-    check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", f"dispatching {num_tokens} tokens")
+    num_scales, hidden_bytes = 0 if scales is None else scales.size(1), data.size(1) * data.element_size()
+    what = f"dispatching {num_tokens} tokens"
+    if internode:
+        needed = internode_dispatch_bytes(hidden_bytes, num_scales, num_topk, r, num_nvl_ranks, num_tokens)
+        check_capacity("x", needed, num_rdma_bytes, "num_rdma_bytes", f"{what} inter-node")
+    else:
+        needed = nvl_dispatch_bytes(hidden_bytes, num_scales, num_topk, r, num_tokens)
+        check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", what)
     return DispatchArgs(
         data,
         None if scales is None else scales.contiguous(),
@@ -323,6 +389,7 @@ def validate_dispatch(
         topk_weights,
         expert_alignment,
         num_worst_tokens,
+        num_tokens_per_rdma_rank if internode else None,
     )
 
 
@@ -350,7 +417,7 @@ class CombineArgs(NamedTuple):
     """A validated combine, as backends receive it (bias split into its 0, 1 or 2 tensors)."""
 
     x: torch.Tensor
-    handle: IntranodeHandle
+    handle: Union[IntranodeHandle, InternodeHandle]
     topk_weights: Optional[torch.Tensor]
     bias_0: Optional[torch.Tensor]
     bias_1: Optional[torch.Tensor]
@@ -367,12 +434,16 @@ def validate_combine(
     num_ranks: int,
     device: torch.device,
     num_nvl_bytes: int,
+    num_nvl_ranks: Optional[int] = None,
+    num_rdma_bytes: int = 0,
 ) -> CombineArgs:
+    """As validate_dispatch: an inter-node Buffer (num_nvl_ranks < num_ranks) takes the 10-element handle
+    and sizes against num_rdma_bytes."""
     check_common(config, previous_event)
     if handle is None:
         raise ValueError("handle: combine needs the handle returned by dispatch")
-    handle = validate_handle(handle, num_ranks=num_ranks, device=device)
-    num_rows = handle.recv_src_idx.size(0)
+    handle = validate_handle(handle, num_ranks=num_ranks, device=device, num_nvl_ranks=num_nvl_ranks)
+    num_rows = handle_num_recv_rows(handle)
     check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2, device=device)
     if x.size(0) != num_rows:
         raise ValueError(f"x: has {x.size(0)} rows but the handle's dispatch received {num_rows}")
@@ -386,176 +457,16 @@ def validate_combine(
         num_topk = topk_weights.size(1)
         if not 1 <= num_topk <= MAX_NUM_TOPK:
             raise ValueError(f"topk_weights: top-k must be in [1, {MAX_NUM_TOPK}], got {num_topk}")
-    bias_0, bias_1 = split_bias(bias, handle.is_token_in_rank.size(0), x.size(1), device)
-    needed = nvl_combine_bytes(x.size(1), num_topk, num_rows)
-    check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", f"combining {num_rows} rows")
+    num_tokens = handle.is_token_in_rank.size(0)
+    bias_0, bias_1 = split_bias(bias, num_tokens, x.size(1), device)
+    what = f"combining {num_rows} rows"
+    if isinstance(handle, InternodeHandle):
+        # Sized in tokens per rank, as the hint: at least this rank's tokens, and the rows it holds spread over
+        # the ranks they return to.
+        tokens_needed = max(num_tokens, -(-num_rows // num_ranks))
+        needed = internode_combine_bytes(x.size(1), num_topk, num_ranks, num_nvl_ranks, tokens_needed)
+        check_capacity("x", needed, num_rdma_bytes, "num_rdma_bytes", f"{what} inter-node")
+    else:
+        needed = nvl_combine_bytes(x.size(1), num_topk, num_rows)
+        check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", what)
     return CombineArgs(x, handle, topk_weights, bias_0, bias_1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Low-latency mode
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_low_latency_hidden(name: str, hidden: int) -> None:
-    if hidden not in LOW_LATENCY_SUPPORTED_HIDDEN:
-        raise ValueError(
-            f"{name}: hidden size {hidden} is not supported in low-latency mode "
-            f"(supported: {LOW_LATENCY_SUPPORTED_HIDDEN})"
-        )
-
-
-def check_low_latency_num_experts(num_experts: Any, num_ranks: int) -> int:
-    num_experts = check_num_experts(num_experts, num_ranks)
-    if num_experts > LOW_LATENCY_MAX_EXPERTS:
-        raise ValueError(
-            f"num_experts: low-latency mode supports up to {LOW_LATENCY_MAX_EXPERTS} experts, got {num_experts}"
-        )
-    return num_experts
-
-
-def check_low_latency_capacity(
-    name: str, m: int, hidden: int, num_ranks: int, num_experts: int, rdma: int
-) -> None:
-    needed = low_latency_bytes(m, hidden, num_ranks, num_experts)
-    what = f"low-latency mode with {m} tokens per rank, hidden {hidden}, {num_experts} experts"
-    check_capacity(name, needed, rdma, "num_rdma_bytes", what)
-
-
-def validate_low_latency_dispatch(
-    x: Any,
-    topk_idx: Any,
-    num_max_dispatch_tokens_per_rank: Any,
-    num_experts: Any,
-    cumulative_local_expert_recv_stats: Any,
-    dispatch_wait_recv_cost_stats: Any,
-    use_fp8: bool,
-    round_scale: bool,
-    use_ue8m0: bool,
-    *,
-    num_ranks: int,
-    device: torch.device,
-    num_rdma_bytes: int,
-) -> tuple[int, int]:
-    """Returns (num_max_dispatch_tokens_per_rank, num_experts) as ints."""
-    m = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-    num_experts = check_low_latency_num_experts(num_experts, num_ranks)
-    check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2, device=device)
-    num_tokens, hidden = x.shape
-    check_low_latency_hidden("x", hidden)
-    if num_tokens > m:
-        raise ValueError(f"x: {num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={m}")
-    if m > LOW_LATENCY_MAX_TOKENS_PER_RANK:
-        raise ValueError(
-            f"num_max_dispatch_tokens_per_rank: at most {LOW_LATENCY_MAX_TOKENS_PER_RANK}, got {m}"
-        )
-    check_topk_idx(topk_idx, num_tokens, num_experts, LOW_LATENCY_MAX_NUM_TOPK, device)
-    if cumulative_local_expert_recv_stats is not None:
-        check_tensor(
-            "cumulative_local_expert_recv_stats",
-            cumulative_local_expert_recv_stats,
-            dtypes=(torch.int32,),
-            shape=(num_experts // num_ranks,),
-            device=device,
-        )
-    if dispatch_wait_recv_cost_stats is not None:
-        check_tensor(
-            "dispatch_wait_recv_cost_stats",
-            dispatch_wait_recv_cost_stats,
-            dtypes=(torch.int64,),
-            shape=(num_ranks,),
-            device=device,
-        )
-    if use_ue8m0 and not (use_fp8 and round_scale):
-        raise ValueError("use_ue8m0: requires use_fp8=True and round_scale=True")
-    check_low_latency_capacity("x", m, hidden, num_ranks, num_experts, num_rdma_bytes)
-    return m, num_experts
-
-
-def validate_low_latency_handle(handle: Any, *, num_ranks: int, device: torch.device) -> LowLatencyHandle:
-    if not isinstance(handle, (tuple, list)):
-        raise TypeError(
-            f"handle: expected the tuple returned by low_latency_dispatch, got {type(handle).__name__}"
-        )
-    if len(handle) != 5:
-        raise ValueError(f"handle: expected the 5-element low-latency handle, got {len(handle)} elements")
-    h = LowLatencyHandle(*handle)
-    m = check_int("handle.num_max_dispatch_tokens_per_rank", h.num_max_dispatch_tokens_per_rank, minimum=1)
-    hidden = check_int("handle.hidden", h.hidden, minimum=1)
-    num_experts = check_low_latency_num_experts(h.num_experts, num_ranks)
-    num_local_experts = num_experts // num_ranks
-    check_tensor(
-        "handle.packed_recv_src_info",
-        h.packed_recv_src_info,
-        dtypes=(torch.int32,),
-        shape=(num_local_experts, num_ranks * m),
-        device=device,
-    )
-    check_tensor(
-        "handle.packed_recv_layout_range",
-        h.packed_recv_layout_range,
-        dtypes=(torch.int64,),
-        shape=(num_local_experts, num_ranks),
-        device=device,
-    )
-    return LowLatencyHandle(h.packed_recv_src_info, h.packed_recv_layout_range, m, hidden, num_experts)
-
-
-def validate_low_latency_combine(
-    x: Any,
-    topk_idx: Any,
-    topk_weights: Any,
-    handle: Any,
-    out: Any,
-    combine_wait_recv_cost_stats: Any,
-    *,
-    num_ranks: int,
-    device: torch.device,
-    num_rdma_bytes: int,
-) -> LowLatencyHandle:
-    handle = validate_low_latency_handle(handle, num_ranks=num_ranks, device=device)
-    m, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-    check_tensor(
-        "x",
-        x,
-        dtypes=(torch.bfloat16,),
-        shape=(num_experts // num_ranks, num_ranks * m, hidden),
-        device=device,
-    )
-    check_topk_idx(topk_idx, None, num_experts, LOW_LATENCY_MAX_NUM_TOPK, device)
-    num_tokens, num_topk = topk_idx.shape
-    if num_tokens > m:
-        raise ValueError(f"topk_idx: {num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={m}")
-    check_tensor(
-        "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
-    )
-    if out is not None:
-        check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden), device=device)
-    if combine_wait_recv_cost_stats is not None:
-        check_tensor(
-            "combine_wait_recv_cost_stats",
-            combine_wait_recv_cost_stats,
-            dtypes=(torch.int64,),
-            shape=(num_ranks,),
-            device=device,
-        )
-    check_low_latency_capacity("x", m, hidden, num_ranks, num_experts, num_rdma_bytes)
-    return handle
-
-
-def validate_clean_low_latency_buffer(
-    num_max_dispatch_tokens_per_rank: Any,
-    hidden: Any,
-    num_experts: Any,
-    *,
-    num_ranks: int,
-    num_rdma_bytes: int,
-) -> tuple[int, int, int]:
-    m = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-    hidden = check_int("hidden", hidden, minimum=1)
-    check_low_latency_hidden("hidden", hidden)
-    num_experts = check_low_latency_num_experts(num_experts, num_ranks)
-    check_low_latency_capacity(
-        "num_max_dispatch_tokens_per_rank", m, hidden, num_ranks, num_experts, num_rdma_bytes
-    )
-    return m, hidden, num_experts

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from typing import Optional, TextIO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Mode -> script under benchmarks/; None: a mode named in the design that has no benchmark yet.
+# Mode -> script under benchmarks/, in the order `all` runs them.
 SCRIPTS = {
     "intranode": "bench_intranode.py",
+    "internode": "bench_internode.py",
     "low-latency": "bench_low_latency.py",
     "host": "bench_host.py",
-    "internode": None,
 }
-RUNNABLE_MODES = [mode for mode, script in SCRIPTS.items() if script is not None]
+RUNNABLE_MODES = list(SCRIPTS)
 PLOTS_HINT = "pip install 'deep_ep[bench]' (matplotlib, tqdm)"
 
 USAGE = f"""\
@@ -33,18 +33,19 @@ usage: python -m deep_ep.bench MODE [options]
 modes:
   intranode    normal dispatch/combine on one host: GB/s over SMs per rank and tokens per rank, with the
                NCCL all-to-all baseline in the same run when every rank has its own GPU
+  internode    normal dispatch/combine across (virtual) nodes, `num_nvl_ranks` ranks a node: RDMA and
+               NVLink GB/s, against the intra-node Buffer in the same run (inter/intra ratio) and NCCL
   low-latency  low-latency dispatch/combine: latency and GB/s over tokens per rank
   host         host time inside each call
-  internode    not available yet (the inter-node path has no benchmark)
-  all          every available mode one after another, then `plot` over the records written:
+  all          every mode one after another, then `plot` over the records written:
                  [--quick] [--out-dir DIR] [--modes MODE ...] [--num-ranks N ...] [--backend B]
                  [--device-kind NAME] [--no-plot]
   plot         PNGs (GB/s against SMs and against tokens per rank) from JSON records:
                  [--results FILE_OR_DIR ...] [--out-dir DIR] [--all-runs] [--where KEY=VALUE ...]
 
-Options after intranode / low-latency / host go to its script (`... intranode --help` lists them); each
-takes `--sweep quick` (a small preset) and `--results-dir DIR`, prints a table with spread and appends JSON
-records (DESIGN section 7) under benchmarks/results/.
+Options after intranode / internode / low-latency / host go to its script (`... internode --help` lists
+them); each takes `--sweep quick` (a small preset) and `--results-dir DIR`, prints a table with spread and
+appends JSON records (DESIGN section 7) under benchmarks/results/.
 Plots and the progress bar: {PLOTS_HINT}.
 """
 
@@ -172,7 +173,7 @@ def script_path(mode: str) -> str:
 def _all_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deep_ep.bench all",
-        description="Every available mode's benchmark one after another, then plots of the records written.",
+        description="Every mode's benchmark one after another, then plots of the records written.",
     )
     parser.add_argument("--quick", action="store_true", help="each script's `--sweep quick` preset")
     parser.add_argument(
@@ -255,9 +256,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_all(rest)
     if mode not in SCRIPTS:
         print(f"unknown mode {mode!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    if SCRIPTS[mode] is None:
-        print(f"{mode}: no benchmark yet (the {mode} path does not exist yet)", file=sys.stderr)
         return 2
     script = script_path(mode)
     if not os.path.exists(script):

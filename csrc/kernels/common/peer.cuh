@@ -31,6 +31,11 @@ struct SymmetricView {
     __device__ __forceinline__ T* local(int64_t offset) const {
         return reinterpret_cast<T*>(local_base + offset);
     }
+    // Anything with local_base and mapped_bases (the Args of each NVSHMEM path).
+    template <typename Peers>
+    __device__ __forceinline__ static SymmetricView of(const Peers& peers) {
+        return SymmetricView{static_cast<char*>(peers.local_base), peers.mapped_bases};
+    }
 };
 
 enum class SignalOp { kSet, kAdd };
@@ -77,6 +82,37 @@ __device__ __forceinline__ void warp_send_with_signal(const SymmetricView& view,
                                         reinterpret_cast<uint64_t*>(view.local_base + signal_offset),
                                         static_cast<uint64_t>(signal_value),
                                         op == SignalOp::kAdd ? NVSHMEM_SIGNAL_ADD : NVSHMEM_SIGNAL_SET, dst_rank);
+    }
+}
+
+/// The warp copies `num_bytes` (a multiple of 16) from `src` to rank `dst_rank`'s symmetric buffer at
+/// `dst_offset`, without a signal: a later signal (after quiet() where puts were used) publishes it. `src`
+/// must lie in the symmetric heap when the rank is reached by puts. All 32 lanes call this.
+__device__ __forceinline__ void warp_put(const SymmetricView& view, int dst_rank, int64_t dst_offset, const void* src,
+                                         int64_t num_bytes, int lane) {
+    char* mapped = view.mapped(dst_rank);
+    if (mapped != nullptr) {
+        auto* dst = reinterpret_cast<int4*>(mapped + dst_offset);
+        const auto* src_vectors = static_cast<const int4*>(src);
+        const int64_t num_vectors = num_bytes / 16;
+        for (int64_t i = lane; i < num_vectors; i += kWarpSize)
+            ptx::st_global_L1_no_allocate(dst + i, src_vectors[i]);
+    } else if (num_bytes > 0) {
+        nvshmemx_putmem_nbi_warp(view.local_base + dst_offset, src, static_cast<size_t>(num_bytes), dst_rank);
+    }
+}
+
+/// One thread sets rank `dst_rank`'s signal word at `signal_offset` to `value` (epochs: values only grow),
+/// after everything this thread stored or (with quiet()) put before.
+__device__ __forceinline__ void signal_set(const SymmetricView& view, int dst_rank, int64_t signal_offset, int value) {
+    char* mapped = view.mapped(dst_rank);
+    if (mapped != nullptr) {
+        ptx::fence_acq_rel_sys();
+        ptx::st_release_sys_global(reinterpret_cast<int*>(mapped + signal_offset), value);
+    } else {
+        nvshmem_fence();
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(view.local_base + signal_offset), static_cast<uint64_t>(value),
+                           NVSHMEM_SIGNAL_SET, dst_rank);
     }
 }
 

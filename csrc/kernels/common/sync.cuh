@@ -57,4 +57,23 @@ __device__ __forceinline__ bool wait_at_least(const WaitContext& ctx, WaitSite s
         [=](int v) { return v - target >= 0; });  // wrap-safe comparison of epochs
 }
 
+/// Called by every thread of every block at the end of its work: true (in all threads of one block, the
+/// last to get here) once every block's earlier stores are visible to it. `exits` (device int, 0 between
+/// kernels) is reset by that block, so the next kernel on the stream (or a CUDA-graph replay) finds 0.
+__device__ __forceinline__ bool is_last_block_to_finish(int* exits) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // Release this block's stores before counting it out; the last block acquires everyone's.
+        __threadfence();
+        last = atomicAdd(exits, 1) == static_cast<int>(gridDim.x) - 1;
+        if (last) {
+            *exits = 0;
+            __threadfence();
+        }
+    }
+    __syncthreads();
+    return last;
+}
+
 }  // namespace deep_ep

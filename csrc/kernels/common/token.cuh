@@ -11,6 +11,10 @@ namespace deep_ep {
 
 inline constexpr int kWarpSize = 32;
 
+// Grid-wide warp indices: kernels that hand one row to one warp stride over rows by these.
+__device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
+__device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
+
 /// dst[i] = load(src[i]) for i < num_vectors (16-byte vectors), lane-strided, kUnroll loads in flight.
 template <int kUnroll, typename Load>
 __device__ __forceinline__ void warp_copy_vectors_with(int4* dst, const int4* src, int num_vectors, int lane,

@@ -21,9 +21,6 @@ constexpr int kPullThreads = kMaxSources <= 2 ? 768 : 512;
 // Loads in flight per lane in the reduction, whatever the number of ranks.
 constexpr int kReduceVectorsInFlight = 8;
 
-__device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
-__device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
-
 }  // namespace
 
 namespace intranode {

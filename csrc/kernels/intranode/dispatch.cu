@@ -18,9 +18,6 @@ constexpr int kRowUnroll = 8;
 // Scales held in registers per lane (64 covers hidden 8192 in FP8); more are copied after the row.
 constexpr int kScaleWordsPerLane = 2;
 
-__device__ __forceinline__ int global_warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize; }
-__device__ __forceinline__ int num_global_warps() { return gridDim.x * blockDim.x / kWarpSize; }
-
 // Send list of destination `dst`: an in-order compaction of is_token_in_rank[:, dst], one block-wide
 // ballot scan per chunk of blockDim.x tokens. Also writes send_head[:, dst].
 __device__ void build_send_list(const IntranodeDispatchStageArgs& args, const layout::DispatchRowLayout& rows,

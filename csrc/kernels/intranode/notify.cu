@@ -4,6 +4,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
+#include "kernels/common/receive_counts.cuh"
 #include "runtime/errors.hpp"
 
 namespace deep_ep {
@@ -56,23 +57,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
             before += ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, i) + rank);
         args.recv_first_row[j] = before;
     }
-    for (int e = threadIdx.x; e < num_local_experts; e += blockDim.x) {
-        int count = 0;
-        for (int src = 0; src < num_ranks; ++src)
-            count += ptx::ld_volatile_global(layout::CountArea::tokens_per_local_expert(own, src) + e);
-        const int aligned = (count + args.expert_alignment - 1) / args.expert_alignment * args.expert_alignment;
-        args.num_recv_tokens_per_expert[e] = aligned;
-        if (args.mapped_counters != nullptr)
-            ptx::st_volatile_global(args.mapped_counters + 2 + e, aligned);
-    }
+    store_expert_counts(
+        num_local_experts, num_ranks, args.expert_alignment,
+        [&](int src, int e) { return ptx::ld_volatile_global(layout::CountArea::tokens_per_local_expert(own, src) + e); },
+        args.num_recv_tokens_per_expert, args.mapped_counters);
     __syncthreads();
-    if (threadIdx.x == 0 && args.mapped_counters != nullptr) {
-        ptx::st_volatile_global(args.mapped_counters + 1, num_recv_tokens);
-        // The host polls the tag: every count above (stored by this block, ordered by __syncthreads) must
-        // reach host memory before it does.
-        ptx::fence_acq_rel_sys();
-        ptx::st_release_sys_global(args.mapped_counters, args.mapped_tag);
-    }
+    publish_receive_counts(args.mapped_counters, num_recv_tokens, args.mapped_tag);
 }
 
 __global__ void barrier(IntranodeBarrierArgs args) {

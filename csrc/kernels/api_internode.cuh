@@ -1,0 +1,275 @@
+// Part of the host/device seam (kernels/api.cuh): inter-node dispatch/combine (NVLink inside a node,
+// NVSHMEM between nodes).
+//
+// A group of R ranks is split into N = R / L nodes of L consecutive ranks; rank g = n * L + l is local
+// index l of node n. Its "forwarder" in node n' is rank n' * L + l. Everything lives in the symmetric
+// (NVSHMEM) buffer; inside a node ranks read each other's copy through nvshmem_ptr mappings (NVLink),
+// across nodes bytes travel only by NVSHMEM puts (any transport).
+//
+// Every op opens with an exchange among all ranks (notify kernel): each rank signals every rank with the
+// op's epoch, a fresh dispatch sending its counts along. Passing it proves every rank finished its
+// previous op, so the op may overwrite anything in any rank's buffer that the previous op used.
+//
+// Dispatch (source g = (m, l)):
+//   plan:  per destination node n, the in-order list of g's tokens for n (a token's slot k there) and, per
+//          rank j of node n, the list of what j reads; lists for another node are put into the forwarder
+//          (n, l)'s region m, lists for g's own node written into g's own region m;
+//   send:  each token with a destination is staged once into g's send rows; for every other node it
+//          goes to, one put of the row into forwarder (n, l)'s region m at slot k (the deduplication:
+//          once per node, however many ranks of that node want it); then the forwarders are signalled;
+//   pull:  receiver (n, j) waits for the signals and, per source g = (m, l) in rank order, reads its rows
+//          over NVLink: from forwarder (n, l)'s region m, or from g's send rows when m == n.
+// Combine (the transpose): every rank stages its rows; forwarder (n, l) sums, per token it landed for
+// source (m, l), the rows its node's ranks hold for it and puts one BF16 partial sum back to (m, l); the
+// source adds its own node's rows (read over NVLink) and the partials of the other nodes.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace deep_ep {
+
+// Local experts per rank the count messages carry (as the intra-node count exchange).
+inline constexpr int kInternodeMaxLocalExperts = 2048;
+
+__host__ __device__ constexpr int64_t internode_round_up(int64_t value, int64_t alignment) {
+    return (value + alignment - 1) / alignment * alignment;
+}
+
+/// The control region of the symmetric buffer: signal words (uint64, what NVSHMEM's signal operations
+/// update; every value fits the low 31 bits), per-rank counters, and the count messages.
+///   exchange word g   written by rank g: the epoch of the op it opened
+///   region word m     written by source (m, l) (this rank's local index): its rows and lists are here
+///   partial word n    written by forwarder (n, l): its combine partial sums are here
+///   staged word j     written by rank j of this node: its combine input is staged
+///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests)
+///   count messages    [2 parities][R] in, [R] out: num_tokens_per_rank [R], num_tokens_per_rdma_rank [N],
+///                     the receiver's slice of num_tokens_per_expert
+struct InternodeControl {
+    int num_ranks, num_nvl_ranks;
+
+    __host__ __device__ int num_nodes() const { return num_ranks / num_nvl_ranks; }
+    __host__ __device__ int64_t message_ints() const {
+        return internode_round_up(num_ranks + num_nodes() + kInternodeMaxLocalExperts, 4);
+    }
+    __host__ __device__ int64_t exchange_word(int rank) const { return int64_t{rank} * 8; }
+    __host__ __device__ int64_t region_word(int node) const { return (int64_t{num_ranks} + node) * 8; }
+    __host__ __device__ int64_t partial_word(int node) const { return (int64_t{num_ranks} + num_nodes() + node) * 8; }
+    __host__ __device__ int64_t staged_word(int local) const {
+        return (int64_t{num_ranks} + 2 * num_nodes() + local) * 8;
+    }
+    __host__ __device__ int64_t counters_offset() const {
+        return (int64_t{num_ranks} + 2 * num_nodes() + num_nvl_ranks) * 8;
+    }
+    __host__ __device__ int64_t epoch_counter() const { return counters_offset(); }
+    __host__ __device__ int64_t kernel_exits() const { return counters_offset() + 4; }
+    __host__ __device__ int64_t rows_sent_counter() const { return counters_offset() + 8; }
+    __host__ __device__ int64_t signal_bytes() const { return internode_round_up(counters_offset() + 64, 4096); }
+    __host__ __device__ int64_t count_in(int parity, int src) const {
+        return signal_bytes() + (int64_t{parity} * num_ranks + src) * message_ints() * 4;
+    }
+    __host__ __device__ int64_t count_out(int dst) const {
+        return signal_bytes() + (2 * int64_t{num_ranks} + dst) * message_ints() * 4;
+    }
+    __host__ __device__ int64_t bytes() const {
+        return internode_round_up(signal_bytes() + 3 * int64_t{num_ranks} * message_ints() * 4, 4096);
+    }
+};
+
+/// The data region during a dispatch, for rows of one shape and `capacity` tokens per rank:
+///   send rows       [C] rows: this rank's tokens, staged once (read by its own node, put to the others)
+///   list staging    [N][L][C] int32: lists bound for other nodes, put from here
+///   region m        [C] rows landed from source (m, l), then [L][C] int32 lists (what rank j of this
+///                   node reads of source (m, l): slots in this region, or token indices when m is this
+///                   node: then the rows stay in the source's send rows)
+/// A row: 16-byte header (int32 source token index), x, float32 scales, int32 top-k ids, float32 weights.
+struct InternodeDispatchLayout {
+    InternodeControl control{};
+    int64_t capacity = 0;
+    int64_t x_offset = 0, scales_offset = 0, topk_idx_offset = 0, topk_weights_offset = 0, stride = 0;
+
+    InternodeDispatchLayout() = default;
+
+    __host__ __device__ static int64_t row_stride(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk) {
+        return internode_round_up(16 + internode_round_up(hidden_bytes, 16) + num_scales * 4 + num_topk * 8, 16);
+    }
+    __host__ __device__ static int64_t bytes_per_token(const InternodeControl& control, int64_t stride) {
+        return stride + control.num_nodes() * (stride + 8 * int64_t{control.num_nvl_ranks});
+    }
+
+    __host__ __device__ InternodeDispatchLayout(const InternodeControl& c, int64_t num_bytes, int64_t hidden_bytes,
+                                                int64_t num_scales, int64_t num_topk)
+        : control(c) {
+        x_offset = 16;
+        scales_offset = x_offset + internode_round_up(hidden_bytes, 16);
+        topk_idx_offset = scales_offset + num_scales * 4;
+        topk_weights_offset = topk_idx_offset + num_topk * 4;
+        stride = row_stride(hidden_bytes, num_scales, num_topk);
+        const int64_t data = num_bytes - control.bytes();
+        // A multiple of kTokenSlotGranularity, so that the int32 list areas keep the rows after them aligned.
+        capacity = data > 0 ? data / bytes_per_token(control, stride) / kTokenSlotGranularity * kTokenSlotGranularity : 0;
+    }
+    static constexpr int64_t kTokenSlotGranularity = 4;
+    __host__ __device__ int64_t send_row(int64_t token) const { return control.bytes() + token * stride; }
+    __host__ __device__ int64_t list_staging(int node, int local) const {
+        return control.bytes() + capacity * stride + ((int64_t{node} * control.num_nvl_ranks + local) * capacity) * 4;
+    }
+    __host__ __device__ int64_t region(int node) const {
+        return control.bytes() + capacity * stride + int64_t{control.num_nodes()} * control.num_nvl_ranks * capacity * 4 +
+               node * (capacity * stride + int64_t{control.num_nvl_ranks} * capacity * 4);
+    }
+    __host__ __device__ int64_t region_row(int node, int64_t slot) const { return region(node) + slot * stride; }
+    __host__ __device__ int64_t region_list(int node, int local) const {
+        return region(node) + capacity * stride + int64_t{local} * capacity * 4;
+    }
+};
+
+/// The data region during a combine, for rows of one shape and `capacity` tokens per rank:
+///   staged rows     [R * C]: this rank's combine input (row i = the i-th row it received)
+///   partial send    [N][C]: partial sums this rank computed as forwarder for source (m, l), put from here
+///   partial recv    [N][C]: partial sums forwarder (n, l) computed for this rank's tokens
+/// A row: bf16 [hidden], then float32 top-k weights.
+struct InternodeCombineLayout {
+    InternodeControl control{};
+    int64_t capacity = 0;
+    int64_t topk_weights_offset = 0, stride = 0;
+
+    InternodeCombineLayout() = default;
+
+    __host__ __device__ static int64_t row_stride(int64_t hidden, int64_t num_topk) {
+        return internode_round_up(hidden * 2, 16) + internode_round_up(num_topk * 4, 16);
+    }
+    __host__ __device__ InternodeCombineLayout(const InternodeControl& c, int64_t num_bytes, int64_t hidden,
+                                               int64_t num_topk)
+        : control(c) {
+        topk_weights_offset = internode_round_up(hidden * 2, 16);
+        stride = row_stride(hidden, num_topk);
+        const int64_t data = num_bytes - control.bytes();
+        capacity = data > 0 ? data / ((int64_t{control.num_ranks} + 2 * control.num_nodes()) * stride) : 0;
+    }
+    __host__ __device__ int64_t staged_row(int64_t row) const { return control.bytes() + row * stride; }
+    __host__ __device__ int64_t partial_send_row(int node, int64_t slot) const {
+        return control.bytes() + (int64_t{control.num_ranks} * capacity + node * capacity + slot) * stride;
+    }
+    __host__ __device__ int64_t partial_recv_row(int node, int64_t slot) const {
+        return control.bytes() +
+               ((int64_t{control.num_ranks} + control.num_nodes()) * capacity + node * capacity + slot) * stride;
+    }
+};
+
+/// This rank's symmetric buffer and where each rank's copy is mapped here: the ranks of this node only
+/// (0 elsewhere, so every byte bound for another node is an NVSHMEM put).
+struct InternodePeers {
+    void* local_base;
+    const uint64_t* mapped_bases;  // device [num_ranks]
+    int rank;
+    WaitContext wait;
+};
+
+/// Opens every inter-node op: signals every rank with the op's epoch (the next value of this rank's epoch
+/// counter) and waits for all of them. A fresh dispatch sends its counts along and derives the matrices.
+struct InternodeNotifyArgs {
+    InternodePeers peers;
+    InternodeControl control;
+    bool with_counts;
+    const int* num_tokens_per_rank;       // [R]
+    const int* num_tokens_per_rdma_rank;  // [N], or nullptr: counted here from is_token_in_rank
+    const bool* is_token_in_rank;         // [num_tokens, R]
+    int num_tokens;
+    const int* num_tokens_per_expert;     // [E]
+    int num_experts;
+    int expert_alignment;
+    int* rank_prefix_matrix;          // [R, R] written: [i][j] = rows rank j receives from ranks 0..i
+    int* node_count_matrix;           // [R, N] written: tokens rank g sends to node n
+    int* recv_first_row;              // [R] written: first recv_x row of each source rank
+    int* recv_rank_prefix_sum;        // [R] written: rows received from ranks 0..i
+    int* num_recv_tokens_per_expert;  // [E / R] written (aligned)
+    int* forward_offsets;             // [N + 1] written: rows this rank forwards, per source node, prefix
+    // Host-mapped counters or nullptr: [0] tag (last), [1] received rows, [2 + e] aligned count of local
+    // expert e, [2 + E/R] rows this rank forwards.
+    int* mapped_counters;
+    int mapped_tag;
+    cudaStream_t stream;
+};
+void launch_internode_notify(const InternodeNotifyArgs& args);
+
+/// Dispatch step 1 (one block per destination node): the lists, send_head and send_node_head.
+struct InternodeDispatchPlanArgs {
+    InternodePeers peers;
+    InternodeDispatchLayout layout;
+    int num_tokens;
+    const bool* is_token_in_rank;    // [T, R]
+    const int* rank_prefix_matrix;   // [R, R]
+    int* send_head;                  // [T, R] written, or nullptr (cached dispatch)
+    int* send_node_head;             // [T, N] written, or nullptr (cached dispatch)
+    cudaStream_t stream;
+};
+void launch_internode_dispatch_plan(const InternodeDispatchPlanArgs& args);
+
+/// Dispatch step 2: stage each token once, put it to each other node it goes to, signal the forwarders.
+struct InternodeDispatchSendArgs {
+    InternodePeers peers;
+    InternodeDispatchLayout layout;
+    int num_tokens;
+    int hidden_bytes, num_scales, num_topk;
+    const void* x;                 // [T, hidden_bytes]
+    const float* x_scales;         // [T, num_scales] or nullptr
+    const void* topk_idx;          // [T, num_topk] int64 or int32, or nullptr
+    bool topk_idx_is_int64;
+    const float* topk_weights;     // [T, num_topk] or nullptr
+    const bool* is_token_in_rank;  // [T, R]
+    const int* send_node_head;     // [T, N]
+    int num_blocks;
+    cudaStream_t stream;
+};
+void launch_internode_dispatch_send(const InternodeDispatchSendArgs& args);
+
+/// Dispatch step 3: wait for the rows, read them over NVLink into the outputs; fill the forward map.
+struct InternodeDispatchPullArgs {
+    InternodePeers peers;
+    InternodeDispatchLayout layout;
+    int hidden_bytes, num_scales, num_topk;
+    int num_experts;
+    const int* rank_prefix_matrix;   // [R, R]
+    const int* recv_first_row;       // [R]
+    const int* forward_offsets;      // [N + 1]
+    const int* recv_rank_prefix_sum; // [R]: its last entry is the rows received
+    int num_recv_capacity;           // rows allocated (rows received, or num_worst_tokens)
+    void* recv_x;
+    float* recv_x_scales;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int* recv_src_idx;
+    int* forward_map;                // [F, L], -1 where unset, or nullptr (cached dispatch: the handle has it)
+    int num_blocks;
+    bool conservative_loads;
+    cudaStream_t stream;
+};
+void launch_internode_dispatch_pull(const InternodeDispatchPullArgs& args);
+
+/// Combine: stage this rank's rows (step 1), forwarders reduce and put partial sums (step 2), sources sum
+/// their own node's rows and the partials (step 3).
+struct InternodeCombineArgs {
+    InternodePeers peers;
+    InternodeCombineLayout layout;
+    int hidden, num_topk;
+    int num_rows;                   // rows this rank received in the dispatch
+    int num_tokens;                 // this rank's tokens
+    const void* x;                  // [num_rows, hidden] bf16
+    const float* topk_weights;      // [num_rows, num_topk] or nullptr
+    const int* send_head;           // [T, R]
+    const int* send_node_head;      // [T, N]
+    const int* forward_offsets;     // [N + 1]
+    const int* forward_map;         // [F, L]
+    const void* bias_0;             // [T, hidden] bf16 or nullptr
+    const void* bias_1;
+    void* combined_x;               // [T, hidden] bf16
+    float* combined_topk_weights;   // [T, num_topk] or nullptr
+    int num_blocks;
+    bool conservative_loads;
+    cudaStream_t stream;
+};
+void launch_internode_combine(const InternodeCombineArgs& args);
+
+}  // namespace deep_ep

@@ -1,0 +1,28 @@
+// The receive side of a normal dispatch (intra- and inter-node alike): its output tensors, carved from one
+// allocation, and the tuple the Python call returns.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace deep_ep::ops {
+
+struct DispatchOutputs {
+    torch::Tensor recv_x, recv_src_idx;
+    std::optional<torch::Tensor> recv_x_scales, recv_topk_idx, recv_topk_weights;
+
+    // `num_rows` rows shaped after x (and its scales and top-k, where the call has them), on the current stream.
+    static DispatchOutputs allocate(int64_t num_rows, const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                                    const std::optional<torch::Tensor>& topk_idx);
+    // Every output tensor (what an async op's event keeps alive).
+    std::vector<torch::Tensor> tensors() const;
+    // V1's dispatch tuple: (recv_x or (recv_x, scales), recv_topk_idx, recv_topk_weights, per-expert list,
+    // handle, event); a cached dispatch returns (recv_x, None, None, None, None, event).
+    pybind11::tuple result(bool cached, const std::vector<int>& num_recv_tokens_per_expert_list,
+                           const pybind11::object& handle, const pybind11::object& event) const;
+};
+
+}  // namespace deep_ep::ops

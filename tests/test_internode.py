@@ -1,0 +1,343 @@
+"""Inter-node layout, dispatch and combine on the GPU (CUDA backend), with the group split into virtual nodes.
+
+Ranks share the GPU(s) under MPS; `num_nvl_ranks=L` cuts the R ranks into R / L nodes whose traffic takes the
+inter-node path (NVSHMEM puts between nodes, NVLink-mapped reads inside one). Checked against the intra-node
+reference on the same inputs, since the semantics are the same:
+- layout, dispatch rows (BF16, FP8 + scales), top-k, receive counts, cached dispatch: bit-exactly; the
+  handle's V1-indexed fields (recv_gbl_rank_prefix_sum at -4, rank_prefix_matrix, recv_src_meta,
+  send_nvl_head) equal the reference's;
+- combine: bit-exactly against the reference's rows summed in the kernels' documented order (this node's
+  ranks in float32, then one BF16-rounded partial sum per other node, then the biases);
+- deduplication: the rows that crossed a node boundary (a device counter) equal, over all tokens of all
+  ranks, the number of distinct destination nodes other than the token's own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.gpu
+
+try:
+    from deep_ep import _C
+except ImportError:
+    _C = None
+
+if _C is None or not torch.cuda.is_available() or not getattr(_C, "internode_compiled", False):
+    pytest.skip("needs a CUDA GPU and deep_ep._C with the inter-node kernels", allow_module_level=True)
+
+from oracle import bytes_equal, make_inputs  # noqa: E402
+from test_intranode import (  # noqa: E402
+    NUM_EXPERTS,
+    TOPK,
+    _biases,
+    _combine_input,
+    _expected_dispatches,
+    _poison_allocator,
+)
+
+import deep_ep  # noqa: E402
+from deep_ep.backends import reference  # noqa: E402
+from deep_ep.config import Config  # noqa: E402
+
+MAX_TOKENS_PER_RANK = 512
+MAX_HIDDEN = 7168
+
+_buffers: dict = {}
+
+
+def _buffer(group, num_ranks: int, num_nvl_ranks: int, conservative: bool) -> deep_ep.Buffer:
+    key = (num_ranks, num_nvl_ranks, conservative)
+    if key not in _buffers:
+        size = Config().get_rdma_buffer_size_hint(
+            MAX_HIDDEN * 2,
+            num_ranks,
+            num_nvl_ranks=num_nvl_ranks,
+            num_max_tokens_per_rank=MAX_TOKENS_PER_RANK,
+        )
+        _buffers[key] = deep_ep.Buffer(
+            group, 0, size, backend="cuda", conservative_loads=conservative, num_nvl_ranks=num_nvl_ranks
+        )
+    return _buffers[key]
+
+
+def _cross_node_rows(in_rank: list[torch.Tensor], num_nvl_ranks: int) -> int:
+    """Per token of every rank: the destination nodes other than its own (what deduplication sends)."""
+    total = 0
+    for g, membership in enumerate(in_rank):
+        per_node = membership.view(membership.size(0), len(in_rank) // num_nvl_ranks, num_nvl_ranks).any(
+            dim=2
+        )
+        per_node[:, g // num_nvl_ranks] = False
+        total += int(per_node.sum())
+    return total
+
+
+def _hierarchical_combine(rank, num_nvl_ranks, combine_x, weights, send_head, bias):
+    """The combine the kernels compute, in their order: float32 sum of this node's ranks' rows (local rank
+    order), plus per other node (node order) its ranks' rows summed in float32 and rounded to BF16 (the
+    weights' partial sums stay float32), plus the biases; rounded once to BF16."""
+    num_tokens, num_ranks = send_head.shape
+    hidden = combine_x[0].size(1)
+    own_node = rank // num_nvl_ranks
+    acc = torch.zeros(num_tokens, hidden)
+    acc_w = None if weights is None else torch.zeros(num_tokens, weights[0].size(1))
+
+    def rows_of(dst):
+        head = send_head[:, dst]
+        sent = head >= 0
+        if combine_x[dst].size(0) == 0:  # nothing went to dst
+            return torch.zeros(num_tokens, hidden), None if weights is None else torch.zeros_like(acc_w)
+        index = head.clamp(min=0).long()
+        x = torch.where(sent[:, None], combine_x[dst][index].float(), torch.zeros(()))
+        w = None if weights is None else torch.where(sent[:, None], weights[dst][index], torch.zeros(()))
+        return x, w
+
+    nodes = [own_node] + [n for n in range(num_ranks // num_nvl_ranks) if n != own_node]
+    for node in nodes:
+        part = torch.zeros(num_tokens, hidden)
+        part_w = None if weights is None else torch.zeros_like(acc_w)
+        for j in range(num_nvl_ranks):
+            x, w = rows_of(node * num_nvl_ranks + j)
+            part = part + x
+            if w is not None:
+                part_w = part_w + w
+        if node != own_node:
+            part = part.to(torch.bfloat16).float()
+        acc = acc + part if node != own_node else part
+        if acc_w is not None:
+            acc_w = acc_w + part_w if node != own_node else part_w
+    for b in bias:
+        acc = acc + b.float()
+    return acc.to(torch.bfloat16), acc_w
+
+
+def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_nvl_ranks = spec["num_nvl_ranks"]
+    tokens = spec["tokens"]
+    hidden = spec.get("hidden", MAX_HIDDEN)
+    fp8 = spec.get("fp8", False)
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    inputs = make_inputs(
+        seed, num_ranks, tokens, hidden, NUM_EXPERTS, TOPK, spec.get("routing", "uniform"), dtype
+    )
+    layouts, expected = _expected_dispatches(inputs, spec, num_ranks)
+    mine = inputs[rank]
+    where = f"rank {rank} of {num_ranks} ({num_nvl_ranks} a node), seed {seed}"
+    config = Config(spec.get("num_sms", 24), 8, 256)
+
+    topk_idx = mine.topk_idx.to(device)
+    _poison_allocator(device)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    want_per_rank, want_per_expert, want_in_rank = layouts[rank]
+    assert torch.equal(per_rank.cpu(), want_per_rank), f"{where}: num_tokens_per_rank"
+    assert torch.equal(per_expert.cpu(), want_per_expert), f"{where}: num_tokens_per_expert"
+    assert torch.equal(in_rank.cpu(), want_in_rank), f"{where}: is_token_in_rank"
+    num_nodes = num_ranks // num_nvl_ranks
+    want_per_node = (
+        want_in_rank.view(want_in_rank.size(0), num_nodes, num_nvl_ranks).any(dim=2).sum(dim=0).int()
+    )
+    assert torch.equal(per_node.cpu(), want_per_node), f"{where}: num_tokens_per_rdma_rank"
+
+    x = (mine.x_fp8[0].to(device), mine.x_fp8[1].to(device)) if fp8 else mine.x.to(device)
+    weights = mine.topk_weights.to(device)
+    async_mode = spec.get("async", False)
+    rows_sent_before = buffer.runtime.runtime.num_internode_rows_sent
+    _poison_allocator(device)
+    recv_x, recv_idx, recv_weights, recv_list, handle, event = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        # Optional here (unlike V1): the count exchange derives it from is_token_in_rank.
+        num_tokens_per_rdma_rank=None if spec.get("no_rdma_counts") else per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=weights,
+        expert_alignment=spec.get("alignment", 1),
+        num_worst_tokens=spec.get("worst", 0),
+        config=config,
+        previous_event=deep_ep.Buffer.capture() if async_mode else None,
+        async_finish=async_mode,
+        allocate_on_comm_stream=async_mode,
+    )
+    event.current_stream_wait()
+    want = expected[rank]
+    got_x, got_scales = recv_x if fp8 else (recv_x, None)
+    assert bytes_equal(got_x.cpu(), want.recv_x), f"{where}: recv_x"
+    if fp8:
+        assert bytes_equal(got_scales.cpu(), want.recv_x_scales), f"{where}: recv_x scales"
+    assert torch.equal(recv_idx.cpu(), want.recv_topk_idx), f"{where}: recv_topk_idx"
+    assert bytes_equal(recv_weights.cpu(), want.recv_topk_weights), f"{where}: recv_topk_weights"
+    assert recv_list == want.num_recv_tokens_per_expert_list, f"{where}: num_recv_tokens_per_expert_list"
+    assert len(handle) == 10
+    assert torch.equal(handle.gbl_channel_prefix_matrix.cpu(), want.handle.rank_prefix_matrix), (
+        f"{where}: rank_prefix"
+    )
+    received = want.handle.rank_prefix_matrix[:, rank]
+    assert torch.equal(handle[-4].cpu(), received), f"{where}: recv_gbl_rank_prefix_sum"
+    assert torch.equal(handle.recv_src_meta.cpu(), want.handle.recv_src_idx), f"{where}: recv_src_meta"
+    assert torch.equal(handle.send_nvl_head.cpu(), want.handle.send_head), f"{where}: send_nvl_head"
+
+    # Deduplication: every rank's count of rows sent across nodes, summed, against the routing.
+    torch.cuda.synchronize()
+    sent = [None] * num_ranks
+    dist.all_gather_object(
+        sent, buffer.runtime.runtime.num_internode_rows_sent - rows_sent_before, group=group
+    )
+    assert sum(sent) == _cross_node_rows([lay[2] for lay in layouts], num_nvl_ranks), (
+        f"{where}: rows sent {sent}"
+    )
+
+    fresh = [(i.x.float() * -1.5).to(torch.bfloat16) for i in inputs]
+    _poison_allocator(device)
+    cached_x, none_idx, _, _, _, event = buffer.dispatch(
+        fresh[rank].to(device), handle=handle, config=config, async_finish=async_mode
+    )
+    event.current_stream_wait()
+    assert none_idx is None
+    want_cached = reference.intranode_dispatch(
+        rank, fresh, [lay[2] for lay in layouts], num_recv_rows=want.handle.recv_src_idx.size(0)
+    )
+    assert bytes_equal(cached_x.cpu(), want_cached.recv_x), f"{where}: cached recv_x"
+
+    bf16_recv = [
+        reference.intranode_dispatch(d, [i.x for i in inputs], [lay[2] for lay in layouts]).recv_x
+        for d in range(num_ranks)
+    ]
+    bf16_recv = [
+        torch.cat([r, torch.zeros(e.handle.recv_src_idx.size(0) - r.size(0), hidden, dtype=r.dtype)])
+        for r, e in zip(bf16_recv, expected)
+    ]
+    combine_x = [_combine_input(r, d) for d, r in enumerate(bf16_recv)]
+    bias = _biases(seed, tokens, hidden, spec.get("bias", 0), rank)
+    _poison_allocator(device)
+    combined, combined_weights, event = buffer.combine(
+        combine_x[rank].to(device),
+        handle,
+        topk_weights=recv_weights,
+        bias=None
+        if not bias
+        else (bias[0].to(device) if len(bias) == 1 else tuple(b.to(device) for b in bias)),
+        config=config,
+        previous_event=deep_ep.Buffer.capture() if async_mode else None,
+        async_finish=async_mode,
+    )
+    event.current_stream_wait()
+    want_combined, want_weights = _hierarchical_combine(
+        rank,
+        num_nvl_ranks,
+        combine_x,
+        [e.recv_topk_weights for e in expected],
+        want.handle.send_head,
+        bias,
+    )
+    assert torch.equal(combined.cpu(), want_combined), f"{where}: combined_x"
+    assert torch.equal(combined_weights.cpu(), want_weights), f"{where}: combined_topk_weights"
+
+
+def _rank_check(rank, num_ranks, group, spec):
+    torch.set_num_threads(1)
+    buffer = _buffer(group, num_ranks, spec["num_nvl_ranks"], spec.get("conservative", False))
+    for i in range(spec.get("iterations", 1)):
+        _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
+    torch.cuda.synchronize()
+    return True
+
+
+def _run(rank_pool, num_ranks, num_nvl_ranks, **spec):
+    spec.setdefault("tokens", [97 + 25 * r for r in range(num_ranks)])
+    assert len(spec["tokens"]) == num_ranks and max(spec["tokens"]) <= MAX_TOKENS_PER_RANK
+    return rank_pool(num_ranks).run(_rank_check, dict(spec, num_nvl_ranks=num_nvl_ranks))
+
+
+TOPOLOGIES = [(4, 2), (8, 4), (8, 2), (16, 8)]
+
+
+@pytest.mark.parametrize("num_ranks,num_nvl_ranks", TOPOLOGIES, ids=[f"{r // n}x{n}" for r, n in TOPOLOGIES])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_dispatch_combine(rank_pool, num_ranks, num_nvl_ranks, fp8):
+    _run(
+        rank_pool,
+        num_ranks,
+        num_nvl_ranks,
+        fp8=fp8,
+        seed=num_ranks + num_nvl_ranks,
+        bias=num_ranks % 3,
+        iterations=2,
+    )
+
+
+@pytest.mark.parametrize("conservative", [False, True], ids=["aggressive", "conservative"])
+def test_load_kinds(rank_pool, conservative):
+    _run(rank_pool, 4, 2, conservative=conservative, seed=31, bias=1)
+
+
+@pytest.mark.parametrize("hidden", [2048, 4096])
+def test_hidden_sizes(rank_pool, hidden):
+    _run(rank_pool, 4, 2, hidden=hidden, routing="with_minus_one", seed=hidden, bias=2)
+
+
+def test_zero_and_one_token(rank_pool):
+    _run(rank_pool, 4, 2, tokens=[0, 1, 200, 0], seed=7)
+    _run(rank_pool, 4, 2, tokens=[0, 0, 0, 0], seed=8)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_all_tokens_to_one_node(rank_pool, seed):
+    # all_to_one_rank sends every token to rank seed % 4: one node gets everything, the other nothing.
+    _run(rank_pool, 4, 2, routing="all_to_one_rank", seed=seed, bias=1)
+
+
+def test_minus_one_experts_and_no_rdma_counts(rank_pool):
+    _run(rank_pool, 8, 2, routing="with_minus_one", no_rdma_counts=True, seed=41, bias=1)
+
+
+def test_back_to_back_iterations(rank_pool):
+    """Many rounds with fresh data: catches epoch and buffer-reuse races between ops."""
+    _run(
+        rank_pool,
+        4,
+        2,
+        iterations=30,
+        hidden=2048,
+        tokens=[64, 48, 80, 33],
+        seed=30,
+        routing="with_minus_one",
+    )
+
+
+def _rank_wrong_handle(rank, num_ranks, group):
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    mine = make_inputs(90, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
+    topk_idx = mine.topk_idx.to(device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    x = mine.x.to(device)
+    handle = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert
+    )[4]
+    try:
+        buffer.dispatch(x, handle=tuple(handle)[:6])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_an_intranode_shaped_handle_is_rejected(rank_pool):
+    messages = rank_pool(4).run(_rank_wrong_handle)
+    assert all(m is not None and m.startswith("handle:") for m in messages), messages
+
+
+def test_worst_tokens_alignment_async(rank_pool):
+    tokens = [150, 160, 170, 180]
+    _run(rank_pool, 4, 2, tokens=tokens, worst=sum(tokens), seed=11)
+    _run(rank_pool, 4, 2, tokens=tokens, alignment=64, seed=12, routing="with_minus_one")
+    _run(rank_pool, 4, 2, seed=13, bias=1, **{"async": True})
+
+
+@pytest.mark.parametrize("num_sms", [4, 16])
+def test_sm_budgets(rank_pool, num_sms):
+    _run(rank_pool, 8, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512, 0, 1, 77, 256])
