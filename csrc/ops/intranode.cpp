@@ -10,7 +10,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/buffer_layout.cuh"
 #include "ops/arguments.hpp"
-#include "ops/dispatch_outputs.hpp"
+#include "ops/normal_outputs.hpp"
 #include "ops/intranode_arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
@@ -312,15 +312,7 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
 
-    runtime::OutputTensors outputs;
-    const int combined_x_index = outputs.add({num_tokens, hidden}, x.scalar_type());
-    const int combined_topk_weights_index =
-        topk_weights.has_value() ? outputs.add({num_tokens, num_topk}, torch::kFloat32) : -1;
-    outputs.allocate(x.device());
-    const torch::Tensor combined_x = outputs[combined_x_index];
-    OptionalTensor combined_topk_weights;
-    if (topk_weights.has_value())
-        combined_topk_weights = outputs[combined_topk_weights_index];
+    const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
 
     const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
     if (!direct.has_value()) {
@@ -348,8 +340,8 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     pull.send_head = send_head.data_ptr<int>();
     pull.bias_0 = call.bias_0.has_value() ? call.bias_0->data_ptr() : nullptr;
     pull.bias_1 = call.bias_1.has_value() ? call.bias_1->data_ptr() : nullptr;
-    pull.combined_x = combined_x.data_ptr();
-    pull.combined_topk_weights = data_or_null<float>(combined_topk_weights);
+    pull.combined_x = out.combined_x.data_ptr();
+    pull.combined_topk_weights = data_or_null<float>(out.combined_topk_weights);
     pull.num_blocks = call.num_sms;
     pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;
@@ -361,15 +353,12 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
         for (const OptionalTensor& t : {topk_weights, call.bias_0, call.bias_1})
             if (t.has_value())
                 inputs.push_back(*t);
-        std::vector<torch::Tensor> outputs{combined_x};
-        if (combined_topk_weights.has_value())
-            outputs.push_back(*combined_topk_weights);
-        event = streams.finish(std::move(inputs), outputs);
+        event = streams.finish(std::move(inputs), out.tensors());
     } else {
         event = streams.finish();
     }
     raise_pending_errors(buffer, streams);
-    return pybind11::make_tuple(combined_x, tensor_or_none(combined_topk_weights), event);
+    return out.result(event);
 }
 
 /// A group barrier enqueued on `stream` (nothing else): all ranks must call it the same number of times.

@@ -1,4 +1,4 @@
-#include "ops/dispatch_outputs.hpp"
+#include "ops/normal_outputs.hpp"
 
 #include <pybind11/stl.h>
 
@@ -47,6 +47,31 @@ pybind11::tuple DispatchOutputs::result(bool cached, const std::vector<int>& num
         return pybind11::make_tuple(recv, pybind11::none(), pybind11::none(), pybind11::none(), pybind11::none(), event);
     return pybind11::make_tuple(recv, tensor_or_none(recv_topk_idx), tensor_or_none(recv_topk_weights),
                                 pybind11::cast(num_recv_tokens_per_expert_list), handle, event);
+}
+
+CombineOutputs CombineOutputs::allocate(int64_t num_tokens, const torch::Tensor& x,
+                                        const std::optional<torch::Tensor>& topk_weights) {
+    runtime::OutputTensors outputs;
+    const int combined_x_index = outputs.add({num_tokens, x.size(1)}, x.scalar_type());
+    const int weights_index =
+        topk_weights.has_value() ? outputs.add({num_tokens, topk_weights->size(1)}, torch::kFloat32) : -1;
+    outputs.allocate(x.device());
+    CombineOutputs out;
+    out.combined_x = outputs[combined_x_index];
+    if (weights_index >= 0)
+        out.combined_topk_weights = outputs[weights_index];
+    return out;
+}
+
+std::vector<torch::Tensor> CombineOutputs::tensors() const {
+    std::vector<torch::Tensor> all{combined_x};
+    if (combined_topk_weights.has_value())
+        all.push_back(*combined_topk_weights);
+    return all;
+}
+
+pybind11::tuple CombineOutputs::result(const pybind11::object& event) const {
+    return pybind11::make_tuple(combined_x, tensor_or_none(combined_topk_weights), event);
 }
 
 }  // namespace deep_ep::ops

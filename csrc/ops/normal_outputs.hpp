@@ -1,5 +1,5 @@
-// The receive side of a normal dispatch (intra- and inter-node alike): its output tensors, carved from one
-// allocation, and the tuple the Python call returns.
+// The outputs of the normal ops (intra- and inter-node alike), each op's carved from one allocation, and the
+// tuples the Python calls return.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -23,6 +23,18 @@ struct DispatchOutputs {
     // handle, event); a cached dispatch returns (recv_x, None, None, None, None, event).
     pybind11::tuple result(bool cached, const std::vector<int>& num_recv_tokens_per_expert_list,
                            const pybind11::object& handle, const pybind11::object& event) const;
+};
+
+/// A combine's outputs: combined_x [T, hidden] as x, and the summed top-k weights when the call has them.
+struct CombineOutputs {
+    torch::Tensor combined_x;
+    std::optional<torch::Tensor> combined_topk_weights;
+
+    static CombineOutputs allocate(int64_t num_tokens, const torch::Tensor& x,
+                                   const std::optional<torch::Tensor>& topk_weights);
+    std::vector<torch::Tensor> tensors() const;
+    // (combined_x, combined_topk_weights or None, event).
+    pybind11::tuple result(const pybind11::object& event) const;
 };
 
 }  // namespace deep_ep::ops
