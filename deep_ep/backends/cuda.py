@@ -4,6 +4,10 @@ on the communication stream, allocates, launches and returns V1's tuples; this f
 budget, wraps handles and events in their Python types, and sets the Buffer up once (peer mappings, the host
 exchange for direct reads, NVSHMEM).
 
+Normal ops run intra-node (csrc/ops/intranode.cpp: CUDA IPC in one NVLink domain) or, when the group spans
+several nodes of `num_nvl_ranks` ranks, inter-node (csrc/ops/internode.cpp: the NVSHMEM symmetric buffer,
+puts between nodes, NVLink reads inside one); the choice is made once, at construction.
+
 Streams (DeepEP V1 semantics, csrc/runtime/op_streams.hpp): normal ops run on the Buffer's communication
 stream after the caller's stream (or `previous_event`); outputs are allocated on the caller's stream, or on
 the communication stream with `allocate_on_comm_stream`; unless `async_finish`, the caller's stream waits for
