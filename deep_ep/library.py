@@ -56,6 +56,16 @@ def buffer_of(key: str):
     return buffer_by_op_key(key)
 
 
+def _require_intranode(buffer, op: str) -> None:
+    """The normal-mode ops carry the intra-node handle's tensors; an inter-node Buffer's 10-element handle
+    has other shapes (use deep_ep.autograd there, which passes handles through as they are)."""
+    if getattr(buffer_of(buffer_key(buffer)), "is_internode", False):
+        raise NotImplementedError(
+            f"deep_ep.library.{op}: inter-node Buffers are not supported by the torch.library ops yet; "
+            "deep_ep.autograd supports them"
+        )
+
+
 def _num_ranks(key: str) -> int:
     return buffer_of(key).group_size
 
@@ -304,6 +314,7 @@ def dispatch(
     get_dispatch_layout's triple is given). With `num_worst_tokens` the receive tensors have exactly that
     many rows (padding rows: x 0, topk_idx -1, weights 0) and nothing waits for the receive counts."""
     key = buffer_key(buffer)
+    _require_intranode(key, "dispatch")
     if layout is None:
         layout = torch.ops.deep_ep.get_dispatch_layout(key, topk_idx, num_experts)
     num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = layout
@@ -323,6 +334,7 @@ def dispatch(
 
 def cached_dispatch(buffer, x: torch.Tensor, handle: IntranodeHandle) -> torch.Tensor:
     """Differentiable dispatch of x along an existing handle (its gradient: combine)."""
+    _require_intranode(buffer, "cached_dispatch")
     return torch.ops.deep_ep.cached_dispatch(buffer_key(buffer), x, list(handle))
 
 
@@ -330,6 +342,7 @@ def combine(
     buffer, x: torch.Tensor, handle: IntranodeHandle, topk_weights: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Differentiable combine through the op: (combined_x, combined_topk_weights or None)."""
+    _require_intranode(buffer, "combine")
     combined_x, combined_topk_weights = torch.ops.deep_ep.combine(
         buffer_key(buffer), x, list(handle), topk_weights
     )

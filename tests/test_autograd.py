@@ -67,8 +67,14 @@ def dense_grads(ranks, scales, with_weights_loss=True):
     return [(xd.grad, wd.grad) for xd, wd in leaves], s.grad
 
 
-def _buffer(group, num_ranks, tokens, backend):
-    num_nvl_bytes = nvl_buffer_size_hint(HIDDEN * 2, num_ranks, num_max_tokens_per_rank=max(max(tokens), 1))
+def _buffer(group, num_ranks, tokens, backend, num_nvl_ranks=None):
+    max_tokens = max(max(tokens), 1)
+    if num_nvl_ranks is not None and num_nvl_ranks < num_ranks:  # inter-node: the RDMA buffer only
+        num_rdma_bytes = deep_ep.Config().get_rdma_buffer_size_hint(
+            HIDDEN * 2, num_ranks, num_nvl_ranks=num_nvl_ranks, num_max_tokens_per_rank=max_tokens
+        )
+        return deep_ep.Buffer(group, 0, num_rdma_bytes, backend=backend, num_nvl_ranks=num_nvl_ranks)
+    num_nvl_bytes = nvl_buffer_size_hint(HIDDEN * 2, num_ranks, num_max_tokens_per_rank=max_tokens)
     return deep_ep.Buffer(group, num_nvl_bytes, backend=backend)
 
 
@@ -115,10 +121,10 @@ def layer_loss(module, buffer, x, idx, weights, grad, grad_weights, local_scales
     return (combined_x.float() * grad).sum() + (combined_weights * grad_weights).sum()
 
 
-def rank_normal_grads(rank, num_ranks, group, module_name, tokens, worst, backend):
+def rank_normal_grads(rank, num_ranks, group, module_name, tokens, worst, backend, num_nvl_ranks=None):
     num_experts, topk = 4 * num_ranks, 3
     ranks, scales = make_problem(num_ranks, tokens, HIDDEN, num_experts, topk)
-    buffer = _buffer(group, num_ranks, tokens, backend)
+    buffer = _buffer(group, num_ranks, tokens, backend, num_nvl_ranks)
     x, idx, weights, grad, grad_weights, local_scales = _leaves(rank, ranks, scales, num_ranks, buffer.device)
     worst = sum(tokens) if worst else 0
     loss = layer_loss(
@@ -136,6 +142,28 @@ NORMAL_TOKENS = {2: [11, 0], 4: [9, 12, 0, 5]}
 @pytest.mark.parametrize("num_ranks", RANK_COUNTS)
 def test_normal_grads_match_dense(rank_pool, num_ranks, module_name, worst):
     rank_pool(num_ranks).run(rank_normal_grads, module_name, NORMAL_TOKENS[num_ranks], worst, "reference")
+
+
+@pytest.mark.parametrize("worst", [False, True], ids=["exact", "num_worst_tokens"])
+def test_internode_grads_match_dense(rank_pool, worst):
+    # 4 ranks as 2 nodes x 2: the handles are inter-node ones; deep_ep.autograd passes them through.
+    rank_pool(4).run(rank_normal_grads, "autograd", NORMAL_TOKENS[4], worst, "reference", 2)
+
+
+def rank_library_refuses_internode(rank, num_ranks, group):
+    buffer = _buffer(group, num_ranks, [4] * num_ranks, "reference", num_nvl_ranks=2)
+    x = torch.zeros(4, HIDDEN, dtype=torch.bfloat16)
+    idx = torch.zeros(4, 1, dtype=torch.int64)
+    try:
+        deep_ep.library.dispatch(buffer, x, idx, torch.ones(4, 1), 4 * num_ranks)
+    except NotImplementedError as error:
+        return str(error)
+    return None
+
+
+def test_library_refuses_internode_buffers(rank_pool):
+    messages = rank_pool(4).run(rank_library_refuses_internode)
+    assert all(m is not None and "inter-node" in m for m in messages), messages
 
 
 def rank_compiled_matches_eager(rank, num_ranks, group, tokens, worst, backend, compile_backend):
@@ -305,6 +333,11 @@ def test_low_latency_compiled_grads_match_dense(rank_pool):
 @pytest.mark.parametrize("num_ranks", RANK_COUNTS)
 def test_gpu_normal_grads_match_dense(rank_pool, num_ranks, module_name, worst):
     rank_pool(num_ranks).run(rank_normal_grads, module_name, NORMAL_TOKENS[num_ranks], worst, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_internode_grads_match_dense(rank_pool):
+    rank_pool(4).run(rank_normal_grads, "autograd", NORMAL_TOKENS[4], False, "cuda", 2)
 
 
 @pytest.mark.gpu
