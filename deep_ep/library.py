@@ -56,14 +56,17 @@ def buffer_of(key: str):
     return buffer_by_op_key(key)
 
 
-def _require_intranode(buffer, op: str) -> None:
-    """The normal-mode ops carry the intra-node handle's tensors; an inter-node Buffer's 10-element handle
-    has other shapes (use deep_ep.autograd there, which passes handles through as they are)."""
-    if getattr(buffer_of(buffer_key(buffer)), "is_internode", False):
+def _intranode_buffer(key: str, op: str):
+    """The live Buffer of `key`, which must be intra-node: the normal-mode ops carry the intra-node handle's
+    tensors, and an inter-node Buffer's 10-element handle has other shapes (deep_ep.autograd passes handles
+    through as they are and works there). Called inside the ops' eager bodies, never in a traced region."""
+    buffer = buffer_of(key)
+    if getattr(buffer, "is_internode", False):
         raise NotImplementedError(
             f"deep_ep.library.{op}: inter-node Buffers are not supported by the torch.library ops yet; "
             "deep_ep.autograd supports them"
         )
+    return buffer
 
 
 def _num_ranks(key: str) -> int:
@@ -135,7 +138,7 @@ def _dispatch(
 ]:
     """(recv_x, recv_topk_idx, recv_topk_weights, then the handle's rank_prefix_matrix, channel_prefix_matrix,
     recv_channel_prefix_matrix, recv_src_idx, send_head)."""
-    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
+    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = _intranode_buffer(buffer, "dispatch").dispatch(
         x,
         num_tokens_per_rank=num_tokens_per_rank,
         is_token_in_rank=is_token_in_rank,
@@ -220,7 +223,7 @@ _dispatch.register_autograd(_backward_dispatch, setup_context=_setup_dispatch)
 @torch.library.custom_op("deep_ep::cached_dispatch", mutates_args=())
 def _cached_dispatch(buffer: str, x: torch.Tensor, handle: list[torch.Tensor]) -> torch.Tensor:
     """recv_x of a dispatch with `handle=` (the 6 handle tensors in IntranodeHandle order)."""
-    return buffer_of(buffer).dispatch(x, handle=tuple(handle))[0]
+    return _intranode_buffer(buffer, "cached_dispatch").dispatch(x, handle=tuple(handle))[0]
 
 
 @_cached_dispatch.register_fake
@@ -249,7 +252,7 @@ def _combine(
     buffer: str, x: torch.Tensor, handle: list[torch.Tensor], topk_weights: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(combined_x, combined_topk_weights); without topk_weights the second is an empty [T, 0] float32."""
-    combined_x, combined_topk_weights, _ = buffer_of(buffer).combine(
+    combined_x, combined_topk_weights, _ = _intranode_buffer(buffer, "combine").combine(
         x, tuple(handle), topk_weights=topk_weights
     )
     if combined_topk_weights is None:
@@ -314,7 +317,6 @@ def dispatch(
     get_dispatch_layout's triple is given). With `num_worst_tokens` the receive tensors have exactly that
     many rows (padding rows: x 0, topk_idx -1, weights 0) and nothing waits for the receive counts."""
     key = buffer_key(buffer)
-    _require_intranode(key, "dispatch")
     if layout is None:
         layout = torch.ops.deep_ep.get_dispatch_layout(key, topk_idx, num_experts)
     num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = layout
@@ -334,7 +336,6 @@ def dispatch(
 
 def cached_dispatch(buffer, x: torch.Tensor, handle: IntranodeHandle) -> torch.Tensor:
     """Differentiable dispatch of x along an existing handle (its gradient: combine)."""
-    _require_intranode(buffer, "cached_dispatch")
     return torch.ops.deep_ep.cached_dispatch(buffer_key(buffer), x, list(handle))
 
 
@@ -342,7 +343,6 @@ def combine(
     buffer, x: torch.Tensor, handle: IntranodeHandle, topk_weights: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Differentiable combine through the op: (combined_x, combined_topk_weights or None)."""
-    _require_intranode(buffer, "combine")
     combined_x, combined_topk_weights = torch.ops.deep_ep.combine(
         buffer_key(buffer), x, list(handle), topk_weights
     )
