@@ -305,6 +305,8 @@ class CudaBackend:
         async_finish,
         return_recv_hook,
     ):
+        if not self.low_latency_mode:
+            self._raise_not_low_latency("low_latency_dispatch")
         recv_x, recv_count, handle, event, hook = _C.low_latency_dispatch(
             self.runtime,
             x,
@@ -336,6 +338,8 @@ class CudaBackend:
     ):
         # use_logfmt (V1's log-format compression) is not implemented: rows travel as BF16, as the
         # reference treats them too.
+        if not self.low_latency_mode:
+            self._raise_not_low_latency("low_latency_combine")
         combined_x, event, hook = _C.low_latency_combine(
             self.runtime,
             x,
@@ -350,10 +354,20 @@ class CudaBackend:
         )
         return combined_x, EventOverlap(event), hook
 
+    @staticmethod
+    def _raise_not_low_latency(op: str) -> None:
+        # An inter-node Buffer has a symmetric buffer too, laid out for the normal ops: the low-latency ones
+        # would overwrite it.
+        raise RuntimeError(f"{op}: requires Buffer(..., low_latency_mode=True)")
+
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        if not self.low_latency_mode:
+            self._raise_not_low_latency("get_next_low_latency_combine_buffer")
         return _C.get_next_low_latency_combine_buffer(self.runtime, handle)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
+        if not self.low_latency_mode:
+            self._raise_not_low_latency("clean_low_latency_buffer")
         _C.clean_low_latency_buffer(self.runtime, num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     # --- buffer access --------------------------------------------------------------------------------
