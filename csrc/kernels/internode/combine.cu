@@ -127,12 +127,12 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
                 sources.add(view.mapped(own_node * num_nvl_ranks + j) + layout.staged_row(row));
         }
         char* partial = view.local(layout.partial_send_row(src_node, slot));
+        // By the op's shape, not this rank's pointer: a forwarder that received no rows itself (an empty
+        // topk_weights) still sums its node's weights.
+        float* partial_weights =
+            args.num_topk > 0 ? reinterpret_cast<float*>(partial + layout.topk_weights_offset) : nullptr;
         warp_reduce_rows<kKind, kMaxSources>(sources, args.hidden, args.num_topk, layout.topk_weights_offset, partial,
-                                // By the op's shape, not this rank's pointer: a forwarder that received no
-                                // rows itself (an empty topk_weights) still sums its node's weights.
-                                args.num_topk > 0 ? reinterpret_cast<float*>(partial + layout.topk_weights_offset)
-                                                  : nullptr,
-                                nullptr, nullptr, lane);
+                                             partial_weights, nullptr, nullptr, lane);
         __syncwarp();
         ptx::fence_acq_rel_sys();
         __syncwarp();
