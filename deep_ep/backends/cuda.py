@@ -103,6 +103,14 @@ class CudaBackend:
                     "NVSHMEM_DIR, then rebuild)"
                 )
         self.low_latency_mode = low_latency_mode
+        # Normal mode's (dispatch, combine, handle type), fixed for the Buffer's life; None: not available.
+        self._normal = (_C.intranode_dispatch, _C.intranode_combine, _make_intranode_handle)
+        if self.internode:
+            self._normal = (
+                None
+                if low_latency_mode
+                else (_C.internode_dispatch, _C.internode_combine, _make_internode_handle)
+            )
         self.device = torch.device(device)
         self.num_rdma_bytes = num_rdma_bytes
         self.load_kind = resolve_load_kind(conservative_loads, self.device.index)
@@ -214,15 +222,13 @@ class CudaBackend:
         return per_rank, per_node, per_expert, in_rank, EventOverlap(event)
 
     def _normal_ops(self):
-        """(dispatch, combine, handle type) of this Buffer's normal mode."""
-        if not self.internode:
-            return _C.intranode_dispatch, _C.intranode_combine, _make_intranode_handle
-        if self.low_latency_mode:
+        """(dispatch, combine, handle type) of this Buffer's normal mode, chosen at construction."""
+        if self._normal is None:
             raise RuntimeError(
                 "dispatch/combine: an inter-node Buffer made with low_latency_mode=True keeps its RDMA buffer "
                 "for the low-latency ops; make a second Buffer with low_latency_mode=False for normal mode"
             )
-        return _C.internode_dispatch, _C.internode_combine, _make_internode_handle
+        return self._normal
 
     def dispatch(
         self,
