@@ -282,6 +282,11 @@ def aggregate(per_rank: list[dict], num_ranks: int, hidden: int) -> list[dict]:
         for (case, nvl, tokens, sms), items in groups.items()
         if nvl == num_ranks
     }
+    intra_aligned = {
+        (case, tokens, sms): _slowest_aligned(items)
+        for (case, nvl, tokens, sms), items in groups.items()
+        if nvl == num_ranks
+    }
     traffic: dict = {}  # (tokens, L) -> (nvl rows, rdma rows) per rank
     rows = []
     for (case, nvl, tokens, sms), items in groups.items():
@@ -297,6 +302,7 @@ def aggregate(per_rank: list[dict], num_ranks: int, hidden: int) -> list[dict]:
         medians = [r["median_us"] for r in items]
         slowest = max(items, key=lambda r: r["median_us"])
         intra_us = intra.get((case, tokens, sms))
+        aligned_us, intra_aligned_us = _slowest_aligned(items), intra_aligned.get((case, tokens, sms))
         rows.append(
             dict(
                 case=case,
@@ -306,9 +312,7 @@ def aggregate(per_rank: list[dict], num_ranks: int, hidden: int) -> list[dict]:
                 num_sms=sms,
                 loads=slowest["loads"],
                 median_us=slowest["median_us"],
-                aligned_median_us=None
-                if any(r["aligned_median_us"] is None for r in items)
-                else max(r["aligned_median_us"] for r in items),
+                aligned_median_us=aligned_us,
                 host_call_us=max(r["host_call_us"] for r in items),
                 p10_us=slowest["p10_us"],
                 p90_us=slowest["p90_us"],
@@ -319,11 +323,22 @@ def aggregate(per_rank: list[dict], num_ranks: int, hidden: int) -> list[dict]:
                 recv_gbps=mean_gbps(nvl_bytes, medians),
                 intranode_median_us=intra_us,
                 ratio_to_intranode=None if intra_us is None else slowest["median_us"] / intra_us,
+                intranode_aligned_median_us=intra_aligned_us,
+                aligned_ratio_to_intranode=None
+                if aligned_us is None or intra_aligned_us is None
+                else aligned_us / intra_aligned_us,
                 nccl_median_us=per_rank[0]["nccl"].get((case, tokens)),
             )
         )
     rows.sort(key=lambda r: (-r["num_nvl_ranks"], r["tokens"], r["num_sms"], CASES.index(r["case"])))
     return rows
+
+
+def _slowest_aligned(items: list[dict]) -> Optional[float]:
+    """The slowest rank's GPU-aligned median, None where a rank had no device barrier."""
+    if any(r["aligned_median_us"] is None for r in items):
+        return None
+    return max(r["aligned_median_us"] for r in items)
 
 
 def _rounded(value: Optional[float], digits: int) -> Optional[float]:
@@ -357,6 +372,8 @@ def records_of(rows: list[dict], device: str, num_ranks: int, gpus: int, args) -
             nvl_gbps=round(r["nvl_gbps"], 1),
             intranode_median_us=_rounded(r["intranode_median_us"], 2),
             ratio_to_intranode=_rounded(r["ratio_to_intranode"], 3),
+            intranode_aligned_median_us=_rounded(r["intranode_aligned_median_us"], 2),
+            aligned_ratio_to_intranode=_rounded(r["aligned_ratio_to_intranode"], 3),
             nccl_median_us=_rounded(r["nccl_median_us"], 2),
             note=ONE_HOST_NOTE,
         )
@@ -410,6 +427,8 @@ TABLE = [
     ("nvl_gbps", "NVL GB/s", "{:.1f}"),
     ("intranode_median_us", "intra-node us", "{:.1f}"),
     ("ratio_to_intranode", "inter/intra", "{:.2f}x"),
+    ("intranode_aligned_median_us", "intra aligned us", "{:.1f}"),
+    ("aligned_ratio_to_intranode", "aligned inter/intra", "{:.2f}x"),
     ("nccl", "NCCL us", "{}"),
 ]
 

@@ -168,10 +168,10 @@ def test_row_bytes_count_fp8_scales_and_bf16_otherwise():
         assert bench_internode.row_bytes(case, 7168) == 14336
 
 
-def _timing(rank, num_nvl_ranks, median_us, case="internode_dispatch_bf16"):
+def _timing(rank, num_nvl_ranks, median_us, case="internode_dispatch_bf16", aligned_us=None):
     return dict(
         case=case, num_nvl_ranks=num_nvl_ranks, tokens=3, num_sms=8, rank=rank, loads="n/a",
-        median_us=median_us, p10_us=median_us - 1, p90_us=median_us + 1, aligned_median_us=None,
+        median_us=median_us, p10_us=median_us - 1, p90_us=median_us + 1, aligned_median_us=aligned_us,
         host_call_us=1.0,
     )  # fmt: skip
 
@@ -195,6 +195,26 @@ def test_aggregate_counts_both_sides_per_rank_against_the_same_run_intranode_tim
     assert row["recv_gbps"] == row["nvl_gbps"]
     assert row["intranode_median_us"] == 5.0 and row["ratio_to_intranode"] == 8.0
     assert row["nccl_median_us"] is None
+    assert row["aligned_median_us"] is None and row["aligned_ratio_to_intranode"] is None
+
+
+def test_aggregate_compares_gpu_aligned_times_when_every_rank_has_them():
+    per_rank = [
+        {
+            "results": [
+                _timing(rank, 2, 100.0, aligned_us=20.0 + rank),
+                _timing(rank, 4, 50.0, aligned_us=10.0 - rank),
+            ],
+            "nccl": {},
+            "in_rank": {3: _in_rank(HAND_ROUTING)[rank]},
+            "gpus": 1,
+        }
+        for rank in range(4)
+    ]
+    (row,) = bench_internode.aggregate(per_rank, 4, hidden=128)
+    # The slowest rank of each side: 23 us inter-node against 10 us intra-node.
+    assert row["aligned_median_us"] == 23.0 and row["intranode_aligned_median_us"] == 10.0
+    assert row["aligned_ratio_to_intranode"] == pytest.approx(2.3)
 
 
 def test_records_of_carry_the_design_fields_and_the_note():
@@ -202,13 +222,15 @@ def test_records_of_carry_the_design_fields_and_the_note():
         case="internode_combine_bf16", num_nvl_ranks=2, num_sms=24, tokens=4096, loads="aggressive",
         median_us=100.0, aligned_median_us=None, host_call_us=5.0, p10_us=90.0, p90_us=110.0, recv_gbps=1.0,
         rdma_bytes=10, nvl_bytes=20, rdma_gbps=0.5, nvl_gbps=1.0, intranode_median_us=None,
-        ratio_to_intranode=None, nccl_median_us=None,
+        ratio_to_intranode=None, intranode_aligned_median_us=None, aligned_ratio_to_intranode=None,
+        nccl_median_us=None,
     )  # fmt: skip
     args = bench_internode.parse_args([])
     (record,) = bench_internode.records_of([row], "gpu", 16, 1, args)
     for key in ("device", "date", "commit", "num_ranks", "gpus", "case", "num_sms", "tokens", "hidden", "topk",
                 "experts", "loads", "median_us", "recv_gbps", "nccl_median_us", "num_nvl_ranks", "rdma_bytes",
-                "nvl_bytes", "rdma_gbps", "nvl_gbps", "intranode_median_us", "ratio_to_intranode"):  # fmt: skip
+                "nvl_bytes", "rdma_gbps", "nvl_gbps", "intranode_median_us", "ratio_to_intranode",
+                "intranode_aligned_median_us", "aligned_ratio_to_intranode"):  # fmt: skip
         assert key in record
     assert "P2P" in record["note"] and record["intranode_median_us"] is None
 

@@ -14,6 +14,8 @@ reference on the same inputs, since the semantics are the same:
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,7 +30,7 @@ except ImportError:
 if _C is None or not torch.cuda.is_available() or not getattr(_C, "internode_compiled", False):
     pytest.skip("needs a CUDA GPU and deep_ep._C with the inter-node kernels", allow_module_level=True)
 
-from oracle import bytes_equal, make_inputs  # noqa: E402
+from oracle import bytes_equal, environment, make_inputs  # noqa: E402
 from test_intranode import (  # noqa: E402
     NUM_EXPERTS,
     TOPK,
@@ -41,6 +43,7 @@ from test_intranode import (  # noqa: E402
 import deep_ep  # noqa: E402
 from deep_ep.backends import reference  # noqa: E402
 from deep_ep.config import Config  # noqa: E402
+from deep_ep.tools.launch import RankPool  # noqa: E402
 
 MAX_TOKENS_PER_RANK = 512
 MAX_HIDDEN = 7168
@@ -48,8 +51,11 @@ MAX_HIDDEN = 7168
 _buffers: dict = {}
 
 
-def _buffer(group, num_ranks: int, num_nvl_ranks: int, conservative: bool) -> deep_ep.Buffer:
-    key = (num_ranks, num_nvl_ranks, conservative)
+def _buffer(
+    group, num_ranks: int, num_nvl_ranks: int, conservative: bool, direct_reads: bool = True
+) -> deep_ep.Buffer:
+    """A cached Buffer; `direct_reads=False` makes its combine stage its inputs (as under graph capture)."""
+    key = (num_ranks, num_nvl_ranks, conservative, direct_reads)
     if key not in _buffers:
         size = Config().get_rdma_buffer_size_hint(
             MAX_HIDDEN * 2,
@@ -57,9 +63,10 @@ def _buffer(group, num_ranks: int, num_nvl_ranks: int, conservative: bool) -> de
             num_nvl_ranks=num_nvl_ranks,
             num_max_tokens_per_rank=MAX_TOKENS_PER_RANK,
         )
-        _buffers[key] = deep_ep.Buffer(
-            group, 0, size, backend="cuda", conservative_loads=conservative, num_nvl_ranks=num_nvl_ranks
-        )
+        with environment("DEEP_EP_DIRECT_READS", "1" if direct_reads else "0"):
+            _buffers[key] = deep_ep.Buffer(
+                group, 0, size, backend="cuda", conservative_loads=conservative, num_nvl_ranks=num_nvl_ranks
+            )
     return _buffers[key]
 
 
@@ -214,6 +221,7 @@ def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
     combine_x = [_combine_input(r, d) for d, r in enumerate(bf16_recv)]
     bias = _biases(seed, tokens, hidden, spec.get("bias", 0), rank)
     _poison_allocator(device)
+    direct_ops_before = buffer.runtime.runtime.num_direct_ops
     combined, combined_weights, event = buffer.combine(
         combine_x[rank].to(device),
         handle,
@@ -226,6 +234,8 @@ def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
         async_finish=async_mode,
     )
     event.current_stream_wait()
+    read_in_place = buffer.runtime.runtime.num_direct_ops > direct_ops_before
+    assert read_in_place == spec.get("direct_reads", True), f"{where}: combine read in place: {read_in_place}"
     want_combined, want_weights = _hierarchical_combine(
         rank,
         num_nvl_ranks,
@@ -240,7 +250,13 @@ def _check_one_round(rank, num_ranks, group, spec, buffer, seed):
 
 def _rank_check(rank, num_ranks, group, spec):
     torch.set_num_threads(1)
-    buffer = _buffer(group, num_ranks, spec["num_nvl_ranks"], spec.get("conservative", False))
+    buffer = _buffer(
+        group,
+        num_ranks,
+        spec["num_nvl_ranks"],
+        spec.get("conservative", False),
+        spec.get("direct_reads", True),
+    )
     for i in range(spec.get("iterations", 1)):
         _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
     torch.cuda.synchronize()
@@ -295,6 +311,12 @@ def test_minus_one_experts_and_no_rdma_counts(rank_pool):
     _run(rank_pool, 8, 2, routing="with_minus_one", no_rdma_counts=True, seed=41, bias=1)
 
 
+@pytest.mark.parametrize("num_ranks,num_nvl_ranks", [(4, 2), (8, 4)], ids=["2x2", "2x4"])
+def test_combine_from_staged_inputs(rank_pool, num_ranks, num_nvl_ranks):
+    """The combine's other way of reading the node's inputs (what graph capture uses): a staged copy."""
+    _run(rank_pool, num_ranks, num_nvl_ranks, direct_reads=False, seed=40, bias=2, iterations=2)
+
+
 def test_back_to_back_iterations(rank_pool):
     """Many rounds with fresh data: catches epoch and buffer-reuse races between ops."""
     _run(
@@ -341,3 +363,75 @@ def test_worst_tokens_alignment_async(rank_pool):
 @pytest.mark.parametrize("num_sms", [4, 16])
 def test_sm_budgets(rank_pool, num_sms):
     _run(rank_pool, 8, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512, 0, 1, 77, 256])
+
+
+# --- a peer that never arrives -----------------------------------------------------------------------------
+
+MISSING_PEER_TIMEOUT_S = 2
+
+
+def _rank_missing_peer(rank, num_ranks, group, op, missing):
+    """Every rank makes one valid dispatch (for the handle); then `missing` skips `op` while the others call
+    it. Returns (error text, seconds from the call to the error) on the ranks that called, None on `missing`.
+    The fresh dispatch raises inside the call (its host waits for the counts); the others' kernels time out
+    and the next call on the Buffer raises."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    size = Config().get_rdma_buffer_size_hint(
+        2048 * 2, num_ranks, num_nvl_ranks=2, num_max_tokens_per_rank=MAX_TOKENS_PER_RANK
+    )
+    with environment("DEEP_EP_TIMEOUT_S", str(MISSING_PEER_TIMEOUT_S)):
+        buffer = deep_ep.Buffer(group, 0, size, backend="cuda", num_nvl_ranks=2, explicitly_destroy=True)
+    mine = make_inputs(91, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
+    x, topk_idx = mine.x.to(device), mine.topk_idx.to(device)
+    layout = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    kwargs = dict(
+        num_tokens_per_rank=layout[0],
+        num_tokens_per_rdma_rank=layout[1],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=topk_idx,
+        topk_weights=mine.topk_weights.to(device),
+    )
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, **kwargs)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    result = None
+    try:
+        if rank != missing:
+            start = time.monotonic()
+            try:
+                if op == "dispatch":
+                    buffer.dispatch(x, **kwargs)
+                elif op == "cached_dispatch":
+                    buffer.dispatch(x, handle=handle)
+                else:
+                    buffer.combine(recv_x, handle)
+                torch.cuda.synchronize()
+                buffer.dispatch(x, handle=handle)  # the next call surfaces a kernel's timeout
+                result = ("no error", time.monotonic() - start)
+            except RuntimeError as error:
+                result = (str(error), time.monotonic() - start)
+        torch.cuda.synchronize()
+        dist.barrier(group=group)
+    finally:
+        buffer.destroy()
+    return result
+
+
+@pytest.mark.parametrize(
+    "op,missing",
+    [("dispatch", 3), ("dispatch", 1), ("cached_dispatch", 2), ("combine", 3)],
+    ids=["dispatch-other-node", "dispatch-same-node", "cached-other-node", "combine-other-node"],
+)
+def test_a_missing_peer_gives_an_error_within_the_timeout(op, missing):
+    # Its own pool: the timed-out Buffers are destroyed, but a broken rank must not take later tests along.
+    with RankPool(4, timeout_s=180) as pool:
+        results = pool.run(_rank_missing_peer, op, missing)
+    assert results[missing] is None
+    for rank, result in enumerate(results):
+        if rank == missing:
+            continue
+        message, seconds = result
+        assert "timed out" in message or "did not finish in time" in message, f"rank {rank}: {message}"
+        # The kernels' waits end after the timeout; the host's count wait after twice that plus 10 s.
+        assert seconds < 4 * MISSING_PEER_TIMEOUT_S + 15, f"rank {rank}: error after {seconds:.1f} s"

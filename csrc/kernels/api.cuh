@@ -24,6 +24,7 @@ enum class WaitSite : int {
     kInternodeRows = 7,     // an inter-node dispatch's rows from a source rank (peer = the source)
     kInternodeStaged = 8,   // a node peer's staged combine input (peer = that rank)
     kInternodePartial = 9,  // the combine partial sums of a node (peer = the node)
+    kInternodeClose = 10,   // a node peer's end of reading the node's combine inputs (peer = that rank)
 };
 
 /// One per Buffer, in host-mapped pinned memory: kernels write it when a wait times out, the host reads

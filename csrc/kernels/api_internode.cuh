@@ -19,9 +19,12 @@
 //          once per node, however many ranks of that node want it); then the forwarders are signalled;
 //   pull:  receiver (n, j) waits for the signals and, per source g = (m, l) in rank order, reads its rows
 //          over NVLink: from forwarder (n, l)'s region m, or from g's send rows when m == n.
-// Combine (the transpose): every rank stages its rows; forwarder (n, l) sums, per token it landed for
-// source (m, l), the rows its node's ranks hold for it and puts one BF16 partial sum back to (m, l); the
-// source adds its own node's rows (read over NVLink) and the partials of the other nodes.
+// Combine (the transpose): forwarder (n, l) sums, per token it landed for source (m, l), the rows its node's
+// ranks hold for it and puts one BF16 partial sum back to (m, l); the source adds its own node's rows (read
+// over NVLink) and the partials of the other nodes. The node's rows are read where the caller's tensors are
+// (CUDA IPC, addresses exchanged per call on the host; the op closes with a node barrier so no rank's
+// caller reuses its inputs while a peer still reads them), or, where that is not possible (CUDA graph
+// capture, memory IPC cannot export), from a staged copy in each rank's symmetric buffer.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,7 +45,8 @@ __host__ __device__ constexpr int64_t internode_round_up(int64_t value, int64_t 
 ///   exchange word g   written by rank g: the epoch of the op it opened
 ///   region word m     written by source (m, l) (this rank's local index): its rows and lists are here
 ///   partial word n    written by forwarder (n, l): its combine partial sums are here
-///   staged word j     written by rank j of this node: its combine input is staged
+///   node word j       written by rank j of this node in a combine: its input is staged (staged reads), or
+///                     it finished reading the node's inputs (direct reads)
 ///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests)
 ///   count messages    [2 parities][R] in, [R] out: num_tokens_per_rank [R], num_tokens_per_rdma_rank [N],
 ///                     the receiver's slice of num_tokens_per_expert
@@ -56,7 +60,7 @@ struct InternodeControl {
     __host__ __device__ int64_t exchange_word(int rank) const { return int64_t{rank} * 8; }
     __host__ __device__ int64_t region_word(int node) const { return (int64_t{num_ranks} + node) * 8; }
     __host__ __device__ int64_t partial_word(int node) const { return (int64_t{num_ranks} + num_nodes() + node) * 8; }
-    __host__ __device__ int64_t staged_word(int local) const {
+    __host__ __device__ int64_t node_word(int local) const {
         return (int64_t{num_ranks} + 2 * num_nodes() + local) * 8;
     }
     __host__ __device__ int64_t counters_offset() const {
@@ -248,8 +252,8 @@ struct InternodeDispatchPullArgs {
 };
 void launch_internode_dispatch_pull(const InternodeDispatchPullArgs& args);
 
-/// Combine: stage this rank's rows (step 1), forwarders reduce and put partial sums (step 2), sources sum
-/// their own node's rows and the partials (step 3).
+/// Combine: stage this rank's rows (step 1, staged reads only), forwarders reduce and put partial sums
+/// (step 2), sources sum their own node's rows and the partials (step 3).
 struct InternodeCombineArgs {
     InternodePeers peers;
     InternodeCombineLayout layout;
@@ -258,6 +262,8 @@ struct InternodeCombineArgs {
     int num_tokens;                 // this rank's tokens
     const void* x;                  // [num_rows, hidden] bf16
     const float* topk_weights;      // [num_rows, num_topk] or nullptr
+    bool direct_reads;              // read the node's inputs in place, at node_inputs (index: local rank)
+    CombineSources node_inputs;
     const int* send_head;           // [T, R]
     const int* send_node_head;      // [T, N]
     const int* forward_offsets;     // [N + 1]

@@ -170,7 +170,9 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         const int num_local_experts = static_cast<int>(num_experts / num_ranks);
         auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, num_local_experts);
         num_recv = rows;
-        num_recv_tokens_per_expert_list = std::move(per_expert);
+        // V1's contract: with num_worst_tokens the per-expert list is empty (callers size by the worst case).
+        if (call.num_worst_tokens == 0)
+            num_recv_tokens_per_expert_list = std::move(per_expert);
         const int num_forwarded = buffer.mapped_counters_host()[2 + num_local_experts];
         handle.forward_map = torch::empty({num_forwarded, num_nvl_ranks}, x.options().dtype(torch::kInt32));
         // -1 (all bytes 0xff): no row there; the pull fills the rows the node's ranks received.
@@ -252,6 +254,8 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
 
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
+    // Host only, before anything is queued: where the node's ranks' inputs are, to read them in place.
+    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
 
     launch_exchange(buffer, peers, stream);
     InternodeCombineArgs args{};
@@ -263,6 +267,9 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     args.num_tokens = static_cast<int>(num_tokens);
     args.x = x.data_ptr();
     args.topk_weights = data_or_null<float>(topk_weights);
+    args.direct_reads = direct.has_value();
+    if (direct.has_value())
+        args.node_inputs = *direct;
     args.send_head = handle.send_head.data_ptr<int>();
     args.send_node_head = handle.send_node_head.data_ptr<int>();
     args.forward_offsets = handle.forward_offsets.data_ptr<int>();

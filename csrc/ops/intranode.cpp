@@ -118,6 +118,8 @@ CombineSources staged_combine_sources(const NvlPeers& peers, int64_t hidden, int
     return sources;
 }
 
+}  // namespace
+
 std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
                                                      const OptionalTensor& topk_weights, cudaStream_t stream) {
     std::vector<std::array<const char*, kMaxNvlRanks>> peers;
@@ -125,7 +127,7 @@ std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, co
                                     stream, peers))
         return std::nullopt;
     CombineSources sources{};
-    for (int r = 0; r < buffer.num_ranks(); ++r) {
+    for (int r = 0; r < kMaxNvlRanks; ++r) {
         sources.x[r] = peers[0][r];
         sources.topk_weights[r] = peers[1][r];
     }
@@ -133,8 +135,6 @@ std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, co
     sources.topk_weights_stride = topk_weights.has_value() ? topk_weights->size(1) * 4 : 0;
     return sources;
 }
-
-}  // namespace
 
 /// Returns (recv_x (a tensor, or the (fp8, scales) tuple as x came), recv_topk_idx, recv_topk_weights,
 /// num_recv_tokens_per_expert_list, handle tensors (a 6-tuple), event), DeepEP V1's dispatch minus the

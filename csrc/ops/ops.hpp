@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/api.cuh"
 #include "runtime/buffer.hpp"
 #include "runtime/op_streams.hpp"
 
@@ -40,6 +41,13 @@ inline pybind11::object tensor_or_none(const std::optional<torch::Tensor>& t) {
 // host-mapped memory, tag last ([1] rows, [2 + e] per local expert); the kernels queued after notify run
 // while this waits. Returns (rows received, aligned rows per local expert).
 std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer, int tag, int num_local_experts);
+
+// Direct reads of a combine's inputs: where the node's ranks' x and topk_weights are (index: local rank), or
+// nullopt when they cannot all be read in place (then every rank of the node stages them; the decision is
+// taken from the same exchanged records everywhere). Host only: no GPU synchronisation.
+std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
+                                                     const std::optional<torch::Tensor>& topk_weights,
+                                                     cudaStream_t stream);
 
 void register_layout_apis(pybind11::module_& m);
 void register_internode_apis(pybind11::module_& m);

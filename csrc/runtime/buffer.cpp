@@ -155,7 +155,9 @@ SymmetricBuffer& Buffer::symmetric(const char* op) {
 
 void Buffer::attach_host_exchange(const std::string& name, bool create) {
     require_usable();
-    host_exchange_ = std::make_unique<HostExchange>(name, rank_, num_ranks_, create, timeout_ns_);
+    // Among the ranks of this rank's node: all of them, unless the Buffer spans nodes.
+    host_exchange_ = std::make_unique<HostExchange>(name, rank_ % num_nvl_ranks_, num_nvl_ranks_, create, timeout_ns_,
+                                                    rank_ / num_nvl_ranks_ * num_nvl_ranks_);
 }
 
 void Buffer::unlink_host_exchange() {
@@ -263,8 +265,9 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
         pybind11::gil_scoped_release release;
         records = host_exchange_->all_gather(record);
     }
-    std::vector<std::vector<AllocationRecord>> parsed(num_ranks_, std::vector<AllocationRecord>(count));
-    for (int peer = 0; peer < num_ranks_; ++peer) {
+    const int num_members = host_exchange_->num_ranks(), own = host_exchange_->rank();
+    std::vector<std::vector<AllocationRecord>> parsed(num_members, std::vector<AllocationRecord>(count));
+    for (int peer = 0; peer < num_members; ++peer) {
         DEEP_EP_CHECK(records[peer].size() == record.size(),
                       "rank " << peer << " exchanged a different operation (ranks diverged)");
         int32_t peer_wants = 0;
@@ -280,11 +283,11 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
     ++num_direct_ops_;
     out.assign(count, {});
     for (size_t i = 0; i < count; ++i) {
-        for (int peer = 0; peer < num_ranks_; ++peer) {
+        for (int peer = 0; peer < num_members; ++peer) {
             const AllocationRecord& r = parsed[peer][i];
             if (r.state == AllocationRecord::kAbsent)
                 out[i][peer] = nullptr;
-            else if (peer == rank_)
+            else if (peer == own)
                 out[i][peer] = static_cast<const char*>(local[i]);
             else
                 out[i][peer] = static_cast<const char*>(open_peer_allocation(
@@ -317,6 +320,7 @@ std::string describe_wait_site(int site) {
         case WaitSite::kInternodeRows: return "the inter-node dispatch rows of";
         case WaitSite::kInternodeStaged: return "the inter-node staged combine input of";
         case WaitSite::kInternodePartial: return "the inter-node combine partial sums of node";
+        case WaitSite::kInternodeClose: return "the inter-node combine's closing signal of";
         default: return "an unknown wait on";
     }
 }

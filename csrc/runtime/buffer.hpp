@@ -123,8 +123,9 @@ class Buffer {
     // Peer allocations mapped so far (each a cudaIpcOpenMemHandle; mappings are cached, so this stays flat
     // while ops reuse the same tensors' memory).
     int64_t num_peer_allocation_opens() const { return num_peer_allocation_opens_; }
-    // Where every rank's tensors of this op are, as this process maps them: out[i][r] is rank r's i-th
-    // tensor (nullptr where it passed none). All ranks call it together with the same number of tensors.
+    // Where every rank's tensors of this op are, as this process maps them: out[i][l] is the i-th tensor of
+    // local rank l of this node (nullptr where it passed none; of an intra-node Buffer, l is the rank). All
+    // ranks of the node call it together with the same number of tensors.
     // Returns false, and fills nothing, unless every rank has direct reads on, is not capturing `stream`
     // into a CUDA graph (opening IPC handles is not allowed then) and could export every tensor (CUDA
     // IPC needs cudaMalloc memory: not the expandable segments of torch's allocator).

@@ -12,8 +12,10 @@
 
 namespace deep_ep::runtime {
 
-HostExchange::HostExchange(const std::string& name, int rank, int num_ranks, bool create, uint64_t timeout_ns)
-    : name_(name), rank_(rank), num_ranks_(num_ranks), timeout_ns_(timeout_ns), linked_(create) {
+HostExchange::HostExchange(const std::string& name, int rank, int num_ranks, bool create, uint64_t timeout_ns,
+                           int first_rank)
+    : name_(name), rank_(rank), num_ranks_(num_ranks), first_rank_(first_rank), timeout_ns_(timeout_ns),
+      linked_(create) {
     DEEP_EP_CHECK(num_ranks >= 1 && num_ranks <= kMaxNvlRanks && rank >= 0 && rank < num_ranks,
                   "bad rank " << rank << " of " << num_ranks);
     const size_t bytes = sizeof(Slot) * kMaxNvlRanks;
@@ -60,8 +62,8 @@ std::vector<std::string> HostExchange::all_gather(const std::string& record) {
         for (uint64_t spins = 0; slot.round.load(std::memory_order_acquire) < round; ++spins) {
             if (spins % 1024 == 1023) {
                 if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(timeout_ns_))
-                    DEEP_EP_CHECK(false, "rank " << rank_ << " timed out after " << timeout_ns_ / 1e9
-                                                 << " s waiting for rank " << peer
+                    DEEP_EP_CHECK(false, "rank " << first_rank_ + rank_ << " timed out after " << timeout_ns_ / 1e9
+                                                 << " s waiting for rank " << first_rank_ + peer
                                                  << " in the host address exchange (round " << round
                                                  << "); a peer is missing, crashed or diverged");
                 std::this_thread::yield();

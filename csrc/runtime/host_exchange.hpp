@@ -1,4 +1,5 @@
-// A host-only all-gather of small records among the ranks of one node, through POSIX shared memory.
+// A host-only all-gather of small records among the ranks of one node (of an inter-node Buffer: its
+// NVLink domain), through POSIX shared memory.
 // Direct peer reads use it to learn, per call, where each peer's input tensors are (their CUDA IPC
 // handles): no GPU work, no CPU-GPU synchronisation, a few microseconds when the ranks arrive together.
 #pragma once
@@ -16,8 +17,9 @@ class HostExchange {
   public:
     static constexpr int kRecordBytes = 1024;
 
-    // Rank 0 creates the segment; the others open it once it exists (the caller orders that).
-    HostExchange(const std::string& name, int rank, int num_ranks, bool create, uint64_t timeout_ns);
+    // Member 0 creates the segment; the others open it once it exists (the caller orders that). Members are
+    // the group's ranks first_rank .. first_rank + num_ranks - 1 (errors name those).
+    HostExchange(const std::string& name, int rank, int num_ranks, bool create, uint64_t timeout_ns, int first_rank);
     ~HostExchange();
     HostExchange(const HostExchange&) = delete;
     HostExchange& operator=(const HostExchange&) = delete;
@@ -27,6 +29,9 @@ class HostExchange {
     // Every rank calls it the same number of times; returns every rank's record (index = rank). Throws,
     // naming the missing rank, if a peer does not arrive within the timeout.
     std::vector<std::string> all_gather(const std::string& record);
+    // This rank's index among the members, and how many there are.
+    int rank() const { return rank_; }
+    int num_ranks() const { return num_ranks_; }
 
   private:
     // One slot per rank, written by that rank only. Round k uses data[k % 2]: a rank can start round
@@ -38,7 +43,7 @@ class HostExchange {
     };
 
     std::string name_;
-    int rank_, num_ranks_;
+    int rank_, num_ranks_, first_rank_;
     uint64_t timeout_ns_;
     uint64_t round_ = 0;
     bool linked_ = false;

@@ -143,6 +143,10 @@ class CudaBackend:
             if all(host == everyone[0][0] for host, _ in everyone):
                 self._attach_host_exchange()
             self.runtime.direct_reads = os.environ.get(DIRECT_READS_ENV, "1") != "0"
+        elif self._normal is not None and self.internode:
+            # Inter-node combine reads its node's inputs in place: the ranks of a node share a host.
+            self._attach_host_exchange()
+            self.runtime.direct_reads = os.environ.get(DIRECT_READS_ENV, "1") != "0"
 
         self._symmetric_base = 0
         if low_latency_mode or self.internode:
@@ -182,21 +186,26 @@ class CudaBackend:
             self.comm.barrier()
 
     def _attach_host_exchange(self) -> None:
-        """Shared memory for the per-call address exchange of direct reads: rank 0 creates it, the others
-        map it, then the name is removed so that nothing outlives the processes."""
-        name = self._all_gather_object(f"/deep_ep_{os.getpid()}_{uuid.uuid4().hex[:16]}")[0]
-        if self.rank == 0:
-            self.runtime.attach_host_exchange(name, True)
+        """Shared memory for the per-call address exchange of direct reads, one segment per node: the
+        node's first rank creates it, the others map it, then the name is removed so that nothing outlives
+        the processes."""
+        names = self._all_gather_object(f"/deep_ep_{os.getpid()}_{uuid.uuid4().hex[:16]}")
+        first = self.rank // self.num_nvl_ranks * self.num_nvl_ranks
+        creates = self.rank == first
+        if creates:
+            self.runtime.attach_host_exchange(names[first], True)
         self._all_gather_object(None)
-        if self.rank != 0:
-            self.runtime.attach_host_exchange(name, False)
+        if not creates:
+            self.runtime.attach_host_exchange(names[first], False)
         self._all_gather_object(None)
-        if self.rank == 0:
+        if creates:
             self.runtime.unlink_host_exchange()
 
     @property
     def direct_reads(self) -> bool:
-        return self.runtime.num_nvl_bytes > 0 and self.runtime.direct_reads
+        """Intra-node ops, and the inter-node combine inside a node, read peers' inputs in place."""
+        attached = self.runtime.num_nvl_bytes > 0 or (self.internode and self._normal is not None)
+        return attached and self.runtime.direct_reads
 
     @direct_reads.setter
     def direct_reads(self, enabled: bool) -> None:

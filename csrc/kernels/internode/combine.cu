@@ -1,9 +1,11 @@
-// Inter-node combine after notify, three kernels (kernels/api_internode.cuh has the data flow):
-//   stage:   copy this rank's rows (bf16 + top-k weights) into its symmetric buffer, tell the node;
+// Inter-node combine after notify, up to three kernels (kernels/api_internode.cuh has the data flow):
+//   stage:   (staged reads only) copy this rank's rows (bf16 + top-k weights) into its symmetric buffer,
+//            tell the node;
 //   forward: as forwarder for source (m, l), sum per landed token the rows the node's ranks hold for it
 //            (in local-rank order, float32), round to bf16 and put the partial sum back to (m, l);
 //   combine: per token, sum the rows this node's ranks hold (local-rank order) and the partial sums of
-//            the other nodes (node order) in float32, add the biases, store bf16.
+//            the other nodes (node order) in float32, add the biases, store bf16; with direct reads, close
+//            with a node barrier (peers read this rank's inputs until then).
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
 #include "kernels/common/reduce.cuh"
@@ -23,16 +25,20 @@ constexpr int kMaxReduceSources = 32;
 template <int kMaxSources>
 constexpr int kReduceThreads = kMaxSources <= 8 ? 512 : 256;
 
-// The rows one warp sums for one output row, in summation order, held in registers (static indices only).
+// The rows one warp sums for one output row, in summation order, and their top-k weights (nullptr: none),
+// held in registers (static indices only).
 template <int kMaxSources>
 struct ReduceSources {
     const int4* rows[kMaxSources];
+    const int* weights[kMaxSources];
     int count = 0;
-    __device__ __forceinline__ void add(const char* row) {
+    __device__ __forceinline__ void add(const char* row, const char* row_weights) {
 #pragma unroll
         for (int j = 0; j < kMaxSources; ++j)
-            if (j == count)
+            if (j == count) {
                 rows[j] = reinterpret_cast<const int4*>(row);
+                weights[j] = reinterpret_cast<const int*>(row_weights);
+            }
         ++count;
     }
     __device__ __forceinline__ void finish() {
@@ -44,11 +50,11 @@ struct ReduceSources {
 };
 
 /// dst = the rows' bf16 sum (float32, in order, then the biases), the shared combine reduction; the rows'
-/// float32 top-k weights (at weights_offset in each row) summed likewise into dst_weights when given.
+/// float32 top-k weights summed likewise into dst_weights when given.
 template <ptx::LoadKind kKind, int kMaxSources>
 __device__ __forceinline__ void warp_reduce_rows(ReduceSources<kMaxSources>& sources, int hidden, int num_topk,
-                                                 int64_t weights_offset, char* dst, float* dst_weights,
-                                                 const int4* bias_0, const int4* bias_1, int lane) {
+                                                 char* dst, float* dst_weights, const int4* bias_0,
+                                                 const int4* bias_1, int lane) {
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
     sources.finish();
     float weights[kMaxSources];
@@ -56,8 +62,8 @@ __device__ __forceinline__ void warp_reduce_rows(ReduceSources<kMaxSources>& sou
 #pragma unroll
     for (int j = 0; j < kMaxSources; ++j)
         if (sums_weight && j < sources.count)
-            weights[j] = __int_as_float(ptx::ld_peer<kKind>(
-                reinterpret_cast<const int*>(reinterpret_cast<const char*>(sources.rows[j]) + weights_offset) + lane));
+            weights[j] =
+                sources.weights[j] == nullptr ? 0.0f : __int_as_float(ptx::ld_peer<kKind>(sources.weights[j] + lane));
     warp_reduce_bf16_rows<kKind, kMaxSources, kUnroll>(reinterpret_cast<int4*>(dst), sources.rows, sources.count,
                                                        bias_0, bias_1, hidden / kBf16PerVector, lane);
     if (sums_weight) {
@@ -67,6 +73,22 @@ __device__ __forceinline__ void warp_reduce_rows(ReduceSources<kMaxSources>& sou
             if (j < sources.count)
                 sum += weights[j];
         dst_weights[lane] = sum;
+    }
+}
+
+/// Where local rank j of this node holds its row `row` of the combine input, and that row's top-k weights:
+/// in the caller's tensors (direct reads) or staged in j's symmetric buffer.
+template <int kMaxSources>
+__device__ __forceinline__ void add_node_row(ReduceSources<kMaxSources>& sources, const InternodeCombineArgs& args,
+                                             const peer::SymmetricView& view, int own_node, int j, int row) {
+    if (args.direct_reads) {
+        const CombineSources& inputs = args.node_inputs;
+        const char* weights = inputs.topk_weights[j];
+        sources.add(inputs.x[j] + row * inputs.x_stride,
+                    weights == nullptr ? nullptr : weights + row * inputs.topk_weights_stride);
+    } else {
+        const char* staged = view.mapped(own_node * args.layout.control.num_nvl_ranks + j) + args.layout.staged_row(row);
+        sources.add(staged, staged + args.layout.topk_weights_offset);
     }
 }
 
@@ -94,7 +116,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) stage_combine_input(Internod
     const int num_nvl_ranks = control.num_nvl_ranks, rank = args.peers.rank;
     const int epoch = ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
     for (int j = threadIdx.x; j < num_nvl_ranks; j += blockDim.x)
-        peer::signal_set(view, rank / num_nvl_ranks * num_nvl_ranks + j, control.staged_word(rank % num_nvl_ranks),
+        peer::signal_set(view, rank / num_nvl_ranks * num_nvl_ranks + j, control.node_word(rank % num_nvl_ranks),
                          epoch);
 }
 
@@ -106,10 +128,11 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
     const int rank = args.peers.rank, own_node = rank / num_nvl_ranks, local = rank % num_nvl_ranks;
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
     const int epoch = ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
+    // Direct reads need no wait: the op-opening exchange already proved every rank's inputs are written.
     bool arrived = true;
-    for (int j = threadIdx.x; j < num_nvl_ranks; j += blockDim.x)
+    for (int j = threadIdx.x; j < num_nvl_ranks && !args.direct_reads; j += blockDim.x)
         arrived &= wait_at_least(args.peers.wait, WaitSite::kInternodeStaged, own_node * num_nvl_ranks + j,
-                                 view.local<int>(control.staged_word(j)), epoch);
+                                 view.local<int>(control.node_word(j)), epoch);
     if (__syncthreads_and(arrived) == 0)
         return;
 
@@ -124,15 +147,15 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
         for (int j = 0; j < num_nvl_ranks; ++j) {
             const int row = __ldg(args.forward_map + int64_t{f} * num_nvl_ranks + j);
             if (row >= 0)
-                sources.add(view.mapped(own_node * num_nvl_ranks + j) + layout.staged_row(row));
+                add_node_row(sources, args, view, own_node, j, row);
         }
         char* partial = view.local(layout.partial_send_row(src_node, slot));
         // By the op's shape, not this rank's pointer: a forwarder that received no rows itself (an empty
         // topk_weights) still sums its node's weights.
         float* partial_weights =
             args.num_topk > 0 ? reinterpret_cast<float*>(partial + layout.topk_weights_offset) : nullptr;
-        warp_reduce_rows<kKind, kMaxSources>(sources, args.hidden, args.num_topk, layout.topk_weights_offset, partial,
-                                             partial_weights, nullptr, nullptr, lane);
+        warp_reduce_rows<kKind, kMaxSources>(sources, args.hidden, args.num_topk, partial, partial_weights, nullptr,
+                                             nullptr, lane);
         __syncwarp();
         ptx::fence_acq_rel_sys();
         __syncwarp();
@@ -168,27 +191,37 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(Intern
     for (int token = global_warp_id(); token < args.num_tokens; token += num_global_warps()) {
         ReduceSources<kMaxSources> sources;
         for (int j = 0; j < num_nvl_ranks; ++j) {
-            const int dst = own_node * num_nvl_ranks + j;
-            const int row = __ldg(args.send_head + int64_t{token} * num_ranks + dst);
+            const int row = __ldg(args.send_head + int64_t{token} * num_ranks + own_node * num_nvl_ranks + j);
             if (row >= 0)
-                sources.add(view.mapped(dst) + layout.staged_row(row));
+                add_node_row(sources, args, view, own_node, j, row);
         }
         for (int node = 0; node < num_nodes; ++node) {
             if (node == own_node)
                 continue;
             const int slot = __ldg(args.send_node_head + int64_t{token} * num_nodes + node);
-            if (slot >= 0)
-                sources.add(view.local(layout.partial_recv_row(node, slot)));
+            if (slot >= 0) {
+                const char* partial = view.local(layout.partial_recv_row(node, slot));
+                sources.add(partial, partial + layout.topk_weights_offset);
+            }
         }
         const int64_t row_offset = int64_t{token} * (args.hidden / kBf16PerVector);
         const auto* bias_0 = static_cast<const int4*>(args.bias_0);
         const auto* bias_1 = static_cast<const int4*>(args.bias_1);
         warp_reduce_rows<kKind, kMaxSources>(
-            sources, args.hidden, args.num_topk, layout.topk_weights_offset,
-            static_cast<char*>(args.combined_x) + int64_t{token} * args.hidden * 2,
+            sources, args.hidden, args.num_topk, static_cast<char*>(args.combined_x) + int64_t{token} * args.hidden * 2,
             args.combined_topk_weights != nullptr ? args.combined_topk_weights + int64_t{token} * args.num_topk : nullptr,
             bias_0 == nullptr ? nullptr : bias_0 + row_offset, bias_1 == nullptr ? nullptr : bias_1 + row_offset, lane);
     }
+    if (!args.direct_reads || !is_last_block_to_finish(view.local<int>(control.kernel_exits())))
+        return;
+    // Closing node barrier: this rank's forward and combine kernels are done reading the node's inputs; once
+    // every rank of the node says so, each caller may reuse or free its own.
+    const int local = rank % num_nvl_ranks;
+    for (int j = threadIdx.x; j < num_nvl_ranks; j += blockDim.x)
+        peer::signal_set(view, own_node * num_nvl_ranks + j, control.node_word(local), epoch);
+    for (int j = threadIdx.x; j < num_nvl_ranks; j += blockDim.x)
+        wait_at_least(args.peers.wait, WaitSite::kInternodeClose, own_node * num_nvl_ranks + j,
+                      view.local<int>(control.node_word(j)), epoch);
 }
 
 }  // namespace internode
@@ -227,8 +260,10 @@ void launch_internode_combine(const InternodeCombineArgs& args) {
     DEEP_EP_CHECK(num_nvl_ranks + num_nodes - 1 <= kMaxReduceSources,
                   "at most " << kMaxReduceSources << " rows per combined token (ranks per node + other nodes)");
     const int num_blocks = args.num_blocks < 1 ? 1 : args.num_blocks;
-    internode::stage_combine_input<<<num_blocks, kStageThreads, 0, args.stream>>>(args);
-    DEEP_EP_LAUNCH_CHECK();
+    if (!args.direct_reads) {
+        internode::stage_combine_input<<<num_blocks, kStageThreads, 0, args.stream>>>(args);
+        DEEP_EP_LAUNCH_CHECK();
+    }
     // Forwarders sum a node's rows; sources add the partials of the other nodes to their own node's rows.
     for (const bool forward : {true, false}) {
         const int num_sources = forward ? num_nvl_ranks : num_nvl_ranks + num_nodes - 1;
