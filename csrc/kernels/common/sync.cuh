@@ -15,6 +15,13 @@ __device__ __forceinline__ bool wait_aborted(const WaitContext& ctx) {
     return ptx::ld_volatile_global(&ctx.error->status) != 0;
 }
 
+/// Block-uniform: true once a wait of the Buffer failed. A kernel queued after another kernel of its op
+/// waited (an op-opening exchange) calls it first and leaves at once when true: its epochs, lists and counts
+/// are not this op's, and acting on them could read or overwrite what peers still use.
+__device__ __forceinline__ bool block_sees_abort(const WaitContext& ctx) {
+    return __syncthreads_or(threadIdx.x == 0 && wait_aborted(ctx)) != 0;
+}
+
 __device__ __forceinline__ void report_wait_timeout(const WaitContext& ctx, WaitSite site, int peer, int expected,
                                                     int observed) {
     // Only the first failing thread fills the details; later ones would overwrite the root cause.

@@ -97,6 +97,8 @@ __device__ __forceinline__ void add_node_row(ReduceSources<kMaxSources>& sources
 namespace internode {
 
 __global__ void __launch_bounds__(kStageThreads, 1) stage_combine_input(InternodeCombineArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
@@ -122,6 +124,8 @@ __global__ void __launch_bounds__(kStageThreads, 1) stage_combine_input(Internod
 
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combine(InternodeCombineArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -173,6 +177,8 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
 // Named deep_ep::internode::combine: profiler-based tools find the op's kernel by "::combine".
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(InternodeCombineArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();

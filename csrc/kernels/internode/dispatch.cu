@@ -29,6 +29,8 @@ namespace internode {
 // (each rank of node n, and the node itself); one block-wide ballot scan per flag gives each token its
 // position in each list.
 __global__ void __launch_bounds__(kPlanThreads, 1) dispatch_plan(InternodeDispatchPlanArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -126,6 +128,8 @@ __global__ void __launch_bounds__(kPlanThreads, 1) dispatch_plan(InternodeDispat
 
 // Warp per token: stage the row once into our send rows, then one put per other node it goes to.
 __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send(InternodeDispatchSendArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -199,6 +203,8 @@ __device__ __forceinline__ int source_of_row(const int* first_row, int num_ranks
 // Named deep_ep::internode::dispatch: profiler-based tools find the op's kernel by "::dispatch".
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) dispatch(InternodeDispatchPullArgs args) {
+    if (block_sees_abort(args.peers.wait))
+        return;  // this op's opening exchange (or a wait before) failed
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
