@@ -74,6 +74,55 @@ struct CoherenceArgs {
 };
 void launch_coherence_round_trip(const CoherenceArgs& args);
 
+/// How the inter-node producer delivers a round into its consumer's symmetric buffer: NVSHMEM device calls
+/// only (the consumer is on another node, so the SymmetricView maps it to nothing), the two patterns the
+/// inter-node and low-latency kernels use.
+enum class CoherenceDelivery : int {
+    // Every warp puts its share of the slice (peer::warp_put) and completes it (peer::quiet); then one thread
+    // sets the ready signal (peer::signal_set, NVSHMEM_SIGNAL_SET): inter-node dispatch and combine.
+    kPutThenSignal = 0,
+    // One warp puts the whole slice with the signal attached (peer::warp_send_with_signal, SET), which
+    // NVSHMEM delivers after the data: the inter-node notify and the low-latency kernels.
+    kPutWithSignal = 1,
+};
+
+/// The inter-node variant of the coherence round trip, in the NVSHMEM symmetric buffer laid out by
+/// CoherenceLayout on every rank: the producer stages each round in its own outbox and puts it into the
+/// consumer's inbox, the ready and ack flags are NVSHMEM signal words (uint64; sequence numbers live in the
+/// low half) and the consumer reads the payload from its OWN symmetric buffer with the variant's load,
+/// which is how an inter-node receiver reads what landed there. Rounds, sequence numbers and counters as
+/// CoherenceArgs.
+struct InternodeCoherenceArgs {
+    CoherenceVariant variant;
+    CoherenceDelivery delivery;
+    CoherenceLayout layout;
+    int num_rounds;
+    int seq_base;
+    void* local_base;              // this rank's symmetric buffer (peer::SymmetricView)
+    const uint64_t* mapped_bases;  // device [num_ranks]; 0 for producer_rank and consumer_rank (put-reached)
+    int producer_rank;
+    int consumer_rank;
+    unsigned long long* counters;  // [kNumCoherenceCounters], accumulated
+    WaitContext wait;
+    cudaStream_t stream;
+};
+void launch_internode_coherence_round_trip(const InternodeCoherenceArgs& args);
+
+/// Puts num_bytes from this rank's symmetric buffer at `offset` into dst_rank's at the same offset with
+/// NVSHMEM (every warp one contiguous share, then quiet), so that the kernel's time is the put's until
+/// the bytes are delivered. Timed by the host with CUDA events.
+struct PutBandwidthArgs {
+    void* local_base;
+    const uint64_t* mapped_bases;  // device [num_ranks]; 0 for dst_rank (put-reached)
+    int dst_rank;
+    int64_t offset;
+    int64_t num_bytes;  // multiple of 16
+    int num_blocks;
+    cudaStream_t stream;
+};
+inline constexpr int kPutBandwidthThreads = 256;
+void launch_put_bandwidth(const PutBandwidthArgs& args);
+
 /// Reads num_bytes from source (a peer's buffer) with one load kind, as fast as it can; each thread
 /// folds what it read into one int of sink so the loads are live. Timed by the host with CUDA events.
 struct PeerReadBandwidthArgs {

@@ -1,7 +1,10 @@
 // deep_ep._C.testing: launches for deep_ep.check and tests/test_primitives.py. Peer pointers and the wait
-// context come from a RuntimeBuffer; counters and outputs are torch tensors the caller allocated.
+// context come from a RuntimeBuffer (for the inter-node check: the NVSHMEM symmetric buffer attached to it);
+// counters and outputs are torch tensors the caller allocated.
 #include <torch/extension.h>
 
+#include <initializer_list>
+#include <stdexcept>
 #include <string>
 
 #include "kernels/api.cuh"
@@ -78,6 +81,78 @@ void coherence_round_trip(runtime::Buffer& buffer, int64_t producer_rank, int64_
     launch_coherence_round_trip(args);
 }
 
+#ifdef DEEP_EP_WITH_NVSHMEM
+CoherenceDelivery parse_delivery(const std::string& name) {
+    if (name == "put_then_signal")
+        return CoherenceDelivery::kPutThenSignal;
+    if (name == "put_with_signal")
+        return CoherenceDelivery::kPutWithSignal;
+    DEEP_EP_CHECK(false, "unknown delivery '" << name << "' (put_then_signal, put_with_signal)");
+}
+
+// The symmetric buffer attached to `buffer` (RuntimeBuffer.attach_symmetric), once each of `peers` is known
+// to be reached by NVSHMEM puts only: the inter-node tests must not fall back to mapped stores, which would
+// test the intra-node path instead. Reads the mapped bases back from the device (a test, not a hot path).
+const runtime::SymmetricBuffer& put_reached_symmetric(runtime::Buffer& buffer, std::initializer_list<int64_t> peers,
+                                                      const char* op) {
+    const runtime::SymmetricBuffer& symmetric = buffer.symmetric(op);
+    const torch::Tensor mapped = symmetric.mapped_bases.cpu();
+    for (const int64_t peer : peers) {
+        DEEP_EP_CHECK(peer >= 0 && peer < buffer.num_ranks() && peer != buffer.rank(),
+                      op << ": peer " << peer << " must be another rank of the " << buffer.num_ranks());
+        DEEP_EP_CHECK(mapped[peer].item<int64_t>() == 0,
+                      op << ": rank " << peer << "'s symmetric buffer is mapped into this process (same node); the "
+                         << "inter-node check needs a peer that only NVSHMEM puts reach (another node)");
+    }
+    return symmetric;
+}
+
+void internode_coherence_round_trip(runtime::Buffer& buffer, int64_t producer_rank, int64_t consumer_rank,
+                                    const std::string& variant, const std::string& delivery, int64_t num_blocks,
+                                    int64_t slice_bytes, int64_t num_rounds, int64_t seq_base, torch::Tensor& counters,
+                                    int64_t stream) {
+    buffer.raise_if_failed();
+    check_device_tensor(counters, torch::kInt64, kNumCoherenceCounters, "counters");
+    const runtime::SymmetricBuffer& symmetric =
+        put_reached_symmetric(buffer, {producer_rank, consumer_rank}, "internode_coherence_round_trip");
+    InternodeCoherenceArgs args{};
+    args.variant = parse_variant(variant);
+    args.delivery = parse_delivery(delivery);
+    args.layout = CoherenceLayout{static_cast<int>(num_blocks), slice_bytes};
+    DEEP_EP_CHECK(args.layout.total_bytes() <= symmetric.num_bytes,
+                  "the coherence regions need " << args.layout.total_bytes() << " bytes, the symmetric buffer has "
+                                                << symmetric.num_bytes);
+    args.num_rounds = static_cast<int>(num_rounds);
+    args.seq_base = static_cast<int>(seq_base);
+    args.local_base = symmetric.base;
+    args.mapped_bases = reinterpret_cast<const uint64_t*>(symmetric.mapped_bases.data_ptr<int64_t>());
+    args.producer_rank = static_cast<int>(producer_rank);
+    args.consumer_rank = static_cast<int>(consumer_rank);
+    args.counters = reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>());
+    args.wait = buffer.wait_context();
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_internode_coherence_round_trip(args);
+}
+
+void put_bandwidth(runtime::Buffer& buffer, int64_t dst_rank, int64_t offset, int64_t num_bytes, int64_t num_blocks,
+                   int64_t stream) {
+    buffer.raise_if_failed();
+    const runtime::SymmetricBuffer& symmetric = put_reached_symmetric(buffer, {dst_rank}, "put_bandwidth");
+    DEEP_EP_CHECK(offset >= 0 && num_bytes > 0 && offset + num_bytes <= symmetric.num_bytes,
+                  "cannot put " << num_bytes << " bytes at offset " << offset << " of a " << symmetric.num_bytes
+                                << "-byte symmetric buffer");
+    PutBandwidthArgs args{};
+    args.local_base = symmetric.base;
+    args.mapped_bases = reinterpret_cast<const uint64_t*>(symmetric.mapped_bases.data_ptr<int64_t>());
+    args.dst_rank = static_cast<int>(dst_rank);
+    args.offset = offset;
+    args.num_bytes = num_bytes;
+    args.num_blocks = static_cast<int>(num_blocks);
+    args.stream = reinterpret_cast<cudaStream_t>(stream);
+    launch_put_bandwidth(args);
+}
+#endif  // DEEP_EP_WITH_NVSHMEM
+
 void peer_read_bandwidth(runtime::Buffer& buffer, int64_t peer, int64_t num_bytes, bool conservative_loads,
                          int64_t num_blocks, torch::Tensor& sink, int64_t stream) {
     buffer.raise_if_failed();
@@ -140,6 +215,23 @@ void register_testing_apis(pybind11::module_& m) {
             py::arg("consumer_rank"), py::arg("variant"), py::arg("placement"), py::arg("num_blocks"),
             py::arg("slice_bytes"), py::arg("num_rounds"), py::arg("seq_base"), py::arg("counters"),
             py::arg("stream"));
+    sub.attr("put_bandwidth_threads") = kPutBandwidthThreads;
+#ifdef DEEP_EP_WITH_NVSHMEM
+    sub.attr("internode_compiled") = true;
+    sub.def("internode_coherence_round_trip", &internode_coherence_round_trip, py::arg("buffer"),
+            py::arg("producer_rank"), py::arg("consumer_rank"), py::arg("variant"), py::arg("delivery"),
+            py::arg("num_blocks"), py::arg("slice_bytes"), py::arg("num_rounds"), py::arg("seq_base"),
+            py::arg("counters"), py::arg("stream"));
+    sub.def("put_bandwidth", &put_bandwidth, py::arg("buffer"), py::arg("dst_rank"), py::arg("offset"),
+            py::arg("num_bytes"), py::arg("num_blocks"), py::arg("stream"));
+#else
+    sub.attr("internode_compiled") = false;
+    for (const char* name : {"internode_coherence_round_trip", "put_bandwidth"})
+        sub.def(name, [](py::args, py::kwargs) {
+            throw std::runtime_error("deep_ep was built without NVSHMEM: the inter-node coherence check is missing; "
+                                     "install nvidia-nvshmem-cu13 or set NVSHMEM_DIR and rebuild");
+        });
+#endif
     sub.def("peer_read_bandwidth", &peer_read_bandwidth, py::arg("buffer"), py::arg("peer"), py::arg("num_bytes"),
             py::arg("conservative_loads"), py::arg("num_blocks"), py::arg("sink"), py::arg("stream"));
     sub.def("wait_probe", &wait_probe, py::arg("buffer"), py::arg("flag_offset_bytes"), py::arg("target"),

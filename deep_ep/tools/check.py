@@ -11,10 +11,23 @@
    several payload sizes, and each load kind. Two deliberately wrong variants (plain ``ld.global.nc``,
    which allocates in L1, with and without an acquiring flag wait) show whether the test can see
    staleness at all.
-3. Peer read bandwidth of both load kinds (GB/s).
+3. Inter-node check (deep_ep.tools.check_internode): the same producer/consumer between nodes, over NVSHMEM.
+   The ranks are split into nodes of ``--num-nvl-ranks`` consecutive ranks (default: half of them, two
+   virtual nodes on this host, ranks sharing a GPU when there is one); rank r produces for the rank
+   ``--num-nvl-ranks`` further on, so no store of one reaches the other. The producer stages each round in
+   its symmetric buffer and delivers it with NVSHMEM device calls only (puts, quiet, then a signal; or one
+   put with the signal attached: the two patterns of the inter-node and low-latency kernels); the consumer
+   waits for the signal, reads the payload from its own symmetric buffer with each load kind (and the wrong
+   variants), counts as above and acks with a signal. Also rank 0's NVSHMEM put bandwidth into the next
+   node. Under torchrun (``torchrun --nnodes 2 --nproc-per-node 8 ... -m deep_ep.check``) every process is a
+   rank, the nodes are the hosts (deep_ep.topology's detection, or ``--num-nvl-ranks``), and only the
+   environment report and this check run; rank 0 prints.
+4. Peer read bandwidth of both load kinds (GB/s).
 
 Prints a table; ``--json`` prints one JSON object instead. Benchmarks here never fail the command; the
-exit status is 1 only if a load kind the library uses (aggressive, conservative) read stale data.
+exit status is 1 only if a coherence scenario (intra- or inter-node) failed to run or a load kind the library
+uses (aggressive, conservative) read stale data. ``--skip-stress``, ``--skip-internode`` and
+``--skip-bandwidth`` leave parts out.
 """
 
 from __future__ import annotations
@@ -270,6 +283,28 @@ def run_coherence(pool, **overrides) -> dict:
 # Bandwidth
 
 
+def time_launches(launch, stream, num_bytes: int, options: dict) -> dict:
+    """Times `launch()` (which enqueues on `stream`) with CUDA events after options["warmup"] untimed runs;
+    median, min and max over options["iterations"], and GB/s of num_bytes at the median."""
+    for _ in range(options["warmup"]):
+        launch()
+    times_ms = []
+    for _ in range(options["iterations"]):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        launch()
+        end.record(stream)
+        end.synchronize()
+        times_ms.append(start.elapsed_time(end))
+    median_ms = statistics.median(times_ms)
+    return dict(
+        median_us=median_ms * 1e3,
+        min_us=min(times_ms) * 1e3,
+        max_us=max(times_ms) * 1e3,
+        gbps=num_bytes / (median_ms * 1e-3) / 1e9,
+    )
+
+
 def _time_peer_read(buffer, peer: int, kind: str, num_blocks: int, options: dict) -> dict:
     from deep_ep import _C
 
@@ -278,17 +313,7 @@ def _time_peer_read(buffer, peer: int, kind: str, num_blocks: int, options: dict
     stream = torch.cuda.Stream()
     sink = torch.empty(num_blocks * testing.peer_read_threads, dtype=torch.int32, device="cuda")
     args = (buffer, peer, num_bytes, kind == "conservative", num_blocks, sink, stream.cuda_stream)
-    for _ in range(options["warmup"]):
-        testing.peer_read_bandwidth(*args)
-    times_ms = []
-    for _ in range(options["iterations"]):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        testing.peer_read_bandwidth(*args)
-        end.record(stream)
-        end.synchronize()
-        times_ms.append(start.elapsed_time(end))
-    median_ms = statistics.median(times_ms)
+    timing = time_launches(lambda: testing.peer_read_bandwidth(*args), stream, num_bytes, options)
     return dict(
         reader=0,
         source=peer,
@@ -296,10 +321,7 @@ def _time_peer_read(buffer, peer: int, kind: str, num_blocks: int, options: dict
         load_kind=kind,
         num_blocks=num_blocks,
         num_bytes=num_bytes,
-        median_us=median_ms * 1e3,
-        min_us=min(times_ms) * 1e3,
-        max_us=max(times_ms) * 1e3,
-        gbps=num_bytes / (median_ms * 1e-3) / 1e9,
+        **timing,
     )
 
 
@@ -376,8 +398,25 @@ def _format_environment(env: dict) -> list[str]:
     return lines
 
 
+def format_coherence_table(summary: dict[str, dict]) -> list[str]:
+    """One row per variant of summarize_coherence's totals, with its verdict."""
+    header = f"{'variant':24} {'checked 16B loads':>18} {'stale words':>12} {'torn loads':>11} {'invalid':>8}  verdict"
+    lines = [header, "-" * len(header)]
+    for variant, total in summary.items():
+        lines.append(
+            f"{variant:24} {total['checked_loads']:>18,} {total['stale_words']:>12,} {total['torn_loads']:>11,} "
+            f"{total['invalid_words']:>8,}  {total['verdict']}"
+        )
+    return lines
+
+
 def format_report(report: dict) -> str:
+    # Imported here: check_internode builds on this module.
+    from deep_ep.tools import check_internode
+
     lines = ["== Environment"] + _format_environment(report["environment"])
+    if "skipped" in report:
+        lines += ["", f"skipped: {report['skipped']}"]
     for scenario in report.get("coherence", []):
         lines += ["", f"== Coherence stress: {scenario['name']}"]
         if "error" in scenario:
@@ -388,13 +427,9 @@ def format_report(report: dict) -> str:
             f"{options['rounds']} rounds x {options['num_blocks']} block pairs per launch; payload per block "
             f"{options['slice_bytes']} B; placements {options['placements']}"
         )
-        header = f"{'variant':24} {'checked 16B loads':>18} {'stale words':>12} {'torn loads':>11} {'invalid':>8}  verdict"
-        lines += [header, "-" * len(header)]
-        for variant, total in scenario["summary"].items():
-            lines.append(
-                f"{variant:24} {total['checked_loads']:>18,} {total['stale_words']:>12,} {total['torn_loads']:>11,} "
-                f"{total['invalid_words']:>8,}  {total['verdict']}"
-            )
+        lines += format_coherence_table(scenario["summary"])
+    for scenario in report.get("internode", []):
+        lines += [""] + check_internode.format_scenario(scenario)
     for scenario in report.get("bandwidth", []):
         lines += [
             "",
@@ -412,6 +447,18 @@ def format_report(report: dict) -> str:
                 f"{r['median_us']:>10.1f} {r['gbps']:>8.1f}"
             )
     return "\n".join(lines)
+
+
+def exit_status(report: dict) -> int:
+    """1 if a coherence scenario (intra- or inter-node) failed to run or a load kind the library uses read
+    stale data; 0 otherwise (skipped scenarios, staleness of the wrong variants and benchmarks never fail)."""
+    for scenario in report.get("coherence", []) + report.get("internode", []):
+        if "error" in scenario:
+            return 1
+        summary = scenario.get("summary", {})
+        if any(summary.get(v, {}).get("verdict", "OK").startswith("STALE") for v in LIBRARY_VARIANTS):
+            return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,15 +480,47 @@ def main(argv: list[str] | None = None) -> int:
         help="payload bytes per block pair (multiples of 16)",
     )
     parser.add_argument("--num-blocks", type=int, default=4, help="block pairs per rank (SMs used: 2x this)")
-    parser.add_argument("--bandwidth-mib", type=int, default=256, help="bytes read per bandwidth sample, MiB")
+    parser.add_argument(
+        "--bandwidth-mib",
+        type=int,
+        default=256,
+        help="bytes per bandwidth sample (peer read, NVSHMEM put), MiB",
+    )
     parser.add_argument("--timeout-s", type=float, default=30.0, help="spin-wait timeout inside the kernels")
-    parser.add_argument("--skip-stress", action="store_true")
-    parser.add_argument("--skip-bandwidth", action="store_true")
+    parser.add_argument(
+        "--internode-ranks",
+        type=int,
+        default=None,
+        help="ranks of the inter-node check on this host (default: one per GPU with several GPUs, else 4)",
+    )
+    parser.add_argument(
+        "--num-nvl-ranks",
+        type=int,
+        default=None,
+        help="ranks a node in the inter-node check (default: half of the ranks, i.e. 2 virtual nodes; "
+        "under torchrun: deep_ep.topology's detection when the job spans several hosts)",
+    )
+    parser.add_argument("--skip-stress", action="store_true", help="skip the intra-node coherence stress")
+    parser.add_argument("--skip-internode", action="store_true", help="skip the inter-node (NVSHMEM) check")
+    parser.add_argument("--skip-bandwidth", action="store_true", help="skip peer read and put bandwidth")
     args = parser.parse_args(argv)
 
-    from deep_ep.tools.launch import RankPool
+    # Imported here: check_internode builds on this module.
+    from deep_ep.tools import check_internode
+    from deep_ep.tools.launch import RankPool, visible_gpu_count
 
-    report: dict = {"environment": environment_report(), "coherence": [], "bandwidth": []}
+    if check_internode.launched_by_torchrun(os.environ):
+        return check_internode.main_torchrun(args)
+    internode_plan = None
+    if not args.skip_internode:
+        try:
+            internode_plan = check_internode.plan_internode(
+                visible_gpu_count(), args.internode_ranks, args.num_nvl_ranks
+            )
+        except ValueError as error:
+            parser.error(str(error))
+
+    report: dict = {"environment": environment_report(), "coherence": [], "internode": [], "bandwidth": []}
     env = report["environment"]
     if not env["gpus"] or not env["extension_built"]:
         report["skipped"] = "no CUDA GPU or no deep_ep._C: only the environment report ran"
@@ -470,13 +549,11 @@ def main(argv: list[str] | None = None) -> int:
                     else report["coherence"]
                 )
                 failed.append(dict(name=name, num_ranks=num_ranks, error=f"{type(error).__name__}: {error}"))
+        if internode_plan is not None:
+            overrides = check_internode.overrides_from_args(args)
+            report["internode"].append(check_internode.run_on_this_host(internode_plan, **overrides))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
-    library_failed = any(
-        "error" in s
-        or any(s["summary"].get(v, {}).get("verdict", "OK").startswith("STALE") for v in LIBRARY_VARIANTS)
-        for s in report["coherence"]
-    )
-    return 1 if library_failed else 0
+    return exit_status(report)
 
 
 if __name__ == "__main__":
