@@ -194,7 +194,9 @@ setup(
     packages=find_packages(include=["deep_ep", "deep_ep.*", "deep_ep_cpp"]),
     python_requires=">=3.10",
     # `pip install 'deep_ep[bench]'`: the plots and progress bars of `python -m deep_ep.bench` (optional).
-    extras_require={"bench": ["matplotlib", "tqdm"]},
+    # `pip install 'deep_ep[nvshmem4py]'`: NVSHMEM's Python bindings, for programs that initialise NVSHMEM
+    # themselves before deep_ep (deep_ep attaches to it: deep_ep/backends/nvshmem.py); deep_ep needs none.
+    extras_require={"bench": ["matplotlib", "tqdm"], "nvshmem4py": ["nvshmem4py-cu13"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

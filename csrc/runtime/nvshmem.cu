@@ -1,5 +1,7 @@
 #include "runtime/nvshmem.hpp"
 
+#include <pybind11/stl.h>
+
 #include <cstring>
 #include <string>
 
@@ -43,6 +45,30 @@ void init(const std::string& unique_id, int rank, int num_ranks) {
 }
 
 bool is_initialized() { return g_initialized; }
+
+int init_status() { return nvshmemx_init_status(); }
+
+std::pair<int, int> my_pe_and_n_pes() {
+    DEEP_EP_CHECK(nvshmemx_init_status() != NVSHMEM_STATUS_NOT_INITIALIZED, "NVSHMEM is not initialised");
+    return {nvshmem_my_pe(), nvshmem_n_pes()};
+}
+
+void attach(int rank, int num_ranks) {
+    if (g_initialized)
+        return;
+    DEEP_EP_CHECK(nvshmemx_init_status() != NVSHMEM_STATUS_NOT_INITIALIZED,
+                  "NVSHMEM is not initialised in this process: nothing to attach to");
+    DEEP_EP_CHECK(nvshmem_my_pe() == rank && nvshmem_n_pes() == num_ranks,
+                  "NVSHMEM runs as PE " << nvshmem_my_pe() << " of " << nvshmem_n_pes() << ", not as rank " << rank
+                                        << " of " << num_ranks);
+    // NVSHMEM allows further init calls from the same processes, each matched by one finalize. On a host
+    // library that is bootstrapped already, the call skips the bootstrap (so it needs no unique id), registers
+    // the device state of the libnvshmem_device this call is linked with (this extension's own, statically
+    // linked: whoever initialised the host library never saw it) and copies the running state into it.
+    // Without it this module's kernels would see NVSHMEM as uninitialised.
+    DEEP_EP_CHECK(nvshmemx_init_attr(0, nullptr) == 0, "nvshmemx_init_attr failed");
+    g_initialized = true;
+}
 
 uintptr_t alloc(int64_t num_bytes) {
     DEEP_EP_CHECK(g_initialized, "NVSHMEM is not initialised");
@@ -95,6 +121,9 @@ bool is_compiled() { return false; }
 pybind11::bytes get_unique_id() { not_compiled(); }
 void init(const std::string&, int, int) { not_compiled(); }
 bool is_initialized() { return false; }
+int init_status() { return 0; }
+std::pair<int, int> my_pe_and_n_pes() { not_compiled(); }
+void attach(int, int) { not_compiled(); }
 uintptr_t alloc(int64_t) { not_compiled(); }
 void free(uintptr_t) {}
 uintptr_t peer_ptr(uintptr_t, int) { not_compiled(); }
@@ -110,6 +139,9 @@ void register_apis(pybind11::module_& m) {
     sub.def("get_unique_id", &get_unique_id);
     sub.def("init", &init, pybind11::arg("unique_id"), pybind11::arg("rank"), pybind11::arg("num_ranks"));
     sub.def("is_initialized", &is_initialized);
+    sub.def("init_status", &init_status);
+    sub.def("my_pe_and_n_pes", &my_pe_and_n_pes);
+    sub.def("attach", &attach, pybind11::arg("rank"), pybind11::arg("num_ranks"));
     sub.def("alloc", &alloc);
     sub.def("free", &free);
     sub.def("peer_ptr", &peer_ptr);

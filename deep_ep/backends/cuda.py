@@ -155,7 +155,9 @@ class CudaBackend:
                     "low-latency mode needs deep_ep built with NVSHMEM (install nvidia-nvshmem-cu13 or set "
                     "NVSHMEM_DIR, then rebuild)"
                 )
-            nvshmem.init_once(group, rank, num_ranks, num_rdma_bytes, self.ranks_per_gpu > 1)
+            nvshmem.init_once(
+                self._all_gather_object, rank, num_ranks, num_rdma_bytes, self.ranks_per_gpu > 1
+            )
             # Ranks of this node are reached over NVLink (low-latency mode: unless the user forbids it), all
             # others by NVSHMEM puts.
             self._symmetric_base, mapped = nvshmem.allocate_symmetric(
