@@ -4,7 +4,8 @@ Each method hands its arguments, as the caller passed them, to the backend chose
 (deep_ep.backends.cuda.CudaBackend, whose C++ side checks and runs each call in one binding call, or
 deep_ep.backends.reference_backend.ReferenceBackend, the pure-PyTorch semantics over torch.distributed); the
 backend checks them before anything runs or is communicated, so a rejected call leaves the Buffer usable,
-and returns V1's tuple.
+and returns V1's tuple. Errors are agreed (docs/errors.md): construction, and every collective call of the
+reference backend, make one rank's error every rank's error, so no rank is left in a call its peers left.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Optional, Union
@@ -19,7 +21,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from .backends import validation
+from .backends import agreement, validation
 from .config import (
     DEFAULT_NUM_SMS,
     Config,
@@ -130,44 +132,69 @@ class Buffer:
         conservative_loads: Optional[bool] = None,
         num_nvl_ranks: Optional[int] = None,
     ) -> None:
-        self.num_nvl_bytes = validation.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        self.num_rdma_bytes = validation.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.num_qps_per_rank = validation.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
-        self.low_latency_mode = bool(low_latency_mode)
-        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
-        self.allow_mnnvl = bool(allow_mnnvl)
-        self.explicitly_destroy = bool(explicitly_destroy)
-        # V1 (newer releases) has rank shrinking behind this flag; we do not, so it is always False.
-        self.enable_shrink = False
-        self.op_key = f"deep_ep.Buffer#{next(_next_op_key)}"
-        _live_buffers[self.op_key] = self
-        self.comm = comm
-        conservative_loads = _check_conservative_loads(conservative_loads)
-        if num_nvl_ranks is not None:
-            validation.check_int("num_nvl_ranks", num_nvl_ranks, minimum=1)
-        backend_name = _resolve_backend(backend)
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}"
+            )
         if group is not None:
             self.rank, self.group_size = group.rank(), group.size()
         elif comm is not None:
             self.rank, self.group_size = comm.Get_rank(), comm.Get_size()
         else:
             raise ValueError("group: either group or comm must be given")
-        self.group = group
+        self.group, self.comm = group, comm
+        self.op_key = f"deep_ep.Buffer#{next(_next_op_key)}"
+        _live_buffers[self.op_key] = self
+
+        # Checked locally, then agreed in the one exchange construction makes anyway (the agreement of backend
+        # and nodes below): a rank whose arguments are wrong raises together with its peers, instead of leaving
+        # them in a collective that would pair with its next one (deep_ep.backends.agreement).
+        error, backend_name = None, None
+        try:
+            self.num_nvl_bytes = validation.check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
+            self.num_rdma_bytes = validation.check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
+            self.num_qps_per_rank = validation.check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
+            self.low_latency_mode = validation.check_bool("low_latency_mode", low_latency_mode)
+            self.allow_nvlink_for_low_latency_mode = validation.check_bool(
+                "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
+            )
+            self.allow_mnnvl = validation.check_bool("allow_mnnvl", allow_mnnvl)
+            self.explicitly_destroy = validation.check_bool("explicitly_destroy", explicitly_destroy)
+            conservative_loads = _check_conservative_loads(conservative_loads)
+            if num_nvl_ranks is not None:
+                validation.check_int("num_nvl_ranks", num_nvl_ranks, minimum=1)
+            backend_name = _resolve_backend(backend)
+        except Exception as e:  # noqa: BLE001 - agreed below, whatever its type
+            error = e
+        # V1 (newer releases) has rank shrinking behind this flag; we do not, so it is always False.
+        self.enable_shrink = False
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
 
-        # Every rank must run the same backend, or the first collective would hang: agree up front.
-        names_and_hosts = self._all_gather_object((backend_name, socket.gethostname()))
-        names = [name for name, _ in names_and_hosts]
+        # Every rank must run the same backend, or the first collective would hang, and must agree on the
+        # mode and the symmetric buffer's size (allocated collectively): agree up front. Rank 0's random uid
+        # names the Buffer on every rank (the identity of its handles).
+        settings = (backend_name, self.low_latency_mode, self.num_rdma_bytes) if error is None else None
+        records = self._all_gather_object(
+            ("Buffer()", agreement.outcome_of(error), settings, socket.gethostname(), uuid.uuid4().hex)
+        )
+        agreement.check_operations([r[0] for r in records])
+        agreement.raise_if_failed("Buffer()", [r[1] for r in records], cause=error)
+        names = [r[2][0] for r in records]
         if any(n != names[0] for n in names):
             raise RuntimeError(
                 f"backend: ranks resolved different backends {names}; pass backend= explicitly"
             )
+        agreement.check_signatures(
+            "Buffer()",
+            [{"low_latency_mode": r[2][1], "num_rdma_bytes": r[2][2]} for r in records],
+        )
+        self.uid = records[0][4]
         self.num_nvl_ranks = agree_num_nvl_ranks(
-            num_nvl_ranks, [host for _, host in names_and_hosts], self.rank, self._all_gather_object
+            num_nvl_ranks, [r[3] for r in records], self.rank, self._all_gather_object
         )
         self.num_rdma_ranks = self.group_size // self.num_nvl_ranks
         self.is_internode = self.num_rdma_ranks > 1
@@ -192,6 +219,7 @@ class Buffer:
             conservative_loads=conservative_loads,  # None: the backend follows DEEP_EP_CONSERVATIVE_LOADS
             default_num_sms=lambda: type(self).num_sms,  # read per call: V1 code sets Buffer.num_sms
             num_nvl_ranks=self.num_nvl_ranks,
+            uid=self.uid,
         )
         self.backend_name = self._backend.name
         # 'aggressive' or 'conservative' peer loads (CUDA backend), 'n/a' (reference)

@@ -329,6 +329,8 @@ def low_latency_rdma_size_hint(
     _check_positive_int("hidden", hidden)
     _check_positive_int("num_ranks", num_ranks)
     _check_positive_int("num_experts", num_experts)
+    if num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts: must be divisible by num_ranks={num_ranks}, got {num_experts}")
     return layout.low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
 

@@ -317,7 +317,9 @@ def test_a_buffer_takes_only_handles_of_its_own_kind(rank_pool):
             assert error is not None and error[0] == "ValueError", (name, error)
         assert errors["inter_dispatch_6"][1].startswith("handle: this is an intra-node handle (6 elements)")
         assert errors["intra_combine_10"][1].startswith("handle: this is an inter-node handle (10 elements)")
-        assert errors["inter_short"][1] == "handle: expected the 10-element inter-node handle, got 9 elements"
+        assert errors["inter_short"][1].startswith(
+            "handle: expected the 10-element inter-node handle, got 9 elements"
+        )
         assert errors["inter_field_shape"][1].startswith("handle.send_rdma_head: expected shape")
 
 

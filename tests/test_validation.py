@@ -1,7 +1,8 @@
 """Every documented validation error: its type, that its message names the argument, and that the Buffer
 still works afterwards (a real dispatch/combine and low-latency round trip right after the rejected call).
 
-All ranks make the same invalid call, so they all raise before communicating and nobody is left waiting.
+All ranks make the same invalid call, so they all raise (the collective calls after agreeing on the error,
+see tests/test_agreed_errors.py for one bad rank at a time) and nobody is left waiting.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ T, H, K, E, M = 8, 2048, 4, 16, 8  # tokens, hidden (a low-latency size), top-k,
 class Valid:
     """A valid set of arguments for every operation, on one rank."""
 
-    def __init__(self, rank, group):
-        inp = make_inputs(5, NUM_RANKS, [T] * NUM_RANKS, H, E, K)[rank]
-        nvl = nvl_buffer_size_hint(H * 2, NUM_RANKS, num_max_tokens_per_rank=T)
-        rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, NUM_RANKS, E)
+    def __init__(self, rank, group, num_ranks=NUM_RANKS):
+        inp = make_inputs(5, num_ranks, [T] * num_ranks, H, E, K)[rank]
+        nvl = nvl_buffer_size_hint(H * 2, num_ranks, num_max_tokens_per_rank=T)
+        rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, H, num_ranks, E)
         self.group = group
         self.buffer = deep_ep.Buffer(group, nvl, rdma, low_latency_mode=True, backend="reference")
         dev = self.device = self.buffer.device

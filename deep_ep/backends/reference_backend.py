@@ -8,6 +8,16 @@ the user passed them, and each method returns DeepEP V1's tuple. With `num_nvl_r
 (deep_ep.backends.reference_internode), sized against `num_rdma_bytes`. Arguments are checked here, in Python, by
 deep_ep.backends.validation (the CUDA backend checks the same in C++); expert ids are checked on the host.
 
+Errors are agreed (deep_ep.backends.agreement, docs/errors.md): every collective op (dispatch, cached or not,
+combine, the low-latency ops and clean_low_latency_buffer, intra- and inter-node) first checks its arguments
+locally, keeping the error, plus the tensor contents the reference can read on the host
+(deep_ep.backends.reference_checks); then ONE all-gather carries each rank's (operation, error, signature,
+per-rank extras, payload shapes). If a rank failed or the ranks disagree on the call, every rank raises the
+same exception and no payload moves; otherwise the payload all-gather follows. get_dispatch_layout and
+get_next_low_latency_combine_buffer communicate nothing: their errors stay on the rank that made them.
+Handles are stamped with the dispatch that made them (the Buffer's `uid` and a dispatch count kept in step
+by the handshake), checked on use.
+
 It runs synchronously on the current stream: it waits for `previous_event`, and with `async_finish` returns an
 event recorded after its work (an empty EventOverlap on CPU). `allocate_on_comm_stream`, `config`,
 `use_logfmt` (treated as BF16) and the wait-cost statistics (nothing waits: it adds 0) have no effect on it.
@@ -16,14 +26,16 @@ event recorded after its work (an empty EventOverlap on CPU). `allocate_on_comm_
 from __future__ import annotations
 
 import math
-from typing import Optional
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..event import EventOverlap, record_event
 from ..handles import InternodeHandle, LowLatencyHandle, unpack_layout_range
-from . import reference_internode, validation, validation_low_latency
+from . import agreement, reference_checks, reference_internode, validation, validation_low_latency
 from .reference import (
     dispatch_layout,
     intranode_combine,
@@ -33,11 +45,36 @@ from .reference import (
 )
 from .reference_internode import as_intranode_handle, internode_handle
 
+# The handle element a dispatch's identity is keyed on (deep_ep.backends.agreement): the source indices, the
+# element combine scatters by.
+_INTRANODE_KEY, _INTERNODE_KEY, _LOW_LATENCY_KEY = 3, 7, 0
 
-def _check_agree(name: str, values: list) -> None:
-    """Raise the same error on every rank when ranks disagree (all of them see the gathered values)."""
-    if any(v != values[0] for v in values):
-        raise ValueError(f"{name}: ranks disagree: {values}")
+
+class _Local(NamedTuple):
+    """What a collective op's local phase yields: its checked arguments, the signature every rank must
+    share, per-rank data for the other ranks' checks (not compared), and the payload this rank sends."""
+
+    args: Any
+    signature: dict
+    extra: Any
+    tensors: list
+
+
+class _Handshake(NamedTuple):
+    """Every rank's handshake record (the extras and payload shapes), and this rank's packed payload."""
+
+    extras: list
+    metas: list
+    flat: torch.Tensor
+
+
+def _identity_field(seq: Optional[int]) -> Optional[str]:
+    return None if seq is None else f"dispatch #{seq}"
+
+
+def _checksum(t: torch.Tensor) -> str:
+    """A digest of a small tensor that must be identical on every rank (compared in the signature)."""
+    return f"crc32 {zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes()):#010x}"
 
 
 class ReferenceBackend:
@@ -57,6 +94,7 @@ class ReferenceBackend:
         num_rdma_bytes: int = 0,
         low_latency_mode: bool = False,
         num_nvl_ranks: Optional[int] = None,
+        uid: Optional[str] = None,
         **unused_options,
     ) -> None:
         if group is None:
@@ -68,28 +106,57 @@ class ReferenceBackend:
         self.device = torch.device(device)
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode = low_latency_mode
+        # The Buffer's identity, agreed by its ranks at construction (Buffer passes it), and the dispatches
+        # made so far: together, the identity of a handle.
+        self.uid = f"unshared-{id(self)}" if uid is None else uid
+        self._num_dispatches = 0
         # NCCL collectives need device tensors; every other backend (gloo) goes through host memory.
         self._comm_device = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self._next_combine_buffer: Optional[torch.Tensor] = None
 
     # --- plumbing -------------------------------------------------------------------------------------
 
-    def _all_gather(self, tensors: list) -> list[list]:
-        """Every rank's version of `tensors` (None entries stay None), moved as raw bytes: bit-exact for
-        every dtype (FP8 included) and any per-rank shape."""
-        metas = [None if t is None else (tuple(t.shape), t.dtype) for t in tensors]
-        chunks = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors if t is not None]
-        flat = torch.cat(chunks).to(self._comm_device) if chunks else torch.empty(0, dtype=torch.uint8)
-        all_metas: list = [None] * self.num_ranks
-        dist.all_gather_object(all_metas, (metas, flat.numel()), group=self.group)
+    def _handshake(self, op: str, local_phase: Callable[[], _Local]) -> tuple[_Local, _Handshake]:
+        """Run `local_phase` (checks that raise), then exchange every rank's record in one all-gather and
+        raise on every rank if any rank failed or the ranks disagree (deep_ep.backends.agreement). The
+        records also carry the payload's shapes, so the payload follows in one more all-gather."""
+        error, local = None, None
+        metas, flat = None, torch.empty(0, dtype=torch.uint8, device=self._comm_device)
+        try:
+            local = local_phase()
+            metas = [None if t is None else (tuple(t.shape), t.dtype) for t in local.tensors]
+            chunks = [t.contiguous().reshape(-1).view(torch.uint8) for t in local.tensors if t is not None]
+            if chunks:
+                flat = torch.cat(chunks).to(self._comm_device)
+        except Exception as e:  # noqa: BLE001 - every local failure is agreed, whatever its type
+            error, local, metas = e, None, None
+        record = (
+            op,
+            agreement.outcome_of(error),
+            None if local is None else local.signature,
+            None if local is None else local.extra,
+            metas,
+            flat.numel(),
+        )
+        records: list = [None] * self.num_ranks
+        dist.all_gather_object(records, record, group=self.group)
+        agreement.check_operations([r[0] for r in records])
+        agreement.raise_if_failed(op, [r[1] for r in records], cause=error)
+        agreement.check_signatures(op, [r[2] for r in records], unknown_ok=("handle",))
+        return local, _Handshake([r[3] for r in records], [(r[4], r[5]) for r in records], flat)
+
+    def _exchange(self, handshake: _Handshake) -> list[list]:
+        """Every rank's payload tensors (None entries stay None), moved as raw bytes: bit-exact for every
+        dtype (FP8 included) and any per-rank shape."""
+        flat = handshake.flat
         padded = torch.zeros(
-            max(1, max(n for _, n in all_metas)), dtype=torch.uint8, device=self._comm_device
+            max(1, max(n for _, n in handshake.metas)), dtype=torch.uint8, device=self._comm_device
         )
         padded[: flat.numel()] = flat
         received = [torch.empty_like(padded) for _ in range(self.num_ranks)]
         dist.all_gather(received, padded, group=self.group)
         result = []
-        for (rank_metas, _), raw in zip(all_metas, received):
+        for (rank_metas, _), raw in zip(handshake.metas, received):
             raw, offset, tensors_of_rank = raw.to(self.device), 0, []
             for meta in rank_metas:
                 if meta is None:
@@ -103,6 +170,15 @@ class ReferenceBackend:
             result.append(tensors_of_rank)
         return result
 
+    def _columns(self, handshake: _Handshake) -> list[list]:
+        """The exchanged payload as one list per tensor argument, indexed by rank."""
+        return [list(col) for col in zip(*self._exchange(handshake))]
+
+    def _next_dispatch(self) -> int:
+        """The sequence number of a dispatch whose handshake passed (so every rank counts it)."""
+        self._num_dispatches += 1
+        return self._num_dispatches
+
     @staticmethod
     def _wait(previous_event: Optional[EventOverlap]) -> None:
         if previous_event is not None:
@@ -115,10 +191,23 @@ class ReferenceBackend:
             return EventOverlap(None)
         return EventOverlap(record_event(self.device), keep_alive)
 
-    @staticmethod
-    def _intranode_view(handle):
-        """The intra-node functions' view of a validated handle of either kind (None stays None)."""
-        return as_intranode_handle(handle) if isinstance(handle, InternodeHandle) else handle
+    def _normal_handle_view(self, handle) -> tuple:
+        """(the intra-node view, the field names, the identity key) of a validated normal handle."""
+        if isinstance(handle, InternodeHandle):
+            return as_intranode_handle(handle), reference_checks.INTERNODE_NAMES, _INTERNODE_KEY
+        return handle, reference_checks.INTRANODE_NAMES, _INTRANODE_KEY
+
+    def _checked_normal_handle(self, handle) -> tuple:
+        """(view, names, signature fields) of a validated normal handle: its identity (ValueError for
+        another Buffer's or an altered handle), its contents, and its rank prefix matrix's checksum."""
+        view, names, key = self._normal_handle_view(handle)
+        identity = agreement.handle_identity(handle, key, self.uid)
+        reference_checks.check_normal_handle(view, self.rank, names)
+        fields = {
+            "handle": _identity_field(identity),
+            f"handle.{names.rank_prefix_matrix}": _checksum(view.rank_prefix_matrix),
+        }
+        return view, names, fields
 
     def _require_low_latency(self, op: str) -> None:
         if not self.low_latency_mode:
@@ -129,6 +218,7 @@ class ReferenceBackend:
     def get_dispatch_layout(
         self, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
     ):
+        # Local: nothing is communicated, so an error here is this rank's alone.
         validation.check_common(None, previous_event)
         num_experts = validation.validate_layout(
             topk_idx, num_experts, num_ranks=self.num_ranks, device=self.device
@@ -157,61 +247,70 @@ class ReferenceBackend:
         async_finish,
         allocate_on_comm_stream,
     ):
-        args = validation.validate_dispatch(
-            x,
-            handle,
-            num_tokens_per_rank,
-            num_tokens_per_rdma_rank,
-            is_token_in_rank,
-            num_tokens_per_expert,
-            topk_idx,
-            topk_weights,
-            expert_alignment,
-            num_worst_tokens,
-            config,
-            previous_event,
-            num_ranks=self.num_ranks,
-            device=self.device,
-            num_nvl_bytes=self.num_nvl_bytes,
-            num_nvl_ranks=self.num_nvl_ranks,
-            num_rdma_bytes=self.num_rdma_bytes,
-        )
-        self._wait(previous_event)
-        handle = self._intranode_view(args.handle)
-        is_token_in_rank = args.is_token_in_rank if handle is None else handle.is_token_in_rank
-        gathered = self._all_gather(
-            [
-                args.x,
-                args.x_scales,
+        cached = handle is not None
+
+        def local_phase() -> _Local:
+            args = validation.validate_dispatch(
+                x,
+                handle,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
                 is_token_in_rank,
-                args.num_tokens_per_rank,
-                args.num_tokens_per_expert,
-                args.topk_idx,
-                args.topk_weights,
-                args.num_tokens_per_rdma_rank,
-            ]
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+                previous_event,
+                num_ranks=self.num_ranks,
+                device=self.device,
+                num_nvl_bytes=self.num_nvl_bytes,
+                num_nvl_ranks=self.num_nvl_ranks,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+            signature = {"x.dtype": str(args.x.dtype), "x.size(1)": args.x.size(1)}
+            if cached:
+                view, _, fields = self._checked_normal_handle(args.handle)
+                signature.update(fields)
+                extra, in_rank = None, view.is_token_in_rank
+            else:
+                reference_checks.check_layout(args, self.num_ranks, self.num_nvl_ranks)
+                signature["topk_idx.size(1)"] = None if args.topk_idx is None else args.topk_idx.size(1)
+                signature["num_tokens_per_expert.size(0)"] = args.num_tokens_per_expert.size(0)
+                extra, in_rank = (
+                    (args.num_tokens_per_rank.tolist(), args.num_worst_tokens),
+                    args.is_token_in_rank,
+                )
+            self._wait(previous_event)
+            tensors = [args.x, args.x_scales, in_rank]
+            if not cached:
+                tensors += [args.num_tokens_per_expert, args.topk_idx, args.topk_weights]
+            return _Local(args, signature, extra, tensors)
+
+        op = "dispatch (cached: handle given)" if cached else "dispatch"
+        local, handshake = self._handshake(op, local_phase)
+        args = local.args
+        if cached:
+            xs, scales, in_rank = self._columns(handshake)
+            view = self._normal_handle_view(args.handle)[0]
+            result = intranode_dispatch(
+                self.rank,
+                xs,
+                in_rank,
+                x_scales=None if scales[0] is None else scales,
+                expert_alignment=args.expert_alignment,
+                num_recv_rows=view.recv_src_idx.size(0),
+            )
+            recv_x = result.recv_x if args.x_scales is None else (result.recv_x, result.recv_x_scales)
+            return recv_x, None, None, None, None, self._event(async_finish)
+
+        # Every rank checks every rank's receive capacity on the exchanged counts, before any row moves.
+        reference_checks.check_receive_capacity_all_ranks(
+            [per_rank for per_rank, _ in handshake.extras], [worst for _, worst in handshake.extras]
         )
-        xs, scales, in_rank, per_rank, per_expert, idx, weights, per_rdma_rank = (
-            list(col) for col in zip(*gathered)
-        )
-        _check_agree("x", [(t.size(1), t.dtype) for t in xs])
-        _check_agree("x[1]", [s is None for s in scales])
-        _check_agree("topk_idx", [t is None for t in idx])
-        if handle is None:
-            _check_agree("num_tokens_per_expert", [t.numel() for t in per_expert])
-            for s in range(self.num_ranks):
-                if not torch.equal(per_rank[s].long(), in_rank[s].sum(0)):
-                    raise ValueError(
-                        f"num_tokens_per_rank: on rank {s} it differs from is_token_in_rank.sum(0)"
-                    )
-                per_node = per_rdma_rank[s]
-                if per_node is not None and not torch.equal(
-                    per_node, reference_internode.num_tokens_per_rdma_rank(in_rank[s], self.num_nvl_ranks)
-                ):
-                    raise ValueError(
-                        f"num_tokens_per_rdma_rank: on rank {s} it differs from is_token_in_rank's tokens "
-                        "per node"
-                    )
+        seq = self._next_dispatch()
+        xs, scales, in_rank, per_expert, idx, weights = self._columns(handshake)
         result = intranode_dispatch(
             self.rank,
             xs,
@@ -219,56 +318,62 @@ class ReferenceBackend:
             x_scales=None if scales[0] is None else scales,
             topk_idx=None if idx[0] is None else idx,
             topk_weights=None if weights[0] is None else weights,
-            num_tokens_per_expert=None if handle is not None else per_expert,
+            num_tokens_per_expert=per_expert,
             expert_alignment=args.expert_alignment,
-            num_worst_tokens=args.num_worst_tokens if handle is None else 0,
-            num_recv_rows=None if handle is None else handle.recv_src_idx.size(0),
+            num_worst_tokens=args.num_worst_tokens,
         )
         recv_x = result.recv_x if args.x_scales is None else (result.recv_x, result.recv_x_scales)
-        if handle is not None:
-            return recv_x, None, None, None, None, self._event(async_finish)
-        handle = result.handle
+        new_handle, key = result.handle, _INTRANODE_KEY
         if self.is_internode:
-            handle = internode_handle(self.rank, handle, in_rank, self.num_nvl_ranks)
+            new_handle = internode_handle(self.rank, new_handle, in_rank, self.num_nvl_ranks)
+            key = _INTERNODE_KEY
+        agreement.stamp_handle(new_handle, key, self.uid, seq)
         return (
             recv_x,
             result.recv_topk_idx,
             result.recv_topk_weights,
             result.num_recv_tokens_per_expert_list,
-            handle,
+            new_handle,
             self._event(async_finish),
         )
 
     def combine(
         self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
     ):
-        args = validation.validate_combine(
-            x,
-            handle,
-            topk_weights,
-            bias,
-            config,
-            previous_event,
-            num_ranks=self.num_ranks,
-            device=self.device,
-            num_nvl_bytes=self.num_nvl_bytes,
-            num_nvl_ranks=self.num_nvl_ranks,
-            num_rdma_bytes=self.num_rdma_bytes,
+        def local_phase() -> _Local:
+            args = validation.validate_combine(
+                x,
+                handle,
+                topk_weights,
+                bias,
+                config,
+                previous_event,
+                num_ranks=self.num_ranks,
+                device=self.device,
+                num_nvl_bytes=self.num_nvl_bytes,
+                num_nvl_ranks=self.num_nvl_ranks,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+            view, names, fields = self._checked_normal_handle(args.handle)
+            num_topk = None if args.topk_weights is None else args.topk_weights.size(1)
+            signature = {"x.size(1)": args.x.size(1), "topk_weights.size(1)": num_topk, **fields}
+            self._wait(previous_event)
+            tensors = [args.x, view.recv_src_idx, args.topk_weights]
+            return _Local((args, view, names), signature, view.is_token_in_rank.size(0), tensors)
+
+        local, handshake = self._handshake("combine", local_phase)
+        args, view, names = local.args
+        xs, src_idx, weights = self._columns(handshake)
+        # The rank prefix matrix is the same on every rank (the signature compared its checksum).
+        reference_checks.check_recv_src_idx_all_ranks(
+            src_idx, view.rank_prefix_matrix, handshake.extras, names
         )
-        self._wait(previous_event)
-        handle = self._intranode_view(args.handle)
-        gathered = self._all_gather(
-            [args.x, handle.recv_src_idx, handle.rank_prefix_matrix, args.topk_weights]
-        )
-        xs, src_idx, prefix, weights = (list(col) for col in zip(*gathered))
-        _check_agree("x", [t.size(1) for t in xs])
-        _check_agree("topk_weights", [None if w is None else w.size(1) for w in weights])
         combined, combined_weights = intranode_combine(
             self.rank,
             xs,
             src_idx,
-            prefix,
-            handle.is_token_in_rank.size(0),
+            [view.rank_prefix_matrix] * self.num_ranks,
+            view.is_token_in_rank.size(0),
             topk_weights=None if weights[0] is None else weights,
             bias_0=args.bias_0,
             bias_1=args.bias_1,
@@ -296,24 +401,37 @@ class ReferenceBackend:
         async_finish,
         return_recv_hook,
     ):
-        self._require_low_latency("low_latency_dispatch")
-        m, num_experts = validation_low_latency.validate_low_latency_dispatch(
-            x,
-            topk_idx,
-            num_max_dispatch_tokens_per_rank,
-            num_experts,
-            cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats,
-            use_fp8,
-            round_scale,
-            use_ue8m0,
-            num_ranks=self.num_ranks,
-            device=self.device,
-            num_rdma_bytes=self.num_rdma_bytes,
-        )
-        gathered = self._all_gather([x, topk_idx])
-        xs, idx = (list(col) for col in zip(*gathered))
-        _check_agree("x", [t.size(1) for t in xs])
+        def local_phase() -> _Local:
+            self._require_low_latency("low_latency_dispatch")
+            m, num_experts_checked = validation_low_latency.validate_low_latency_dispatch(
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                cumulative_local_expert_recv_stats,
+                dispatch_wait_recv_cost_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                num_ranks=self.num_ranks,
+                device=self.device,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+            signature = {
+                "x.size(1)": x.size(1),
+                "topk_idx.size(1)": topk_idx.size(1),
+                "num_experts": num_experts_checked,
+                "num_max_dispatch_tokens_per_rank": m,
+                "use_fp8": bool(use_fp8),
+                "round_scale": bool(round_scale and use_fp8),
+                "use_ue8m0": bool(use_ue8m0),
+            }
+            return _Local((m, num_experts_checked), signature, None, [x, topk_idx])
+
+        local, handshake = self._handshake("low_latency_dispatch", local_phase)
+        m, num_experts = local.args
+        seq = self._next_dispatch()
+        xs, idx = self._columns(handshake)
         result = low_latency_dispatch(
             self.rank,
             xs,
@@ -330,9 +448,17 @@ class ReferenceBackend:
         handle = LowLatencyHandle(
             result.packed_recv_src_info, result.packed_recv_layout_range, m, x.size(1), num_experts
         )
+        agreement.stamp_handle(handle, _LOW_LATENCY_KEY, self.uid, seq)
         recv_x = (result.recv_x, result.recv_x_scales) if use_fp8 else result.recv_x
         event = self._event(async_finish, (x, topk_idx, *result))
         return recv_x, result.recv_count, handle, event, self._hook(return_recv_hook)
+
+    def _low_latency_identity(self, checked: LowLatencyHandle) -> Optional[int]:
+        """The identity of a validated low-latency handle (ValueError for another Buffer's or an altered
+        handle), after checking its contents."""
+        identity = agreement.handle_identity(checked, _LOW_LATENCY_KEY, self.uid)
+        reference_checks.check_low_latency_handle(checked, self.num_ranks)
+        return identity
 
     def low_latency_combine(
         self,
@@ -347,51 +473,82 @@ class ReferenceBackend:
         out,
         combine_wait_recv_cost_stats,
     ):
-        self._require_low_latency("low_latency_combine")
-        handle = validation_low_latency.validate_low_latency_combine(
-            x,
-            topk_idx,
-            topk_weights,
-            handle,
-            out,
-            combine_wait_recv_cost_stats,
-            num_ranks=self.num_ranks,
-            device=self.device,
-            num_rdma_bytes=self.num_rdma_bytes,
-        )
-        if zero_copy and self._next_combine_buffer is not None:
-            x = self._next_combine_buffer  # the user wrote the expert outputs there
-        begin, count = unpack_layout_range(handle.packed_recv_layout_range)
-        rows_used = int((begin + count).max()) if count.numel() else 0
-        # Only rows that some handle range points at are read; send just those.
-        gathered = self._all_gather(
-            [x[:, :rows_used], handle.packed_recv_src_info, handle.packed_recv_layout_range]
-        )
-        xs, src_info, layout = (list(col) for col in zip(*gathered))
+        def local_phase() -> _Local:
+            self._require_low_latency("low_latency_combine")
+            checked = validation_low_latency.validate_low_latency_combine(
+                x,
+                topk_idx,
+                topk_weights,
+                handle,
+                out,
+                combine_wait_recv_cost_stats,
+                num_ranks=self.num_ranks,
+                device=self.device,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+            identity = self._low_latency_identity(checked)
+            rows = x
+            if zero_copy and self._next_combine_buffer is not None:
+                rows = self._next_combine_buffer  # the user wrote the expert outputs there
+            begin, count = unpack_layout_range(checked.packed_recv_layout_range)
+            rows_used = int((begin + count).max()) if count.numel() else 0
+            signature = {
+                "x.size(2)": checked.hidden,
+                "topk_idx.size(1)": topk_idx.size(1),
+                "handle": _identity_field(identity),
+                "handle.num_experts": checked.num_experts,
+                "handle.num_max_dispatch_tokens_per_rank": checked.num_max_dispatch_tokens_per_rank,
+                "use_logfmt": bool(use_logfmt),
+            }
+            # Only rows that some handle range points at are read; send just those.
+            tensors = [
+                rows[:, :rows_used],
+                checked.packed_recv_src_info,
+                checked.packed_recv_layout_range,
+                topk_idx,
+            ]
+            return _Local((checked, rows), signature, None, tensors)
+
+        local, handshake = self._handshake("low_latency_combine", local_phase)
+        checked, rows = local.args
+        xs, src_info, layout, idx = self._columns(handshake)
+        reference_checks.check_low_latency_routes_all_ranks(src_info, layout, idx)
         combined = low_latency_combine(
-            self.rank, xs, topk_idx, topk_weights, src_info, layout, handle.num_experts
+            self.rank, xs, topk_idx, topk_weights, src_info, layout, checked.num_experts
         )
         if out is not None:
             combined = out.copy_(combined)
-        event = self._event(async_finish, (x, topk_idx, topk_weights, combined))
+        event = self._event(async_finish, (rows, topk_idx, topk_weights, combined))
         return combined, event, self._hook(return_recv_hook)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts) -> None:
-        self._require_low_latency("clean_low_latency_buffer")
-        validation_low_latency.validate_clean_low_latency_buffer(
-            num_max_dispatch_tokens_per_rank,
-            hidden,
-            num_experts,
-            num_ranks=self.num_ranks,
-            num_rdma_bytes=self.num_rdma_bytes,
-        )
+        # Collective, as V1's (its kernel has a barrier): the ranks agree on the call, nothing else moves.
+        def local_phase() -> _Local:
+            self._require_low_latency("clean_low_latency_buffer")
+            m, checked_hidden, checked_experts = validation_low_latency.validate_clean_low_latency_buffer(
+                num_max_dispatch_tokens_per_rank,
+                hidden,
+                num_experts,
+                num_ranks=self.num_ranks,
+                num_rdma_bytes=self.num_rdma_bytes,
+            )
+            signature = {
+                "num_max_dispatch_tokens_per_rank": m,
+                "hidden": checked_hidden,
+                "num_experts": checked_experts,
+            }
+            return _Local(None, signature, None, [])
+
+        self._handshake("clean_low_latency_buffer", local_phase)
         self._next_combine_buffer = None  # nothing else is kept between calls
 
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
+        # Local: nothing is communicated, so an error here is this rank's alone.
         self._require_low_latency("get_next_low_latency_combine_buffer")
         handle = validation_low_latency.validate_low_latency_handle(
             handle, num_ranks=self.num_ranks, device=self.device
         )
+        self._low_latency_identity(handle)
         num_local_experts = handle.num_experts // self.num_ranks
         rows = self.num_ranks * handle.num_max_dispatch_tokens_per_rank
         self._next_combine_buffer = torch.zeros(

@@ -2,7 +2,9 @@
 csrc/ops/arguments.hpp, with the same exception types and messages).
 
 Every documented constraint raises before any byte is communicated, so a rejected call leaves the Buffer
-exactly as it was. Errors name the offending argument first:
+exactly as it was; the reference backend makes every rank of a collective call raise it (its handshake,
+deep_ep.backends.agreement; the contents it also checks are deep_ep.backends.reference_checks'). Errors name
+the offending argument first:
     TypeError  - wrong Python type or tensor dtype
     ValueError - wrong shape, device, contiguity, value range, or a buffer too small for the call
 The checks read only shapes and dtypes, with one exception: expert ids are range-checked with one
@@ -20,6 +22,7 @@ import torch
 
 from ..config import (
     FP8_SCALE_BLOCK,
+    MAX_LOCAL_EXPERTS,
     MAX_NUM_TOPK,
     Config,
     internode_combine_bytes,
@@ -51,6 +54,15 @@ def check_int(name: str, value: Any, *, minimum: Optional[int] = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A flag: a bool, or the int 0 / 1 (a string such as "False" would otherwise read as true)."""
+    if type(value) is bool:
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
 
 
 def check_tensor(
@@ -142,6 +154,12 @@ def check_capacity(name: str, needed: int, available: int, buffer_arg: str, what
 
 def validate_layout(topk_idx: Any, num_experts: Any, *, num_ranks: int, device: torch.device) -> int:
     num_experts = check_num_experts(num_experts, num_ranks)
+    # Named here rather than by the allocator, which a huge count would make fail on the per-expert counts.
+    if num_experts // num_ranks > MAX_LOCAL_EXPERTS:
+        raise ValueError(
+            f"num_experts: at most {MAX_LOCAL_EXPERTS} experts a rank in normal mode "
+            f"({MAX_LOCAL_EXPERTS * num_ranks} for {num_ranks} ranks), got {num_experts}"
+        )
     check_topk_idx(topk_idx, None, num_experts, MAX_NUM_TOPK, device)
     return num_experts
 
@@ -354,6 +372,11 @@ def validate_dispatch(
                 f"num_tokens_per_expert: length (the expert count) must be a positive multiple of {r} ranks, "
                 f"got {num_experts}"
             )
+        if num_experts // r > MAX_LOCAL_EXPERTS:
+            raise ValueError(
+                f"num_tokens_per_expert: length (the expert count) must be at most {MAX_LOCAL_EXPERTS} a rank, "
+                f"got {num_experts}"
+            )
         if (topk_idx is None) != (topk_weights is None):
             raise ValueError("topk_weights: topk_idx and topk_weights must be given together (or both None)")
         num_topk = 0
@@ -378,6 +401,21 @@ def validate_dispatch(
     else:
         needed = nvl_dispatch_bytes(hidden_bytes, num_scales, num_topk, r, num_tokens)
         check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", what)
+    if handle is None and num_worst_tokens > 0:
+        # Padded rows no combine of this Buffer could take back are refused here, by name, rather than by the
+        # allocator of the padded outputs.
+        check_combine_capacity(
+            "num_worst_tokens",
+            f"padding to {num_worst_tokens} rows (combining them back)",
+            data.size(1),
+            num_topk,
+            num_worst_tokens,
+            num_tokens,
+            num_ranks=r,
+            num_nvl_ranks=num_nvl_ranks,
+            num_nvl_bytes=num_nvl_bytes,
+            num_rdma_bytes=num_rdma_bytes,
+        )
     return DispatchArgs(
         data,
         None if scales is None else scales.contiguous(),
@@ -459,14 +497,42 @@ def validate_combine(
             raise ValueError(f"topk_weights: top-k must be in [1, {MAX_NUM_TOPK}], got {num_topk}")
     num_tokens = handle.is_token_in_rank.size(0)
     bias_0, bias_1 = split_bias(bias, num_tokens, x.size(1), device)
-    what = f"combining {num_rows} rows"
-    if isinstance(handle, InternodeHandle):
+    check_combine_capacity(
+        "x",
+        f"combining {num_rows} rows",
+        x.size(1),
+        num_topk,
+        num_rows,
+        num_tokens,
+        num_ranks=num_ranks,
+        num_nvl_ranks=num_nvl_ranks if isinstance(handle, InternodeHandle) else None,
+        num_nvl_bytes=num_nvl_bytes,
+        num_rdma_bytes=num_rdma_bytes,
+    )
+    return CombineArgs(x, handle, topk_weights, bias_0, bias_1)
+
+
+def check_combine_capacity(
+    name: str,
+    what: str,
+    hidden: int,
+    num_topk: int,
+    num_rows: int,
+    num_tokens: int,
+    *,
+    num_ranks: int,
+    num_nvl_ranks: Optional[int],
+    num_nvl_bytes: int,
+    num_rdma_bytes: int,
+) -> None:
+    """The buffer holds a combine of `num_rows` BF16 rows back into `num_tokens` tokens a rank (inter-node
+    when num_nvl_ranks < num_ranks)."""
+    if num_nvl_ranks is not None and num_nvl_ranks < num_ranks:
         # Sized in tokens per rank, as the hint: at least this rank's tokens, and the rows it holds spread over
         # the ranks they return to.
         tokens_needed = max(num_tokens, -(-num_rows // num_ranks))
-        needed = internode_combine_bytes(x.size(1), num_topk, num_ranks, num_nvl_ranks, tokens_needed)
-        check_capacity("x", needed, num_rdma_bytes, "num_rdma_bytes", f"{what} inter-node")
+        needed = internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, tokens_needed)
+        check_capacity(name, needed, num_rdma_bytes, "num_rdma_bytes", f"{what} inter-node")
     else:
-        needed = nvl_combine_bytes(x.size(1), num_topk, num_rows)
-        check_capacity("x", needed, num_nvl_bytes, "num_nvl_bytes", what)
-    return CombineArgs(x, handle, topk_weights, bias_0, bias_1)
+        needed = nvl_combine_bytes(hidden, num_topk, num_rows)
+        check_capacity(name, needed, num_nvl_bytes, "num_nvl_bytes", what)
