@@ -341,10 +341,6 @@ def _slowest_aligned(items: list[dict]) -> Optional[float]:
     return max(r["aligned_median_us"] for r in items)
 
 
-def _rounded(value: Optional[float], digits: int) -> Optional[float]:
-    return None if value is None else round(value, digits)
-
-
 def records_of(rows: list[dict], device: str, num_ranks: int, gpus: int, args) -> list[dict]:
     """DESIGN section 7 records of `aggregate`'s rows."""
     return [
@@ -360,21 +356,17 @@ def records_of(rows: list[dict], device: str, num_ranks: int, gpus: int, args) -
             topk=args.topk,
             experts=args.experts,
             loads=r["loads"],
-            median_us=round(r["median_us"], 2),
-            aligned_median_us=_rounded(r["aligned_median_us"], 2),
-            host_call_us=round(r["host_call_us"], 1),
-            p10_us=round(r["p10_us"], 2),
-            p90_us=round(r["p90_us"], 2),
+            **common.timing_fields(r),
             recv_gbps=round(r["recv_gbps"], 1),
             rdma_bytes=r["rdma_bytes"],
             nvl_bytes=r["nvl_bytes"],
             rdma_gbps=round(r["rdma_gbps"], 1),
             nvl_gbps=round(r["nvl_gbps"], 1),
-            intranode_median_us=_rounded(r["intranode_median_us"], 2),
-            ratio_to_intranode=_rounded(r["ratio_to_intranode"], 3),
-            intranode_aligned_median_us=_rounded(r["intranode_aligned_median_us"], 2),
-            aligned_ratio_to_intranode=_rounded(r["aligned_ratio_to_intranode"], 3),
-            nccl_median_us=_rounded(r["nccl_median_us"], 2),
+            intranode_median_us=common.rounded(r["intranode_median_us"], 2),
+            ratio_to_intranode=common.rounded(r["ratio_to_intranode"], 3),
+            intranode_aligned_median_us=common.rounded(r["intranode_aligned_median_us"], 2),
+            aligned_ratio_to_intranode=common.rounded(r["aligned_ratio_to_intranode"], 3),
+            nccl_median_us=common.rounded(r["nccl_median_us"], 2),
             note=ONE_HOST_NOTE,
         )
         for r in rows

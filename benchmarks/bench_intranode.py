@@ -331,16 +331,10 @@ def main(argv=None) -> None:
                 experts=args.experts,
                 loads=r["loads"],
                 reads=r["reads"],
-                median_us=round(r["median_us"], 2),
-                aligned_median_us=None
-                if r["aligned_median_us"] is None
-                else round(r["aligned_median_us"], 2),
-                host_call_us=round(r["host_call_us"], 1),
-                p10_us=round(r["p10_us"], 2),
-                p90_us=round(r["p90_us"], 2),
+                **common.timing_fields(r),
                 recv_gbps=round(r["recv_gbps"], 1),
                 remote_gbps=round(r["remote_gbps"], 1),
-                nccl_median_us=None if r["nccl_median_us"] is None else round(r["nccl_median_us"], 2),
+                nccl_median_us=common.rounded(r["nccl_median_us"], 2),
             )
             for r in rows
         ]

@@ -235,6 +235,22 @@ def record(device: str, num_ranks: int, gpus: int, case: str, **fields) -> dict:
     return base
 
 
+def rounded(value: Optional[float], digits: int) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def timing_fields(row: dict) -> dict:
+    """A timed row's median, GPU-aligned median (None without a device barrier), host time inside the call
+    and spread, rounded as the records carry them."""
+    return dict(
+        median_us=round(row["median_us"], 2),
+        aligned_median_us=rounded(row["aligned_median_us"], 2),
+        host_call_us=round(row["host_call_us"], 1),
+        p10_us=round(row["p10_us"], 2),
+        p90_us=round(row["p90_us"], 2),
+    )
+
+
 def append_records(records: list[dict], path: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
