@@ -245,6 +245,14 @@ class Buffer:
         """The backend object (V1 exposes its C++ runtime under this name); None once destroyed."""
         return None if isinstance(self._backend, _DestroyedBackend) else self._backend
 
+    def check(self) -> None:
+        """Raise what the GPU has reported for this Buffer so far, without waiting for it: a wait that timed
+        out (RuntimeError naming the rank, what it waited for and the peer that never answered; the Buffer
+        then refuses every later call) or an expert id out of range (ValueError naming it and the rank). The
+        kernels report asynchronously: synchronise first (e.g. `torch.cuda.synchronize()`) to learn whether
+        every call before it succeeded. The reference backend runs synchronously: nothing is ever pending."""
+        self._backend.check()
+
     def destroy(self) -> None:
         """Release the communication resources now (requires explicitly_destroy=True, as in V1); any later
         call on this Buffer raises RuntimeError."""

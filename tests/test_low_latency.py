@@ -478,25 +478,29 @@ def test_clear_errors_for_bad_shapes(pool):
 
 
 def _timeout(rank, num_ranks, group, backend="cuda"):
-    """Only rank 0 dispatches: its kernel times out waiting for the others, and its next call on the Buffer
-    raises the RuntimeError naming rank 0 (a timed-out Buffer refuses further work)."""
+    """Only rank 0 dispatches: its kernel times out waiting for the others; once synchronised,
+    `buffer.check()` raises the RuntimeError naming rank 0, and so does its next call on the Buffer (a
+    timed-out Buffer refuses further work)."""
     m, hidden, num_experts = 8, 2048, 2 * num_ranks
     buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, timeout_s=2)
     device = buffer.device
-    message = ""
+    messages = ["", ""]
     try:
         if rank == 0:
             x = torch.zeros(m, hidden, dtype=torch.bfloat16, device=device)
             idx = torch.zeros(m, 1, dtype=torch.int64, device=device)
             buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
             torch.cuda.synchronize()
-            try:
-                buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
-            except RuntimeError as e:
-                message = str(e)
+            for i, call in enumerate(
+                (buffer.check, lambda: buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False))
+            ):
+                try:
+                    call()
+                except RuntimeError as e:
+                    messages[i] = str(e)
     finally:
         buffer.destroy()
-    return message
+    return messages
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -504,8 +508,9 @@ def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks):
     # Its own pool: a rank that dies here must not take the shared pool (and later tests) with it.
     with RankPool(num_ranks, timeout_s=120) as own_pool:
         messages = own_pool.run(_timeout)
-    assert "rank 0" in messages[0] and "timed out" in messages[0], messages[0]
-    assert all(m == "" for m in messages[1:])
+    for message in messages[0]:  # buffer.check(), then the next call
+        assert "rank 0" in message and "timed out" in message, messages[0]
+    assert all(m == ["", ""] for m in messages[1:])
 
 
 # --- the rest of the public surface ------------------------------------------------------------------------

@@ -377,11 +377,13 @@ def rank_destroy(rank, num_ranks, group):
         results["implicit"] = str(e)
     buffer = deep_ep.Buffer(group, v.buffer.num_nvl_bytes, explicitly_destroy=True, backend="reference")
     buffer.dispatch(v.x, **v.layout)
+    results["check"] = buffer.check()  # nothing pending: the reference backend runs synchronously
     buffer.destroy()
     for name, call in (
         ("dispatch", lambda: buffer.dispatch(v.x, **v.layout)),
         ("destroy", buffer.destroy),
         ("combine", lambda: buffer.combine(v.recv_x, v.handle)),
+        ("check", buffer.check),
     ):
         try:
             call()
@@ -393,7 +395,7 @@ def rank_destroy(rank, num_ranks, group):
 def test_destroy_semantics(rank_pool):
     for results in rank_pool(NUM_RANKS).run(rank_destroy):
         assert results["implicit"].startswith("destroy:") and "explicitly_destroy" in results["implicit"]
-        for op in ("dispatch", "destroy", "combine"):
+        for op in ("dispatch", "destroy", "combine", "check"):
             assert results.get(op, "").startswith(f"{op}:") and "destroyed" in results[op], results
 
 

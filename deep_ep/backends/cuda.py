@@ -407,6 +407,10 @@ class CudaBackend:
     def get_comm_stream(self):
         return self.comm_stream
 
+    def check(self) -> None:
+        self.runtime.raise_if_failed()
+        self.runtime.raise_if_invalid_expert_id()
+
     def destroy(self) -> None:
         torch.cuda.synchronize(self.device)
         # No rank may unmap its buffer while a peer's kernel could still read it.

@@ -567,5 +567,8 @@ class ReferenceBackend:
         # The reference works on the current stream.
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
+    def check(self) -> None:
+        """Nothing is ever pending: every operation finished (or raised) before it returned."""
+
     def destroy(self) -> None:
         self._next_combine_buffer = None
