@@ -9,6 +9,7 @@ the same formulas stands in; tests/test_extension.py checks in CI that the two a
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from .topology import MAX_NVL_RANKS, env_num_nvl_ranks
@@ -36,6 +37,16 @@ LOW_LATENCY_SUPPORTED_HIDDEN = (2048, 2560, 4096, 5120, 7168, 8192)
 FP8_SCALE_BLOCK = 128
 # Largest number of experts one rank may own (the kernels' per-rank expert count tables).
 MAX_LOCAL_EXPERTS = 2048
+
+# How long any wait for a peer may take before it becomes an error naming the operation, on both backends;
+# read when a Buffer is created.
+TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 100.0
+
+
+def peer_timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
 
 # DeepEP V1's SM budget: of Config() and of the default configs (Buffer.num_sms).
 DEFAULT_NUM_SMS = 20

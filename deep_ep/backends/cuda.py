@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from ..config import Config
+from ..config import Config, peer_timeout_s
 from ..event import EventOverlap
 from ..handles import InternodeHandle, IntranodeHandle, LowLatencyHandle
 from . import nvshmem
@@ -41,8 +41,6 @@ from .device_memory import local_buffer_view
 from .loads import CONSERVATIVE, resolve_load_kind
 from .validation import check_optional_type
 
-TIMEOUT_ENV = "DEEP_EP_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 100.0
 # Intra-node ops read peers' input tensors directly (one pass over memory) unless this is "0"; they fall
 # back to staging copies by themselves where the tensors cannot be shared (csrc/kernels/api_intranode.cuh).
 DIRECT_READS_ENV = "DEEP_EP_DIRECT_READS"
@@ -114,7 +112,7 @@ class CudaBackend:
         self.device = torch.device(device)
         self.num_rdma_bytes = num_rdma_bytes
         self.load_kind = resolve_load_kind(conservative_loads, self.device.index)
-        self.timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        self.timeout_s = peer_timeout_s()
         self.comm_stream = torch.cuda.Stream(self.device)
         self._default_num_sms = default_num_sms
 

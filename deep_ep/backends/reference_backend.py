@@ -18,6 +18,12 @@ get_next_low_latency_combine_buffer communicate nothing: their errors stay on th
 Handles are stamped with the dispatch that made them (the Buffer's `uid` and a dispatch count kept in step
 by the handshake), checked on use.
 
+A peer that never arrives: each collective waits at most the Buffer's timeout (DEEP_EP_TIMEOUT_S, as the
+CUDA kernels), then raises a RuntimeError naming the operation and the rank. The group then holds an
+all-gather that never completed (a late peer would pair with it), so the Buffer refuses every later call
+(as a timed-out CUDA Buffer does) and its group must not be used again: the surviving ranks make a new group
+(`torch.distributed.new_group(survivors, use_local_synchronization=True)`) and a new Buffer on it.
+
 It runs synchronously on the current stream: it waits for `previous_event`, and with `async_finish` returns an
 event recorded after its work (an empty EventOverlap on CPU). `allocate_on_comm_stream`, `config`,
 `use_logfmt` (treated as BF16) and the wait-cost statistics (nothing waits: it adds 0) have no effect on it.
@@ -25,7 +31,9 @@ event recorded after its work (an empty EventOverlap on CPU). `allocate_on_comm_
 
 from __future__ import annotations
 
+import datetime
 import math
+import pickle
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
@@ -33,6 +41,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import peer_timeout_s
 from ..event import EventOverlap, record_event
 from ..handles import InternodeHandle, LowLatencyHandle, unpack_layout_range
 from . import agreement, reference_checks, reference_internode, validation, validation_low_latency
@@ -63,6 +72,7 @@ class _Local(NamedTuple):
 class _Handshake(NamedTuple):
     """Every rank's handshake record (the extras and payload shapes), and this rank's packed payload."""
 
+    op: str
     extras: list
     metas: list
     flat: torch.Tensor
@@ -113,13 +123,44 @@ class ReferenceBackend:
         # NCCL collectives need device tensors; every other backend (gloo) goes through host memory.
         self._comm_device = self.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self._next_combine_buffer: Optional[torch.Tensor] = None
+        self.timeout_s = peer_timeout_s()
+        self._timed_out: Optional[str] = None  # the first collective that timed out, sticky
 
     # --- plumbing -------------------------------------------------------------------------------------
+
+    def _wait_for_peers(self, op: str, work) -> None:
+        """Wait for one collective of `op`, at most the Buffer's timeout."""
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as error:
+            self._timed_out = (
+                f"{op}: rank {self.rank} of {self.num_ranks} timed out after {self.timeout_s:g} s waiting for its "
+                "peers (DEEP_EP_TIMEOUT_S): a peer never made this call, crashed or diverged. This Buffer and its "
+                "group are unusable now; the surviving ranks make a new group "
+                "(torch.distributed.new_group(ranks, use_local_synchronization=True)) and a new Buffer"
+            )
+            raise RuntimeError(self._timed_out) from error
+
+    def _all_gather_object(self, op: str, obj: Any) -> list:
+        """Every rank's `obj` (pickled, as torch.distributed.all_gather_object), each wait bounded by the
+        Buffer's timeout."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(self._comm_device)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=self._comm_device)
+        sizes = [torch.empty_like(size) for _ in range(self.num_ranks)]
+        self._wait_for_peers(op, dist.all_gather(sizes, size, group=self.group, async_op=True))
+        lengths = [int(n.item()) for n in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=self._comm_device)
+        padded[: data.numel()] = data
+        received = [torch.empty_like(padded) for _ in range(self.num_ranks)]
+        self._wait_for_peers(op, dist.all_gather(received, padded, group=self.group, async_op=True))
+        return [pickle.loads(raw[:n].cpu().numpy().tobytes()) for raw, n in zip(received, lengths)]
 
     def _handshake(self, op: str, local_phase: Callable[[], _Local]) -> tuple[_Local, _Handshake]:
         """Run `local_phase` (checks that raise), then exchange every rank's record in one all-gather and
         raise on every rank if any rank failed or the ranks disagree (deep_ep.backends.agreement). The
         records also carry the payload's shapes, so the payload follows in one more all-gather."""
+        if self._timed_out is not None:
+            raise RuntimeError(f"{op}: the Buffer is unusable after an earlier timeout ({self._timed_out})")
         error, local = None, None
         metas, flat = None, torch.empty(0, dtype=torch.uint8, device=self._comm_device)
         try:
@@ -138,12 +179,11 @@ class ReferenceBackend:
             metas,
             flat.numel(),
         )
-        records: list = [None] * self.num_ranks
-        dist.all_gather_object(records, record, group=self.group)
+        records = self._all_gather_object(op, record)
         agreement.check_operations([r[0] for r in records])
         agreement.raise_if_failed(op, [r[1] for r in records], cause=error)
         agreement.check_signatures(op, [r[2] for r in records], unknown_ok=("handle",))
-        return local, _Handshake([r[3] for r in records], [(r[4], r[5]) for r in records], flat)
+        return local, _Handshake(op, [r[3] for r in records], [(r[4], r[5]) for r in records], flat)
 
     def _exchange(self, handshake: _Handshake) -> list[list]:
         """Every rank's payload tensors (None entries stay None), moved as raw bytes: bit-exact for every
@@ -154,7 +194,7 @@ class ReferenceBackend:
         )
         padded[: flat.numel()] = flat
         received = [torch.empty_like(padded) for _ in range(self.num_ranks)]
-        dist.all_gather(received, padded, group=self.group)
+        self._wait_for_peers(handshake.op, dist.all_gather(received, padded, group=self.group, async_op=True))
         result = []
         for (rank_metas, _), raw in zip(handshake.metas, received):
             raw, offset, tensors_of_rank = raw.to(self.device), 0, []
@@ -568,7 +608,10 @@ class ReferenceBackend:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def check(self) -> None:
-        """Nothing is ever pending: every operation finished (or raised) before it returned."""
+        """Nothing is ever pending (every operation finished or raised before it returned); after a timeout
+        it raises that timeout again, as the CUDA backend does."""
+        if self._timed_out is not None:
+            raise RuntimeError(self._timed_out)
 
     def destroy(self) -> None:
         self._next_combine_buffer = None
