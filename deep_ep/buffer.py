@@ -38,6 +38,7 @@ BACKENDS = ("auto", "cuda", "reference")
 # so deep_ep.library's ops name it by this key, which torch.compile reads as a constant of the graph.
 _live_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _next_op_key = itertools.count(1)
+INTERNODE_KEY_SUFFIX = "/internode"
 
 
 def buffer_by_op_key(key: int) -> Buffer:
@@ -143,8 +144,6 @@ class Buffer:
         else:
             raise ValueError("group: either group or comm must be given")
         self.group, self.comm = group, comm
-        self.op_key = f"deep_ep.Buffer#{next(_next_op_key)}"
-        _live_buffers[self.op_key] = self
 
         # Checked locally, then agreed in the one exchange construction makes anyway (the agreement of backend
         # and nodes below): a rank whose arguments are wrong raises together with its peers, instead of leaving
@@ -198,6 +197,12 @@ class Buffer:
         )
         self.num_rdma_ranks = self.group_size // self.num_nvl_ranks
         self.is_internode = self.num_rdma_ranks > 1
+        # The name torch.library's ops know this Buffer by; it says the mode, so that deep_ep.library can pick
+        # the op for it while torch.compile traces (the key is a constant of the graph, the Buffer is not).
+        self.op_key = f"deep_ep.Buffer#{next(_next_op_key)}" + (
+            INTERNODE_KEY_SUFFIX if self.is_internode else ""
+        )
+        _live_buffers[self.op_key] = self
 
         if backend_name == "cuda":
             from .backends.cuda import CudaBackend as backend_cls  # noqa: PLC0415 - needs the compiled extension

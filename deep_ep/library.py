@@ -15,7 +15,10 @@ output shapes without communicating:
 - `get_dispatch_layout`: [R], [E], [T, R];
 - `dispatch`: N rows = `num_worst_tokens` when given (no host synchronisation, the graph has static
   shapes), else a data-dependent size (the fresh dispatch waits for the receive counts, as in eager);
-- `cached_dispatch`: as many rows as the handle's dispatch received; `combine`: the handle's T tokens;
+  `internode_dispatch`, its twin for an inter-node Buffer (the wrappers pick it from the Buffer's key),
+  returns the 10-element inter-node handle's tensors, the forward map's rows data-dependent;
+- `cached_dispatch`: as many rows as the handle's dispatch received; `combine`: the handle's T tokens
+  (both take either handle: 6 tensors intra-node, 10 inter-node);
 - `low_latency_dispatch` / `low_latency_combine`: [L, R*M, H] and [T, H], from num_max_dispatch_tokens_per_rank,
   num_experts and the Buffer's rank count.
 Gradients: dispatch <-> combine, cached_dispatch <-> combine, low_latency_dispatch <-> low_latency_combine.
@@ -27,13 +30,13 @@ ops and rebuild the handles; they take the Buffer or its key.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .autograd import combine_grads, dispatch_grads, low_latency_combine_grads, low_latency_dispatch_grads
-from .buffer import buffer_by_op_key
-from .handles import IntranodeHandle, LowLatencyHandle
+from .buffer import INTERNODE_KEY_SUFFIX, buffer_by_op_key
+from .handles import InternodeHandle, IntranodeHandle, LowLatencyHandle
 
 # Both backends keep one column in the handle's channel prefix matrices (deep_ep/handles.py); the fake
 # implementation of dispatch says so, and the GPU opcheck test compares it with the kernels' handle.
@@ -56,21 +59,26 @@ def buffer_of(key: str):
     return buffer_by_op_key(key)
 
 
-def _intranode_buffer(key: str, op: str):
-    """The live Buffer of `key`, which must be intra-node: the normal-mode ops carry the intra-node handle's
-    tensors, and an inter-node Buffer's 10-element handle has other shapes (deep_ep.autograd passes handles
-    through as they are and works there). Called inside the ops' eager bodies, never in a traced region."""
-    buffer = buffer_of(key)
-    if getattr(buffer, "is_internode", False):
-        raise NotImplementedError(
-            f"deep_ep.library.{op}: inter-node Buffers are not supported by the torch.library ops yet; "
-            "deep_ep.autograd supports them"
-        )
-    return buffer
+def is_internode(buffer) -> bool:
+    """Whether `buffer` (a Buffer or its key) is inter-node: read from the key, a constant under
+    torch.compile, so the wrappers pick the dispatch op while tracing."""
+    return buffer_key(buffer).endswith(INTERNODE_KEY_SUFFIX)
 
 
 def _num_ranks(key: str) -> int:
     return buffer_of(key).group_size
+
+
+def _as_handle(handle) -> Union[IntranodeHandle, InternodeHandle]:
+    """A normal-mode handle's tensors as their NamedTuple: 6 intra-node ones, 10 inter-node ones."""
+    return (
+        InternodeHandle(*handle) if len(handle) == len(InternodeHandle._fields) else IntranodeHandle(*handle)
+    )
+
+
+def _received_rows(handle) -> int:
+    h = _as_handle(handle)
+    return (h.recv_src_meta if isinstance(h, InternodeHandle) else h.recv_src_idx).size(0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,9 +118,14 @@ _HANDLE_OUTPUTS = (
 )
 
 
-def _handle_from_outputs(outputs, is_token_in_rank: torch.Tensor) -> IntranodeHandle:
-    parts = dict(zip(_HANDLE_OUTPUTS, outputs))
-    return IntranodeHandle(is_token_in_rank=is_token_in_rank, **parts)
+# The inter-node dispatch op likewise returns InternodeHandle's elements but the first, is_token_in_rank.
+_INTERNODE_HANDLE_OUTPUTS = InternodeHandle._fields[1:]
+
+
+def _handle_from_outputs(outputs, is_token_in_rank: torch.Tensor) -> Union[IntranodeHandle, InternodeHandle]:
+    if len(outputs) == len(_INTERNODE_HANDLE_OUTPUTS):
+        return InternodeHandle(is_token_in_rank, *outputs)
+    return IntranodeHandle(is_token_in_rank=is_token_in_rank, **dict(zip(_HANDLE_OUTPUTS, outputs)))
 
 
 @torch.library.custom_op("deep_ep::dispatch", mutates_args=())
@@ -138,7 +151,7 @@ def _dispatch(
 ]:
     """(recv_x, recv_topk_idx, recv_topk_weights, then the handle's rank_prefix_matrix, channel_prefix_matrix,
     recv_channel_prefix_matrix, recv_src_idx, send_head)."""
-    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = _intranode_buffer(buffer, "dispatch").dispatch(
+    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
         x,
         num_tokens_per_rank=num_tokens_per_rank,
         is_token_in_rank=is_token_in_rank,
@@ -220,15 +233,96 @@ def _backward_dispatch(ctx, grad_recv_x, _grad_recv_topk_idx, grad_recv_topk_wei
 _dispatch.register_autograd(_backward_dispatch, setup_context=_setup_dispatch)
 
 
+@torch.library.custom_op("deep_ep::internode_dispatch", mutates_args=())
+def _internode_dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_tokens_per_rank: torch.Tensor,
+    is_token_in_rank: torch.Tensor,
+    num_tokens_per_expert: torch.Tensor,
+    expert_alignment: int,
+    num_worst_tokens: int,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """`dispatch` on an inter-node Buffer: (recv_x, recv_topk_idx, recv_topk_weights, then InternodeHandle's
+    elements after is_token_in_rank). num_tokens_per_rdma_rank is counted by the op itself."""
+    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
+        x,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        expert_alignment=expert_alignment,
+        num_worst_tokens=num_worst_tokens,
+    )
+    handle = InternodeHandle(*handle)
+    small = (recv_topk_idx, recv_topk_weights, *(getattr(handle, f) for f in _INTERNODE_HANDLE_OUTPUTS))
+    return (recv_x, *(t.clone() for t in small))  # no aliasing outputs (see dispatch)
+
+
+@_internode_dispatch.register_fake
+def _(
+    buffer,
+    x,
+    topk_idx,
+    topk_weights,
+    num_tokens_per_rank,
+    is_token_in_rank,
+    num_tokens_per_expert,
+    expert_alignment,
+    num_worst_tokens,
+):
+    r, (num_tokens, hidden), num_topk = _num_ranks(buffer), x.shape, topk_idx.size(1)
+    num_nvl_ranks = buffer_of(buffer).num_nvl_ranks
+    num_nodes = r // num_nvl_ranks
+    ctx = torch.library.get_ctx()
+    n = num_worst_tokens if num_worst_tokens > 0 else ctx.new_dynamic_size()
+    forwarded = ctx.new_dynamic_size()  # the rows this rank lands for its node: known after the exchange
+    int32 = torch.int32
+    return (
+        x.new_empty(n, hidden),
+        topk_idx.new_empty(n, num_topk, dtype=torch.int64),
+        topk_weights.new_empty(n, num_topk),
+        x.new_empty(r, num_nodes, dtype=int32),
+        x.new_empty(r, r, dtype=int32),
+        x.new_empty(num_nodes + 1, dtype=int32),
+        x.new_empty(forwarded, num_nvl_ranks, dtype=int32),
+        x.new_empty(r, dtype=int32),
+        x.new_empty(r, dtype=int32),
+        x.new_empty(n, dtype=int32),
+        x.new_empty(num_tokens, num_nodes, dtype=int32),
+        x.new_empty(num_tokens, r, dtype=int32),
+    )
+
+
+# Same inputs, and the handle after the same three outputs: the intra-node op's autograd rule serves.
+_internode_dispatch.register_autograd(_backward_dispatch, setup_context=_setup_dispatch)
+
+
 @torch.library.custom_op("deep_ep::cached_dispatch", mutates_args=())
 def _cached_dispatch(buffer: str, x: torch.Tensor, handle: list[torch.Tensor]) -> torch.Tensor:
-    """recv_x of a dispatch with `handle=` (the 6 handle tensors in IntranodeHandle order)."""
-    return _intranode_buffer(buffer, "cached_dispatch").dispatch(x, handle=tuple(handle))[0]
+    """recv_x of a dispatch with `handle=` (the handle's tensors in IntranodeHandle or InternodeHandle order)."""
+    return buffer_of(buffer).dispatch(x, handle=tuple(handle))[0]
 
 
 @_cached_dispatch.register_fake
 def _(buffer, x, handle):
-    return x.new_empty(IntranodeHandle(*handle).recv_src_idx.size(0), x.size(1))
+    return x.new_empty(_received_rows(handle), x.size(1))
 
 
 def _setup_cached_dispatch(ctx, inputs, output):
@@ -252,7 +346,7 @@ def _combine(
     buffer: str, x: torch.Tensor, handle: list[torch.Tensor], topk_weights: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(combined_x, combined_topk_weights); without topk_weights the second is an empty [T, 0] float32."""
-    combined_x, combined_topk_weights, _ = _intranode_buffer(buffer, "combine").combine(
+    combined_x, combined_topk_weights, _ = buffer_of(buffer).combine(
         x, tuple(handle), topk_weights=topk_weights
     )
     if combined_topk_weights is None:
@@ -262,7 +356,7 @@ def _combine(
 
 @_combine.register_fake
 def _(buffer, x, handle, topk_weights):
-    num_tokens = IntranodeHandle(*handle).is_token_in_rank.size(0)
+    num_tokens = _as_handle(handle).is_token_in_rank.size(0)
     num_topk = 0 if topk_weights is None else topk_weights.size(1)
     return x.new_empty(num_tokens, x.size(1)), x.new_empty(num_tokens, num_topk, dtype=torch.float32)
 
@@ -292,7 +386,7 @@ class DispatchOutput(NamedTuple):
     recv_x: torch.Tensor
     recv_topk_idx: torch.Tensor
     recv_topk_weights: torch.Tensor
-    handle: IntranodeHandle
+    handle: Union[IntranodeHandle, InternodeHandle]
 
 
 def get_dispatch_layout(
@@ -320,7 +414,8 @@ def dispatch(
     if layout is None:
         layout = torch.ops.deep_ep.get_dispatch_layout(key, topk_idx, num_experts)
     num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = layout
-    outputs = torch.ops.deep_ep.dispatch(
+    op = torch.ops.deep_ep.internode_dispatch if is_internode(key) else torch.ops.deep_ep.dispatch
+    outputs = op(
         key,
         x,
         topk_idx,
@@ -334,13 +429,16 @@ def dispatch(
     return DispatchOutput(*outputs[:3], _handle_from_outputs(outputs[3:], is_token_in_rank))
 
 
-def cached_dispatch(buffer, x: torch.Tensor, handle: IntranodeHandle) -> torch.Tensor:
+def cached_dispatch(buffer, x: torch.Tensor, handle: Union[IntranodeHandle, InternodeHandle]) -> torch.Tensor:
     """Differentiable dispatch of x along an existing handle (its gradient: combine)."""
     return torch.ops.deep_ep.cached_dispatch(buffer_key(buffer), x, list(handle))
 
 
 def combine(
-    buffer, x: torch.Tensor, handle: IntranodeHandle, topk_weights: Optional[torch.Tensor] = None
+    buffer,
+    x: torch.Tensor,
+    handle: Union[IntranodeHandle, InternodeHandle],
+    topk_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Differentiable combine through the op: (combined_x, combined_topk_weights or None)."""
     combined_x, combined_topk_weights = torch.ops.deep_ep.combine(

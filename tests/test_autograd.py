@@ -145,31 +145,18 @@ def test_normal_grads_match_dense(rank_pool, num_ranks, module_name, worst):
 
 
 @pytest.mark.parametrize("worst", [False, True], ids=["exact", "num_worst_tokens"])
-def test_internode_grads_match_dense(rank_pool, worst):
-    # 4 ranks as 2 nodes x 2: the handles are inter-node ones; deep_ep.autograd passes them through.
-    rank_pool(4).run(rank_normal_grads, "autograd", NORMAL_TOKENS[4], worst, "reference", 2)
+@pytest.mark.parametrize("module_name", list(MODULES))
+def test_internode_grads_match_dense(rank_pool, module_name, worst):
+    # 4 ranks as 2 nodes x 2: the handles are inter-node ones (deep_ep.library: its inter-node dispatch op).
+    rank_pool(4).run(rank_normal_grads, module_name, NORMAL_TOKENS[4], worst, "reference", 2)
 
 
-def rank_library_refuses_internode(rank, num_ranks, group):
-    buffer = _buffer(group, num_ranks, [4] * num_ranks, "reference", num_nvl_ranks=2)
-    x = torch.zeros(4, HIDDEN, dtype=torch.bfloat16)
-    idx = torch.zeros(4, 1, dtype=torch.int64)
-    try:
-        deep_ep.library.dispatch(buffer, x, idx, torch.ones(4, 1), 4 * num_ranks)
-    except NotImplementedError as error:
-        return str(error)
-    return None
-
-
-def test_library_refuses_internode_buffers(rank_pool):
-    messages = rank_pool(4).run(rank_library_refuses_internode)
-    assert all(m is not None and "inter-node" in m for m in messages), messages
-
-
-def rank_compiled_matches_eager(rank, num_ranks, group, tokens, worst, backend, compile_backend):
+def rank_compiled_matches_eager(
+    rank, num_ranks, group, tokens, worst, backend, compile_backend, num_nvl_ranks=None
+):
     num_experts, topk = 4 * num_ranks, 3
     ranks, scales = make_problem(num_ranks, tokens, HIDDEN, num_experts, topk, seed=SEED + 1)
-    buffer = _buffer(group, num_ranks, tokens, backend)
+    buffer = _buffer(group, num_ranks, tokens, backend, num_nvl_ranks)
     worst = sum(tokens) if worst else 0
 
     def step(fn):
@@ -192,17 +179,21 @@ def test_compiled_matches_eager(rank_pool, worst):
     rank_pool(2).run(rank_compiled_matches_eager, [7, 10], worst, "reference", "aot_eager")
 
 
+def test_compiled_matches_eager_internode(rank_pool):
+    rank_pool(4).run(rank_compiled_matches_eager, [7, 10, 0, 5], False, "reference", "aot_eager", 2)
+
+
 # opcheck's test_aot_dispatch_dynamic compiles each op (seconds on the CPU): the GPU variants run it.
 QUICK_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
 FULL_OPCHECK = (*QUICK_OPCHECK, "test_aot_dispatch_dynamic")
 
 
-def rank_opcheck(rank, num_ranks, group, backend, test_utils):
+def rank_opcheck(rank, num_ranks, group, backend, test_utils, num_nvl_ranks=None):
     """torch.library.opcheck of the normal-mode ops: schema, autograd registration, and that the fake
     implementations give the real outputs' shapes, dtypes and strides."""
-    num_experts, topk, tokens = 4 * num_ranks, 3, [6, 9]
+    num_experts, topk, tokens = 4 * num_ranks, 3, [6, 9, 0, 4][:num_ranks]
     ranks, _ = make_problem(num_ranks, tokens, HIDDEN, num_experts, topk)
-    buffer = _buffer(group, num_ranks, tokens, backend)
+    buffer = _buffer(group, num_ranks, tokens, backend, num_nvl_ranks)
     key = deep_ep.library.buffer_key(buffer)
     x, idx, weights = (t.to(buffer.device) for t in ranks[rank][:3])
     x.requires_grad_()
@@ -210,9 +201,10 @@ def rank_opcheck(rank, num_ranks, group, backend, test_utils):
     ops = torch.ops.deep_ep
     layout = ops.get_dispatch_layout(key, idx, num_experts)
     torch.library.opcheck(ops.get_dispatch_layout, (key, idx, num_experts), test_utils=test_utils)
+    dispatch_op = ops.internode_dispatch if deep_ep.library.is_internode(buffer) else ops.dispatch
     for worst in (0, sum(tokens)):
         torch.library.opcheck(
-            ops.dispatch,
+            dispatch_op,
             (key, x, idx, weights, layout[0], layout[2], layout[1], 1, worst),
             test_utils=test_utils,
         )
@@ -229,6 +221,10 @@ def rank_opcheck(rank, num_ranks, group, backend, test_utils):
 
 def test_opcheck(rank_pool):
     rank_pool(2).run(rank_opcheck, "reference", QUICK_OPCHECK)
+
+
+def test_opcheck_internode(rank_pool):
+    rank_pool(4).run(rank_opcheck, "reference", QUICK_OPCHECK, 2)
 
 
 def rank_low_latency_opcheck(rank, num_ranks, group, backend, test_utils):
@@ -336,8 +332,9 @@ def test_gpu_normal_grads_match_dense(rank_pool, num_ranks, module_name, worst):
 
 
 @pytest.mark.gpu
-def test_gpu_internode_grads_match_dense(rank_pool):
-    rank_pool(4).run(rank_normal_grads, "autograd", NORMAL_TOKENS[4], False, "cuda", 2)
+@pytest.mark.parametrize("module_name", list(MODULES))
+def test_gpu_internode_grads_match_dense(rank_pool, module_name):
+    rank_pool(4).run(rank_normal_grads, module_name, NORMAL_TOKENS[4], False, "cuda", 2)
 
 
 @pytest.mark.gpu
