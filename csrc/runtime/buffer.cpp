@@ -269,7 +269,8 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
     std::vector<std::vector<AllocationRecord>> parsed(num_members, std::vector<AllocationRecord>(count));
     for (int peer = 0; peer < num_members; ++peer) {
         DEEP_EP_CHECK(records[peer].size() == record.size(),
-                      "rank " << peer << " exchanged a different operation (ranks diverged)");
+                      "rank " << host_exchange_->first_rank() + peer
+                              << " exchanged a different operation (ranks diverged)");
         int32_t peer_wants = 0;
         std::memcpy(&peer_wants, records[peer].data(), sizeof(peer_wants));
         if (!peer_wants)

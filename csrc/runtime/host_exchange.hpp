@@ -32,6 +32,7 @@ class HostExchange {
     // This rank's index among the members, and how many there are.
     int rank() const { return rank_; }
     int num_ranks() const { return num_ranks_; }
+    int first_rank() const { return first_rank_; }  // the group rank of member 0
 
   private:
     // One slot per rank, written by that rank only. Round k uses data[k % 2]: a rank can start round
