@@ -128,6 +128,38 @@ def _handle_from_outputs(outputs, is_token_in_rank: torch.Tensor) -> Union[Intra
     return IntranodeHandle(is_token_in_rank=is_token_in_rank, **dict(zip(_HANDLE_OUTPUTS, outputs)))
 
 
+def _dispatch_outputs(
+    buffer,
+    x,
+    topk_idx,
+    topk_weights,
+    num_tokens_per_rank,
+    is_token_in_rank,
+    num_tokens_per_expert,
+    expert_alignment,
+    num_worst_tokens,
+    handle_type,
+    handle_fields,
+) -> tuple:
+    """The body of both dispatch ops: the Buffer's dispatch, returned as (recv_x, recv_topk_idx,
+    recv_topk_weights, then the handle's `handle_fields`)."""  # fmt: skip
+    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
+        x,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        expert_alignment=expert_alignment,
+        num_worst_tokens=num_worst_tokens,
+    )
+    # The CUDA backend carves a call's outputs out of one allocation (csrc/runtime/output_tensors.hpp), but
+    # the outputs of an op must not alias each other: recv_x keeps the allocation, the small ones are copied.
+    handle = handle_type(*handle)
+    small = (recv_topk_idx, recv_topk_weights, *(getattr(handle, f) for f in handle_fields))
+    return (recv_x, *(t.clone() for t in small))
+
+
 @torch.library.custom_op("deep_ep::dispatch", mutates_args=())
 def _dispatch(
     buffer: str,
@@ -151,29 +183,10 @@ def _dispatch(
 ]:
     """(recv_x, recv_topk_idx, recv_topk_weights, then the handle's rank_prefix_matrix, channel_prefix_matrix,
     recv_channel_prefix_matrix, recv_src_idx, send_head)."""
-    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
-        x,
-        num_tokens_per_rank=num_tokens_per_rank,
-        is_token_in_rank=is_token_in_rank,
-        num_tokens_per_expert=num_tokens_per_expert,
-        topk_idx=topk_idx,
-        topk_weights=topk_weights,
-        expert_alignment=expert_alignment,
-        num_worst_tokens=num_worst_tokens,
-    )
-    # The CUDA backend carves a call's outputs out of one allocation (csrc/runtime/output_tensors.hpp), but
-    # the outputs of an op must not alias each other: recv_x keeps the allocation, the small ones are copied.
-    handle = IntranodeHandle(*handle)
-    return (
-        recv_x,
-        recv_topk_idx.clone(),
-        recv_topk_weights.clone(),
-        handle.rank_prefix_matrix.clone(),
-        handle.channel_prefix_matrix.clone(),
-        handle.recv_channel_prefix_matrix.clone(),
-        handle.recv_src_idx.clone(),
-        handle.send_head.clone(),
-    )
+    return _dispatch_outputs(
+        buffer, x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+        expert_alignment, num_worst_tokens, IntranodeHandle, _HANDLE_OUTPUTS,
+    )  # fmt: skip
 
 
 @_dispatch.register_fake
@@ -260,19 +273,10 @@ def _internode_dispatch(
 ]:
     """`dispatch` on an inter-node Buffer: (recv_x, recv_topk_idx, recv_topk_weights, then InternodeHandle's
     elements after is_token_in_rank). num_tokens_per_rdma_rank is counted by the op itself."""
-    recv_x, recv_topk_idx, recv_topk_weights, _, handle, _ = buffer_of(buffer).dispatch(
-        x,
-        num_tokens_per_rank=num_tokens_per_rank,
-        is_token_in_rank=is_token_in_rank,
-        num_tokens_per_expert=num_tokens_per_expert,
-        topk_idx=topk_idx,
-        topk_weights=topk_weights,
-        expert_alignment=expert_alignment,
-        num_worst_tokens=num_worst_tokens,
-    )
-    handle = InternodeHandle(*handle)
-    small = (recv_topk_idx, recv_topk_weights, *(getattr(handle, f) for f in _INTERNODE_HANDLE_OUTPUTS))
-    return (recv_x, *(t.clone() for t in small))  # no aliasing outputs (see dispatch)
+    return _dispatch_outputs(
+        buffer, x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+        expert_alignment, num_worst_tokens, InternodeHandle, _INTERNODE_HANDLE_OUTPUTS,
+    )  # fmt: skip
 
 
 @_internode_dispatch.register_fake
