@@ -39,13 +39,18 @@ class Setup:
     """One rank's Buffers, valid arguments, handles (the valid one, a later dispatch's with the same
     routing, another Buffer's) and the expected outputs of every valid call."""
 
-    def __init__(self, rank, num_ranks, group, internode=False):
+    def __init__(self, rank, num_ranks, group, internode=False, backend="reference"):
         self.rank, self.num_ranks, self.group, self.internode = rank, num_ranks, group, internode
+        self.backend = backend
+        # The CUDA twin checks the normal ops only: its Buffer has no low-latency part.
+        self.low_latency = not internode and backend == "reference"
         self.num_nvl_ranks = max(1, num_ranks // 2) if internode else None
         inputs = make_inputs(SEED, num_ranks, [T] * num_ranks, H, E, K)
         self.nvl = nvl_buffer_size_hint(H * 2, num_ranks, num_max_tokens_per_rank=T)
         # Room for the signature cases' doubled expert count and hidden size.
         self.rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(M, 2 * H, num_ranks, 2 * E)
+        if backend != "reference" and not internode:
+            self.rdma = 0  # an intra-node CUDA Buffer without low-latency mode has no RDMA buffer
         if internode:
             self.rdma = internode_size_hint(H * 2, num_ranks, self.num_nvl_ranks, num_max_tokens_per_rank=T)
         self.buffer, other = call(self, "buffer"), call(self, "buffer")
@@ -58,7 +63,7 @@ class Setup:
         self.recv_x, _, self.recv_topk_weights, _, self.handle, _ = call(self, "dispatch")
         self.spare_handle = call(self, "dispatch")[4]
         self.other_handle = other.dispatch(self.x, **self.layout, **self.topk)[4]
-        if not internode:
+        if self.low_latency:
             self.ll_recv, _, self.ll_handle, _, _ = call(self, "ll_dispatch")
             self.ll_spare = call(self, "ll_dispatch")[2]
             self.ll_other = other.low_latency_dispatch(self.x, self.topk_idx, M, E, use_fp8=False)[2]
@@ -104,8 +109,8 @@ def call(v: Setup, op: str, **overrides):
         kwargs = {
             "num_nvl_bytes": v.nvl,
             "num_rdma_bytes": v.rdma,
-            "low_latency_mode": not v.internode,
-            "backend": "reference",
+            "low_latency_mode": v.low_latency,
+            "backend": v.backend,
             "num_nvl_ranks": v.num_nvl_ranks,
         }
         return deep_ep.Buffer(v.group, **{**kwargs, **overrides})
@@ -328,8 +333,8 @@ INTERNODE_CASES = {
 }  # fmt: skip
 
 
-def rank_one_bad_rank_at_a_time(rank, num_ranks, group, case_name, internode):
-    v = Setup(rank, num_ranks, group, internode)
+def rank_one_bad_rank_at_a_time(rank, num_ranks, group, case_name, internode, backend="reference"):
+    v = Setup(rank, num_ranks, group, internode, backend)
     op, _, _, _, bad = (INTERNODE_CASES if internode else CASES)[case_name]
     results = []
     for bad_rank in range(num_ranks):
@@ -381,6 +386,29 @@ def test_one_bad_rank_makes_every_rank_raise(rank_pool, case_name, num_ranks):
 def test_one_bad_rank_makes_every_rank_raise_internode(rank_pool, case_name, num_ranks):
     results = rank_pool(num_ranks).run(rank_one_bad_rank_at_a_time, case_name, True)
     check_agreed(results, INTERNODE_CASES[case_name], num_ranks)
+
+
+# The cases the CUDA backend agrees on (docs/errors.md, "The CUDA backend"): its C++ and Python argument checks
+# and the signature fields it exchanges; not the reference's content and handle-identity checks, nor expert
+# ids (checked on the GPU, raised by the rank that passed them).
+CUDA_CASES = [
+    "x_dtype", "x_hidden_multiple", "topk_weights_dtype", "config_type", "expert_alignment", "num_worst_tokens_huge",
+    "operation_differs", "hidden_differs", "fp8_differs", "topk_missing", "topk_differs", "num_experts_differs",
+    "cached_token_count", "cached_with_topk", "combine_x_dtype", "combine_x_rows", "combine_bias_dtype",
+    "combine_hidden_differs", "combine_weights_missing",
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_one_bad_rank_makes_every_rank_raise_cuda(rank_pool, num_ranks):
+    """The same cases through the CUDA backend's intra-node ops (ranks sharing the GPU under MPS)."""
+    for case_name in CUDA_CASES:
+        results = rank_pool(num_ranks).run(rank_one_bad_rank_at_a_time, case_name, False, "cuda")
+        try:
+            check_agreed(results, CASES[case_name], num_ranks)
+        except AssertionError as e:
+            raise AssertionError(f"case {case_name}: {e}") from e
 
 
 def validation_case_op(name: str):

@@ -242,7 +242,11 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
                                   pybind11::handle topk_weights_arg, pybind11::handle bias_arg, int64_t num_sms,
                                   pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
     buffer.require_usable();
-    const CombineCall call = checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+    // Agreed inside the node only (the host exchange spans one node); ranks of other nodes see the error as
+    // a timeout of the op's first exchange (docs/errors.md).
+    const CombineCall call = agreed_checks(buffer, kCombineOpName, [&] {
+        return checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+    });
     const InternodePeers peers = internode_peers(buffer, "combine");
     const InternodeHandleTensors& handle = *call.internode_handle;
     const torch::Tensor& x = call.x;
@@ -253,9 +257,10 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = handle.is_token_in_rank.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
 
+    // Host only, before anything is queued: the node's ranks agree on the call and learn where their inputs
+    // are, to read them in place.
+    const std::optional<CombineSources> direct = direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
-    // Host only, before anything is queued: where the node's ranks' inputs are, to read them in place.
-    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
 
     launch_exchange(buffer, peers, stream);
     InternodeCombineArgs args{};

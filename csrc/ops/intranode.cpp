@@ -85,12 +85,14 @@ DispatchSources staged_dispatch_sources(const NvlPeers& peers, const DispatchRow
 
 // Rows in each rank's input tensors, or nullopt when the ranks could not all export them (then every
 // rank stages: the decision is taken from the same exchanged records everywhere).
-std::optional<DispatchSources> direct_dispatch_sources(runtime::Buffer& buffer, const torch::Tensor& x,
+std::optional<DispatchSources> direct_dispatch_sources(runtime::Buffer& buffer, const runtime::CallRecord& call,
+                                                       const torch::Tensor& x,
                                                        const OptionalTensor& x_scales, const OptionalTensor& topk_idx,
                                                        const OptionalTensor& topk_weights, cudaStream_t stream) {
     auto ptr = [](const OptionalTensor& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
     std::vector<std::array<const char*, kMaxNvlRanks>> peers;
-    if (!buffer.gather_peer_tensors({x.data_ptr(), ptr(x_scales), ptr(topk_idx), ptr(topk_weights)}, stream, peers))
+    if (!buffer.gather_peer_tensors(call, {x.data_ptr(), ptr(x_scales), ptr(topk_idx), ptr(topk_weights)}, stream,
+                                    peers))
         return std::nullopt;
     DispatchSources sources{};
     for (int r = 0; r < buffer.num_ranks(); ++r) {
@@ -120,10 +122,11 @@ CombineSources staged_combine_sources(const NvlPeers& peers, int64_t hidden, int
 
 }  // namespace
 
-std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
-                                                     const OptionalTensor& topk_weights, cudaStream_t stream) {
+std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const runtime::CallRecord& call,
+                                                     const torch::Tensor& x, const OptionalTensor& topk_weights,
+                                                     cudaStream_t stream) {
     std::vector<std::array<const char*, kMaxNvlRanks>> peers;
-    if (!buffer.gather_peer_tensors({x.data_ptr(), topk_weights.has_value() ? topk_weights->data_ptr() : nullptr},
+    if (!buffer.gather_peer_tensors(call, {x.data_ptr(), topk_weights.has_value() ? topk_weights->data_ptr() : nullptr},
                                     stream, peers))
         return std::nullopt;
     CombineSources sources{};
@@ -149,10 +152,11 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
                                    int64_t num_sms, pybind11::handle previous_event, bool async_finish,
                                    bool allocate_on_comm_stream) {
     buffer.require_usable();
-    const DispatchCall call = checked_dispatch(buffer, x_arg, handle_arg, num_tokens_per_rank_arg,
-                                               num_tokens_per_rdma_rank_arg, is_token_in_rank_arg,
-                                               num_tokens_per_expert_arg, topk_idx_arg, topk_weights_arg,
-                                               expert_alignment_arg, num_worst_tokens_arg, num_sms);
+    const DispatchCall call = agreed_checks(buffer, dispatch_op_name(!handle_arg.is_none()), [&] {
+        return checked_dispatch(buffer, x_arg, handle_arg, num_tokens_per_rank_arg, num_tokens_per_rdma_rank_arg,
+                                is_token_in_rank_arg, num_tokens_per_expert_arg, topk_idx_arg, topk_weights_arg,
+                                expert_alignment_arg, num_worst_tokens_arg, num_sms);
+    });
     const torch::Tensor& x = call.x;
     const OptionalTensor& x_scales = call.x_scales;
     const OptionalTensor& topk_idx = call.topk_idx;
@@ -168,6 +172,11 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     const int64_t num_topk = topk_idx.has_value() ? topk_idx->size(1) : 0;
     const int64_t num_experts = call.num_experts;
     const DispatchRowShape shape = dispatch_row_shape(hidden_bytes, num_scales, num_topk, num_ranks);
+
+    // Host-only (no GPU synchronisation), before anything is launched: the ranks agree on the call (an error
+    // on one rank is raised on all) and learn where every rank's inputs are, for direct reads.
+    const std::optional<DispatchSources> direct =
+        direct_dispatch_sources(buffer, call_record(call), x, x_scales, topk_idx, topk_weights, stream);
 
     torch::Tensor rank_prefix_matrix;
     OptionalTensor channel_prefix_matrix, recv_channel_prefix_matrix, send_head;
@@ -215,9 +224,6 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     } else {
         rank_prefix_matrix = call.handle->rank_prefix_matrix;
     }
-
-    // Host-only (no GPU synchronisation): where every rank's inputs are, for direct reads.
-    const std::optional<DispatchSources> direct = direct_dispatch_sources(buffer, x, x_scales, topk_idx, topk_weights, stream);
 
     IntranodeDispatchStageArgs stage{};
     stage.peers = peers;
@@ -301,7 +307,9 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
                                   pybind11::handle topk_weights_arg, pybind11::handle bias_arg, int64_t num_sms,
                                   pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
     buffer.require_usable();
-    const CombineCall call = checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+    const CombineCall call = agreed_checks(buffer, kCombineOpName, [&] {
+        return checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+    });
     const torch::Tensor& x = call.x;
     const OptionalTensor& topk_weights = call.topk_weights;
     const torch::Tensor& send_head = call.handle.send_head;
@@ -312,9 +320,10 @@ pybind11::tuple intranode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const int64_t num_rows = x.size(0), hidden = x.size(1), num_tokens = send_head.size(0);
     const int64_t num_topk = topk_weights.has_value() ? topk_weights->size(1) : 0;
 
+    // Host only, before anything is launched: the ranks agree on the call and learn where the inputs are.
+    const std::optional<CombineSources> direct = direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
 
-    const std::optional<CombineSources> direct = direct_combine_sources(buffer, x, topk_weights, stream);
     if (!direct.has_value()) {
         IntranodeCombineStageArgs stage{};
         stage.peers = peers;

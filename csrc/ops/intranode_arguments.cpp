@@ -253,4 +253,29 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
     return call;
 }
 
+const char* dispatch_op_name(bool cached) { return cached ? "dispatch (cached: handle given)" : "dispatch"; }
+
+runtime::CallRecord call_record(const DispatchCall& call) {
+    const bool cached = call.handle.has_value() || call.internode_handle.has_value();
+    runtime::CallRecord record{dispatch_op_name(cached), "", "", {}};
+    record.signature = {{"x.dtype", runtime::repr_str(arguments::dtype_name(call.x.scalar_type()))},
+                        {"x.size(1)", runtime::repr_int(call.x.size(1))}};
+    if (!cached) {
+        record.signature.emplace_back("topk_idx.size(1)", call.topk_idx.has_value()
+                                                              ? runtime::repr_int(call.topk_idx->size(1))
+                                                              : runtime::repr_none());
+        record.signature.emplace_back("num_tokens_per_expert.size(0)", runtime::repr_int(call.num_experts));
+    }
+    return record;
+}
+
+runtime::CallRecord call_record(const CombineCall& call) {
+    runtime::CallRecord record{kCombineOpName, "", "", {}};
+    record.signature = {{"x.size(1)", runtime::repr_int(call.x.size(1))},
+                        {"topk_weights.size(1)", call.topk_weights.has_value()
+                                                     ? runtime::repr_int(call.topk_weights->size(1))
+                                                     : runtime::repr_none()}};
+    return record;
+}
+
 }  // namespace deep_ep::ops

@@ -76,4 +76,12 @@ struct CombineCall {
 CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
                             pybind11::handle topk_weights, pybind11::handle bias, int64_t num_sms);
 
+// What the ranks of a normal op agree on before anything moves (runtime/call_agreement.hpp): the operation's
+// name (as the reference backend names it) and the signature fields of deep_ep/backends/reference_backend.py
+// that can be read without the GPU (no handle checksum or identity here).
+const char* dispatch_op_name(bool cached);
+inline constexpr const char* kCombineOpName = "combine";
+runtime::CallRecord call_record(const DispatchCall& call);
+runtime::CallRecord call_record(const CombineCall& call);
+
 }  // namespace deep_ep::ops

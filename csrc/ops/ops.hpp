@@ -28,6 +28,19 @@ inline void raise_pending_errors(runtime::Buffer& buffer, runtime::OpStreams& st
     }
 }
 
+// An op's argument checks, agreed by the ranks of its host exchange (runtime/call_agreement.hpp): when
+// `check` throws, this rank makes the op's exchange with its error in it, so that every peer raises the same
+// error instead of waiting for it, and raises it too. Only for ops whose ranks all make that exchange
+// (gather_peer_tensors) right after their checks, before anything is launched.
+template <typename Check>
+auto agreed_checks(runtime::Buffer& buffer, const char* op, Check&& check) -> decltype(check()) {
+    try {
+        return check();
+    } catch (...) {
+        buffer.agree_on_error(runtime::failed_call(op, std::current_exception()));
+    }
+}
+
 template <typename T>
 T* data_or_null(const std::optional<torch::Tensor>& tensor) {
     return tensor.has_value() ? tensor->data_ptr<T>() : nullptr;
@@ -44,8 +57,10 @@ std::pair<int, std::vector<int>> wait_for_receive_counts(runtime::Buffer& buffer
 
 // Direct reads of a combine's inputs: where the node's ranks' x and topk_weights are (index: local rank), or
 // nullopt when they cannot all be read in place (then every rank of the node stages them; the decision is
-// taken from the same exchanged records everywhere). Host only: no GPU synchronisation.
-std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const torch::Tensor& x,
+// taken from the same exchanged records everywhere). The same exchange agrees on `call` first. Host only:
+// no GPU synchronisation.
+std::optional<CombineSources> direct_combine_sources(runtime::Buffer& buffer, const runtime::CallRecord& call,
+                                                     const torch::Tensor& x,
                                                      const std::optional<torch::Tensor>& topk_weights,
                                                      cudaStream_t stream);
 

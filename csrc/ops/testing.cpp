@@ -3,6 +3,8 @@
 // counters and outputs are torch tensors the caller allocated.
 #include <torch/extension.h>
 
+#include <pybind11/stl.h>
+
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
@@ -10,6 +12,7 @@
 #include "kernels/api.cuh"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
+#include "runtime/call_agreement.hpp"
 #include "runtime/errors.hpp"
 
 namespace deep_ep::ops {
@@ -215,6 +218,26 @@ void register_testing_apis(pybind11::module_& m) {
             py::arg("consumer_rank"), py::arg("variant"), py::arg("placement"), py::arg("num_blocks"),
             py::arg("slice_bytes"), py::arg("num_rounds"), py::arg("seq_base"), py::arg("counters"),
             py::arg("stream"));
+    // The call agreement over a bare host exchange (no GPU): tests/test_call_agreement.py runs it in
+    // several CPU processes.
+    py::class_<runtime::HostExchange>(sub, "HostExchange")
+        .def(py::init<const std::string&, int, int, bool, uint64_t, int>(), py::arg("name"), py::arg("rank"),
+             py::arg("num_ranks"), py::arg("create"), py::arg("timeout_ns"), py::arg("first_rank") = 0)
+        .def("unlink", &runtime::HostExchange::unlink)
+        .def(
+            "agree",
+            [](runtime::HostExchange& exchange, const std::string& op, const std::string& error_type,
+               const std::string& message, const std::vector<std::pair<std::string, std::string>>& signature,
+               const py::bytes& payload, int num_ranks) {
+                const std::vector<std::string> payloads = runtime::agree_on_call(
+                    exchange, runtime::CallRecord{op, error_type, message, signature}, std::string(payload), num_ranks);
+                py::list out;
+                for (const std::string& p : payloads)
+                    out.append(py::bytes(p));
+                return out;
+            },
+            py::arg("op"), py::arg("error_type"), py::arg("message"), py::arg("signature"), py::arg("payload"),
+            py::arg("num_ranks"));
     sub.attr("put_bandwidth_threads") = kPutBandwidthThreads;
 #ifdef DEEP_EP_WITH_NVSHMEM
     sub.attr("internode_compiled") = true;

@@ -243,7 +243,15 @@ void Buffer::close_peer_allocations() {
     opened_.clear();
 }
 
-bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStream_t stream,
+[[noreturn]] void Buffer::agree_on_error(const CallRecord& failed) {
+    require_usable();
+    if (host_exchange_)
+        agree_on_call(*host_exchange_, failed, {}, num_ranks_);
+    // Without a host exchange (no NVLink buffer) nobody else can know: the error stays this rank's.
+    raise_call_error(failed);
+}
+
+bool Buffer::gather_peer_tensors(const CallRecord& call, const std::vector<const void*>& local, cudaStream_t stream,
                                  std::vector<std::array<const char*, kMaxNvlRanks>>& out) {
     require_usable();
     if (!host_exchange_)
@@ -259,12 +267,7 @@ bool Buffer::gather_peer_tensors(const std::vector<const void*>& local, cudaStre
         std::memcpy(record.data() + record_offset(i), &exported, sizeof(exported));
     }
     // Every rank takes the same decision from the same records.
-    std::vector<std::string> records;
-    {
-        // Peers may arrive late (or, until the timeout, never): let other Python threads run meanwhile.
-        pybind11::gil_scoped_release release;
-        records = host_exchange_->all_gather(record);
-    }
+    const std::vector<std::string> records = agree_on_call(*host_exchange_, call, record, num_ranks_);
     const int num_members = host_exchange_->num_ranks(), own = host_exchange_->rank();
     std::vector<std::vector<AllocationRecord>> parsed(num_members, std::vector<AllocationRecord>(count));
     for (int peer = 0; peer < num_members; ++peer) {
@@ -381,6 +384,13 @@ void register_apis(pybind11::module_& m) {
         .def("raise_if_invalid_expert_id", &Buffer::raise_if_invalid_expert_id)
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
+        // Python's own checks of an op that agrees on errors (deep_ep/backends/cuda.py): always raises.
+        .def(
+            "agree_on_error",
+            [](Buffer& self, const std::string& op, const std::string& error_type, const std::string& message) {
+                self.agree_on_error(CallRecord{op, error_type, message, {}});
+            },
+            pybind11::arg("op"), pybind11::arg("error_type"), pybind11::arg("message"))
         .def("attach_symmetric", &Buffer::attach_symmetric, pybind11::arg("base"), pybind11::arg("num_bytes"),
              pybind11::arg("mapped_bases"), pybind11::arg("num_blocks"))
         .def_property("direct_reads", &Buffer::direct_reads, &Buffer::set_direct_reads)

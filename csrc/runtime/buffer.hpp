@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/api.cuh"
+#include "runtime/call_agreement.hpp"
 #include "runtime/host_exchange.hpp"
 
 namespace deep_ep::runtime {
@@ -129,8 +130,13 @@ class Buffer {
     // Returns false, and fills nothing, unless every rank has direct reads on, is not capturing `stream`
     // into a CUDA graph (opening IPC handles is not allowed then) and could export every tensor (CUDA
     // IPC needs cudaMalloc memory: not the expandable segments of torch's allocator).
-    bool gather_peer_tensors(const std::vector<const void*>& local, cudaStream_t stream,
+    // The exchange also agrees on the call (runtime/call_agreement.hpp): it raises on every rank of the node
+    // if any rank's `call` failed its checks or the ranks' calls disagree, before anything is read.
+    bool gather_peer_tensors(const CallRecord& call, const std::vector<const void*>& local, cudaStream_t stream,
                              std::vector<std::array<const char*, kMaxNvlRanks>>& out);
+    // A rank whose checks failed: makes, in place of the op's gather_peer_tensors, the same exchange with
+    // `failed` in it, so every rank of the node raises the agreed error; always throws.
+    [[noreturn]] void agree_on_error(const CallRecord& failed);
 
     // Low-latency mode: the symmetric buffer, attached once after Python allocated it; `op` names the call
     // in the error raised when the Buffer has none.

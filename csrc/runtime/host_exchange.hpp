@@ -15,7 +15,7 @@ namespace deep_ep::runtime {
 
 class HostExchange {
   public:
-    static constexpr int kRecordBytes = 1024;
+    static constexpr int kRecordBytes = 2048;  // a call record (runtime/call_agreement.hpp) + addresses
 
     // Member 0 creates the segment; the others open it once it exists (the caller orders that). Members are
     // the group's ranks first_rank .. first_rank + num_ranks - 1 (errors name those).

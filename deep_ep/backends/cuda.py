@@ -219,6 +219,23 @@ class CudaBackend:
             check_optional_type("config", config, Config)
         return config.num_sms
 
+    def _agreed_python_checks(self, op: Optional[str], config, previous_event) -> int:
+        """num_sms, after the checks made here rather than in C++ (config, previous_event). A failure is agreed
+        like the C++ checks' (runtime/call_agreement.hpp): this rank makes the op's host exchange with the
+        error in it, so every rank raises it. `op` None: an op without that exchange; the error stays local."""
+        try:
+            num_sms = self._num_sms(config)
+            _check_previous_event(previous_event)
+        except (TypeError, ValueError) as error:
+            if op is None:
+                raise
+            try:
+                self.runtime.agree_on_error(op, type(error).__name__, str(error))
+            except (TypeError, ValueError, RuntimeError) as agreed:
+                raise agreed from error
+            raise  # agree_on_error always raises
+        return num_sms
+
     # --- normal mode --------------------------------------------------------------------------------------
 
     def get_dispatch_layout(
@@ -256,9 +273,10 @@ class CudaBackend:
         async_finish,
         allocate_on_comm_stream,
     ):
-        num_sms = self._num_sms(config)
-        _check_previous_event(previous_event)
         dispatch, _, make_handle = self._normal_ops()
+        # An inter-node dispatch makes no host exchange to agree through (docs/errors.md).
+        op = "dispatch (cached: handle given)" if handle is not None else "dispatch"
+        num_sms = self._agreed_python_checks(None if self.internode else op, config, previous_event)
         recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = dispatch(
             self.runtime,
             x,
@@ -283,9 +301,8 @@ class CudaBackend:
     def combine(
         self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
     ):
-        num_sms = self._num_sms(config)
-        _check_previous_event(previous_event)
         _, combine, _ = self._normal_ops()
+        num_sms = self._agreed_python_checks("combine", config, previous_event)
         combined_x, combined_topk_weights, event = combine(
             self.runtime,
             x,
