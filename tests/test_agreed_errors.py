@@ -224,6 +224,9 @@ CASES = {
         lambda v: {"num_tokens_per_expert": v.layout["num_tokens_per_expert"] + 1},
     ),
     "num_worst_tokens_huge": ("dispatch", ValueError, "num_worst_tokens", LOCAL, lambda v: {"num_worst_tokens": 1 << 40}),
+    "local_experts_over_limit": (
+        "dispatch", ValueError, "num_tokens_per_expert", LOCAL, lambda v: layout_of(v.topk_idx, 2049 * v.num_ranks, v.num_ranks),
+    ),
     "num_worst_tokens_too_few": ("dispatch", ValueError, "num_worst_tokens", GATHERED, lambda v: {"num_worst_tokens": 1}),
     # fresh dispatch: ranks disagreeing on the call
     "operation_differs": ("dispatch", ValueError, "operation", SIGNATURE, lambda v: {"op": "cached"}),
@@ -393,6 +396,7 @@ def test_one_bad_rank_makes_every_rank_raise_internode(rank_pool, case_name, num
 # ids (checked on the GPU, raised by the rank that passed them).
 CUDA_CASES = [
     "x_dtype", "x_hidden_multiple", "topk_weights_dtype", "config_type", "expert_alignment", "num_worst_tokens_huge",
+    "local_experts_over_limit",
     "operation_differs", "hidden_differs", "fp8_differs", "topk_missing", "topk_differs", "num_experts_differs",
     "cached_token_count", "cached_with_topk", "combine_x_dtype", "combine_x_rows", "combine_bias_dtype",
     "combine_hidden_differs", "combine_weights_missing",

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/api.cuh"
+#include "kernels/common/buffer_layout.cuh"
 #include "ops/arguments.hpp"
 #include "runtime/size_hints.hpp"
 
@@ -40,6 +41,25 @@ std::pair<torch::Tensor, OptionalTensor> checked_dispatch_x(pybind11::handle x, 
         arguments::raise_value_error("x: hidden size must be a multiple of 8 for BF16 (16-byte rows), got " +
                                      std::to_string(data.size(1)));
     return {data, std::nullopt};
+}
+
+// The Buffer holds a combine of `num_rows` BF16 rows back into `num_tokens` tokens a rank (its NVLink buffer;
+// inter-node: the symmetric one, sized in tokens per rank as the hint is).
+void check_combine_capacity(const runtime::Buffer& buffer, const char* name, const std::string& what, int64_t hidden,
+                            int64_t num_topk, int64_t num_rows, int64_t num_tokens) {
+    const int64_t num_ranks = buffer.num_ranks();
+    if (buffer.is_internode()) {
+        const int64_t tokens_needed = std::max(num_tokens, (num_rows + num_ranks - 1) / num_ranks);
+        const int64_t needed = runtime::size_hints::internode_combine_bytes(hidden, num_topk, num_ranks,
+                                                                            buffer.num_nvl_ranks(), tokens_needed);
+        if (needed > buffer.num_rdma_bytes())
+            arguments::raise_capacity_error(name, what + " inter-node", needed, buffer.num_rdma_bytes(),
+                                            "num_rdma_bytes");
+    } else {
+        const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
+        if (needed > buffer.num_nvl_bytes())
+            arguments::raise_capacity_error(name, what, needed, buffer.num_nvl_bytes(), "num_nvl_bytes");
+    }
 }
 
 }  // namespace
@@ -150,6 +170,10 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
         if (call.num_experts == 0 || call.num_experts % num_ranks != 0)
             arguments::raise_value_error("num_tokens_per_expert: length (the expert count) must be a positive multiple of " +
                                          std::to_string(num_ranks) + " ranks, got " + std::to_string(call.num_experts));
+        if (call.num_experts / num_ranks > layout::kMaxLocalExperts)
+            arguments::raise_value_error("num_tokens_per_expert: length (the expert count) must be at most " +
+                                         std::to_string(layout::kMaxLocalExperts) + " a rank, got " +
+                                         std::to_string(call.num_experts));
         if (topk_idx.is_none() != topk_weights.is_none())
             arguments::raise_value_error(
                 "topk_weights: topk_idx and topk_weights must be given together (or both None)");
@@ -179,6 +203,12 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
             arguments::raise_capacity_error("x", "dispatching " + std::to_string(num_tokens) + " tokens", needed,
                                             buffer.num_nvl_bytes(), "num_nvl_bytes");
     }
+    // Padded rows no combine of this Buffer could take back are refused here, by name, rather than by the
+    // allocator of the padded outputs.
+    if (handle.is_none() && call.num_worst_tokens > 0)
+        check_combine_capacity(buffer, "num_worst_tokens",
+                               "padding to " + std::to_string(call.num_worst_tokens) + " rows (combining them back)",
+                               call.x.size(1), num_topk, call.num_worst_tokens, num_tokens);
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }
@@ -235,20 +265,9 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
         (i == 0 ? call.bias_0 : call.bias_1) =
             arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
     }
-    if (internode) {
-        // Staged rows hold R x capacity, the partial sums capacity per node: both bounded by the tokens.
-        const int64_t tokens_needed = std::max(num_tokens, (num_rows + num_ranks - 1) / num_ranks);
-        const int64_t needed = runtime::size_hints::internode_combine_bytes(hidden, num_topk, num_ranks,
-                                                                            buffer.num_nvl_ranks(), tokens_needed);
-        if (needed > buffer.num_rdma_bytes())
-            arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows inter-node", needed,
-                                            buffer.num_rdma_bytes(), "num_rdma_bytes");
-    } else {
-        const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
-        if (needed > buffer.num_nvl_bytes())
-            arguments::raise_capacity_error("x", "combining " + std::to_string(num_rows) + " rows", needed,
-                                            buffer.num_nvl_bytes(), "num_nvl_bytes");
-    }
+    // Inter-node: staged rows hold R x capacity, the partial sums capacity per node, both bounded by the tokens.
+    check_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden, num_topk, num_rows,
+                           num_tokens);
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }

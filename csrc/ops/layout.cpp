@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "kernels/api.cuh"
+#include "kernels/common/buffer_layout.cuh"
 #include "ops/arguments.hpp"
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
@@ -19,6 +20,12 @@ pybind11::tuple get_dispatch_layout(runtime::Buffer& buffer, pybind11::handle to
     buffer.require_usable();
     const int64_t num_ranks = buffer.num_ranks();
     const int64_t num_experts = arguments::num_experts(num_experts_arg, num_ranks);
+    // Named here rather than by the allocator, which a huge count would make fail on the per-expert counts.
+    if (num_experts / num_ranks > layout::kMaxLocalExperts)
+        arguments::raise_value_error("num_experts: at most " + std::to_string(layout::kMaxLocalExperts) +
+                                     " experts a rank in normal mode (" +
+                                     std::to_string(layout::kMaxLocalExperts * num_ranks) + " for " +
+                                     std::to_string(num_ranks) + " ranks), got " + std::to_string(num_experts));
     const torch::Tensor& topk_idx =
         arguments::topk_idx(topk_idx_arg, arguments::kAny, runtime::size_hints::kMaxNumTopk, buffer.device());
     if (buffer.host_expert_id_check())
