@@ -391,14 +391,16 @@ def test_one_bad_rank_makes_every_rank_raise_internode(rank_pool, case_name, num
     check_agreed(results, INTERNODE_CASES[case_name], num_ranks)
 
 
-# The cases the CUDA backend agrees on (docs/errors.md, "The CUDA backend"): its C++ and Python argument checks
-# and the signature fields it exchanges; not the reference's content and handle-identity checks, nor expert
-# ids (checked on the GPU, raised by the rank that passed them).
+# The cases the CUDA backend agrees on (docs/errors.md, "The CUDA backend"): its C++ and Python argument checks,
+# handle identity and the signature fields it exchanges; not the reference's content checks, nor expert ids
+# (checked on the GPU, raised by the rank that passed them).
 CUDA_CASES = [
     "x_dtype", "x_hidden_multiple", "topk_weights_dtype", "config_type", "expert_alignment", "num_worst_tokens_huge",
     "local_experts_over_limit",
     "operation_differs", "hidden_differs", "fp8_differs", "topk_missing", "topk_differs", "num_experts_differs",
-    "cached_token_count", "cached_with_topk", "combine_x_dtype", "combine_x_rows", "combine_bias_dtype",
+    "cached_token_count", "cached_with_topk", "cached_another_buffers_handle", "cached_handle_altered",
+    "cached_handle_of_another_dispatch", "combine_x_dtype", "combine_x_rows", "combine_bias_dtype",
+    "combine_another_buffers_handle", "combine_handle_altered", "combine_handle_of_another_dispatch",
     "combine_hidden_differs", "combine_weights_missing",
 ]  # fmt: skip
 

@@ -4,16 +4,19 @@ operation, its own check's error, the signature) and every rank takes the same d
 all ranks raise the same exception with the same message, worded exactly as deep_ep.backends.agreement words
 it for the reference backend, and that the exchange stays in step for the next call.
 
-The normal ops' use of it (a bad argument on one rank of a CUDA Buffer) is GPU-tested in
-tests/test_agreed_errors.py.
+Handle identity (csrc/runtime/handle_identity.hpp) is checked here on CPU tensors, with the reference's
+messages. The normal ops' use of both (a bad argument or handle on one rank of a CUDA Buffer) is GPU-tested
+in tests/test_agreed_errors.py.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from deep_ep.backends import agreement
@@ -21,7 +24,7 @@ from deep_ep.backends import agreement
 try:
     from deep_ep import _C
 
-    HAS_EXTENSION = hasattr(_C, "testing") and hasattr(_C.testing, "HostExchange")
+    HAS_EXTENSION = hasattr(_C, "testing") and hasattr(_C.testing, "handle_identity")
 except ImportError:
     HAS_EXTENSION = False
 
@@ -87,7 +90,10 @@ def _expected_error(calls):
         agreement.raise_if_failed(
             op, [(types.get(c[1], RuntimeError), c[2]) if c[1] else None for c in calls]
         )
-        agreement.check_signatures(op, [{f: _Shown(v) for f, v in c[3]} for c in calls])
+        signatures = [
+            {f: None if f == "handle" and v == "None" else _Shown(v) for f, v in c[3]} for c in calls
+        ]
+        agreement.check_signatures(op, signatures, unknown_ok=("handle",))
     except Exception as e:  # noqa: BLE001 - compared with the C++ side's exception
         return type(e).__name__, str(e)
     return None
@@ -118,7 +124,28 @@ def _scenarios(num_ranks):
     calls = [_valid(r) for r in range(num_ranks)]
     calls[1] = ("dispatch", "", "", [SIGNATURE[0], ("x.size(1)", "4096"), SIGNATURE[2]], b"y")
     scenarios.append(calls)
+    # handles of different dispatches; a handle without identity (None) does not hide the difference
+    calls = [_cached(r, "'dispatch #3'") for r in range(num_ranks)]
+    calls[-1] = _cached(num_ranks - 1, "'dispatch #4'")
+    if num_ranks > 2:
+        calls[0] = _cached(0, "None")
+    scenarios.append(calls)
     return scenarios
+
+
+def _cached(rank, identity):
+    return ("combine", "", "", [("x.size(1)", "7168"), ("handle", identity)], f"payload of {rank}".encode())
+
+
+def _rank_handles_without_identity(rank, num_ranks, group):
+    """Handles of one dispatch, some of them copies without identity: accepted."""
+    exchange = _exchange(rank, num_ranks, group)
+    return _outcome(exchange, _cached(rank, "None" if rank % 2 else "'dispatch #3'"), num_ranks)
+
+
+def test_handles_without_identity_match_any(rank_pool):
+    results = rank_pool(4).run(_rank_handles_without_identity)
+    assert results == [("ok", [f"payload of {r}".encode() for r in range(4)])] * 4
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -157,3 +184,71 @@ def _rank_missing_peer(rank, num_ranks, group):
 def test_a_missing_peer_times_out_naming_it(rank_pool):
     kind, message = rank_pool(2).run(_rank_missing_peer)[0]
     assert kind == "RuntimeError" and "timed out" in message and "waiting for rank 1" in message, message
+
+
+# --- handle identity (csrc/runtime/handle_identity.hpp), on CPU tensors ------------------------------------
+
+NAMES = ["rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
+         "is_token_in_rank", "send_head"]  # fmt: skip
+KEY = 3  # recv_src_idx, as the reference keys it
+
+
+def _handle():
+    return [torch.zeros(2, 2, dtype=torch.int32) + i for i in range(len(NAMES))]
+
+
+def _identity(handle, buffer_uid):
+    return _C.testing.handle_identity(handle, NAMES, KEY, buffer_uid)
+
+
+def test_a_stamped_handle_is_known_to_its_buffer_only():
+    handle = _handle()
+    _C.testing.stamp_handle(handle, NAMES, KEY, 7, 3)
+    assert _identity(handle, 7) == 3
+    assert _identity(list(handle), 7) == 3  # another list of the same tensors
+    with pytest.raises(ValueError) as raised:
+        _identity(handle, 8)
+    assert (
+        str(raised.value)
+        == "handle: it was made by another Buffer's dispatch; pass a handle to the Buffer that returned it"
+    )
+
+
+def test_copies_carry_no_identity_and_replaced_elements_are_not_checked():
+    handle = _handle()
+    _C.testing.stamp_handle(handle, NAMES, KEY, 7, 4)
+    assert _identity([t.clone() for t in handle], 7) is None
+    replaced = list(handle)
+    replaced[0] = handle[0].clone().add_(1)  # another tensor in that place: not this check's business
+    assert _identity(replaced, 7) == 4
+
+
+def test_an_element_modified_in_place_is_named():
+    handle = _handle()
+    _C.testing.stamp_handle(handle, NAMES, KEY, 7, 5)
+    handle[0].add_(0)  # same values, but written after the dispatch returned it
+    with pytest.raises(ValueError) as raised:
+        _identity(handle, 7)
+    assert str(raised.value) == (
+        "handle.rank_prefix_matrix: modified in place after the dispatch returned it (dispatch #5 of this "
+        "Buffer); a handle must be passed on as the dispatch returned it"
+    )
+
+
+def test_a_freed_handle_leaves_no_identity_behind():
+    handle = _handle()
+    _C.testing.stamp_handle(handle, NAMES, KEY, 7, 6)
+    del handle
+    gc.collect()
+    for _ in range(200):  # new tensors, possibly at the freed ones' addresses, and sweeps of dead stamps
+        fresh = _handle()
+        assert _identity(fresh, 7) is None
+        _C.testing.stamp_handle(_handle(), NAMES, KEY, 9, 1)
+
+
+def test_inference_tensors_are_identified_without_versions():
+    with torch.inference_mode():
+        handle = _handle()
+        _C.testing.stamp_handle(handle, NAMES, KEY, 7, 8)
+        handle[0].add_(0)
+    assert _identity(handle, 7) == 8

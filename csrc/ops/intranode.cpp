@@ -279,9 +279,11 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     launch_intranode_dispatch_pull(pull);
 
     HandleTensors handle;
-    if (!cached)
+    if (!cached) {
         handle = HandleTensors{rank_prefix_matrix, *channel_prefix_matrix, *recv_channel_prefix_matrix,
                                out.recv_src_idx, call.is_token_in_rank, *send_head};
+        stamp_handle(buffer, handle, buffer.next_dispatch_seq());
+    }
     pybind11::object event;
     if (streams.needs_tensor_lists()) {
         std::vector<torch::Tensor> inputs{x, call.is_token_in_rank};

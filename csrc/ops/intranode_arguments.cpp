@@ -89,6 +89,28 @@ HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int dev
     return h;
 }
 
+namespace {
+
+const std::vector<const char*>& intranode_handle_names() {
+    static const std::vector<const char*> names{"rank_prefix_matrix", "channel_prefix_matrix",
+                                                "recv_channel_prefix_matrix", "recv_src_idx", "is_token_in_rank",
+                                                "send_head"};
+    return names;
+}
+constexpr int kIntranodeHandleKey = 3;  // recv_src_idx
+
+}  // namespace
+
+void stamp_handle(const runtime::Buffer& buffer, const HandleTensors& handle, int64_t seq) {
+    const std::vector<torch::Tensor> elements = handle.elements();
+    runtime::stamp_handle({elements, intranode_handle_names(), kIntranodeHandleKey}, buffer.uid(), seq);
+}
+
+std::optional<int64_t> handle_identity(const runtime::Buffer& buffer, const HandleTensors& handle) {
+    const std::vector<torch::Tensor> elements = handle.elements();
+    return runtime::handle_identity({elements, intranode_handle_names(), kIntranodeHandleKey}, buffer.uid());
+}
+
 InternodeHandleTensors checked_internode_handle(pybind11::handle handle, int64_t num_ranks, int64_t num_nvl_ranks,
                                                 int device) {
     using arguments::kAny;
@@ -139,6 +161,7 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
             handle_is_token_in_rank = call.internode_handle->is_token_in_rank;
         } else {
             call.handle = checked_handle(handle, num_ranks, device);
+            call.handle_seq = handle_identity(buffer, *call.handle);
             handle_is_token_in_rank = call.handle->is_token_in_rank;
         }
         if (!topk_idx.is_none() || !topk_weights.is_none())
@@ -226,6 +249,8 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
         call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
     else
         call.handle = checked_handle(handle, num_ranks, device);
+    if (!internode)
+        call.handle_seq = handle_identity(buffer, call.handle);
     const int64_t num_rows = internode ? call.internode_handle->recv_src_idx.size(0) : call.handle.recv_src_idx.size(0);
     call.x = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
     if (call.x.size(0) != num_rows)
@@ -272,6 +297,15 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
     return call;
 }
 
+namespace {
+
+// As the reference shows an identity in a signature: 'dispatch #N', or None.
+std::string identity_text(const std::optional<int64_t>& seq) {
+    return seq.has_value() ? runtime::repr_str("dispatch #" + std::to_string(*seq)) : runtime::repr_none();
+}
+
+}  // namespace
+
 const char* dispatch_op_name(bool cached) { return cached ? "dispatch (cached: handle given)" : "dispatch"; }
 
 runtime::CallRecord call_record(const DispatchCall& call) {
@@ -279,7 +313,9 @@ runtime::CallRecord call_record(const DispatchCall& call) {
     runtime::CallRecord record{dispatch_op_name(cached), "", "", {}};
     record.signature = {{"x.dtype", runtime::repr_str(arguments::dtype_name(call.x.scalar_type()))},
                         {"x.size(1)", runtime::repr_int(call.x.size(1))}};
-    if (!cached) {
+    if (cached)
+        record.signature.emplace_back(runtime::kHandleIdentityField, identity_text(call.handle_seq));
+    else {
         record.signature.emplace_back("topk_idx.size(1)", call.topk_idx.has_value()
                                                               ? runtime::repr_int(call.topk_idx->size(1))
                                                               : runtime::repr_none());
@@ -293,7 +329,8 @@ runtime::CallRecord call_record(const CombineCall& call) {
     record.signature = {{"x.size(1)", runtime::repr_int(call.x.size(1))},
                         {"topk_weights.size(1)", call.topk_weights.has_value()
                                                      ? runtime::repr_int(call.topk_weights->size(1))
-                                                     : runtime::repr_none()}};
+                                                     : runtime::repr_none()},
+                        {runtime::kHandleIdentityField, identity_text(call.handle_seq)}};
     return record;
 }
 

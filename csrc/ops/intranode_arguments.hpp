@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "runtime/buffer.hpp"
 
@@ -23,7 +24,16 @@ struct HandleTensors {
         return pybind11::make_tuple(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                                     is_token_in_rank, send_head);
     }
+    // In the tuple's order, for the handle's identity (runtime/handle_identity.hpp).
+    std::vector<torch::Tensor> elements() const {
+        return {rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank,
+                send_head};
+    }
 };
+
+// The stamp of an intra-node handle and its check on use: keyed by recv_src_idx, as the reference keys it.
+void stamp_handle(const runtime::Buffer& buffer, const HandleTensors& handle, int64_t seq);
+std::optional<int64_t> handle_identity(const runtime::Buffer& buffer, const HandleTensors& handle);
 
 // The handle's tensors, checked against the Buffer's rank count and device.
 HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device);
@@ -56,6 +66,7 @@ struct DispatchCall {
     int64_t expert_alignment = 1;
     int64_t num_worst_tokens = 0;
     int num_sms = 1;
+    std::optional<int64_t> handle_seq;  // a cached intra-node dispatch: the handle's dispatch, if it has identity
 };
 
 DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
@@ -71,6 +82,7 @@ struct CombineCall {
     std::optional<InternodeHandleTensors> internode_handle;  // inter-node (then `handle` is empty)
     OptionalTensor topk_weights, bias_0, bias_1;
     int num_sms = 1;
+    std::optional<int64_t> handle_seq;  // intra-node: the handle's dispatch, if it has identity
 };
 
 CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,

@@ -13,6 +13,7 @@
 #include "ops/ops.hpp"
 #include "runtime/buffer.hpp"
 #include "runtime/call_agreement.hpp"
+#include "runtime/handle_identity.hpp"
 #include "runtime/errors.hpp"
 
 namespace deep_ep::ops {
@@ -238,6 +239,28 @@ void register_testing_apis(pybind11::module_& m) {
             },
             py::arg("op"), py::arg("error_type"), py::arg("message"), py::arg("signature"), py::arg("payload"),
             py::arg("num_ranks"));
+    // Handle identity on CPU tensors (tests/test_call_agreement.py): the stamp a dispatch leaves and its
+    // check on use, without a Buffer.
+    sub.def(
+        "stamp_handle",
+        [](const std::vector<torch::Tensor>& tensors, const std::vector<std::string>& names, int key,
+           int64_t buffer_uid, int64_t seq) {
+            std::vector<const char*> name_ptrs;
+            for (const std::string& n : names)
+                name_ptrs.push_back(n.c_str());
+            runtime::stamp_handle({tensors, name_ptrs, key}, buffer_uid, seq);
+        },
+        py::arg("tensors"), py::arg("names"), py::arg("key"), py::arg("buffer_uid"), py::arg("seq"));
+    sub.def(
+        "handle_identity",
+        [](const std::vector<torch::Tensor>& tensors, const std::vector<std::string>& names, int key,
+           int64_t buffer_uid) {
+            std::vector<const char*> name_ptrs;
+            for (const std::string& n : names)
+                name_ptrs.push_back(n.c_str());
+            return runtime::handle_identity({tensors, name_ptrs, key}, buffer_uid);
+        },
+        py::arg("tensors"), py::arg("names"), py::arg("key"), py::arg("buffer_uid"));
     sub.attr("put_bandwidth_threads") = kPutBandwidthThreads;
 #ifdef DEEP_EP_WITH_NVSHMEM
     sub.attr("internode_compiled") = true;

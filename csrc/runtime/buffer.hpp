@@ -19,6 +19,7 @@
 
 #include "kernels/api.cuh"
 #include "runtime/call_agreement.hpp"
+#include "runtime/handle_identity.hpp"
 #include "runtime/host_exchange.hpp"
 
 namespace deep_ep::runtime {
@@ -121,6 +122,10 @@ class Buffer {
     void set_direct_reads(bool enabled) { direct_reads_ = enabled; }
     // Ops that read peers' tensors directly so far (tests check that the fast path really ran).
     int64_t num_direct_ops() const { return num_direct_ops_; }
+    // Handle identity (runtime/handle_identity.hpp): this Buffer's process-unique id, and the number of the
+    // next fresh dispatch (every rank counts the same: a dispatch that fails its agreed checks counts nowhere).
+    int64_t uid() const { return uid_; }
+    int64_t next_dispatch_seq() { return ++num_dispatches_; }
     // Peer allocations mapped so far (each a cudaIpcOpenMemHandle; mappings are cached, so this stays flat
     // while ops reuse the same tensors' memory).
     int64_t num_peer_allocation_opens() const { return num_peer_allocation_opens_; }
@@ -187,6 +192,8 @@ class Buffer {
     int* layout_done_blocks_ = nullptr;
     bool direct_reads_ = true;
     int64_t num_direct_ops_ = 0;
+    const int64_t uid_ = next_buffer_uid();
+    int64_t num_dispatches_ = 0;
     int64_t num_peer_allocation_opens_ = 0;
     std::unique_ptr<HostExchange> host_exchange_;
     // Peers' allocations opened for direct reads, by IPC handle (unique per allocation), kept open: torch's

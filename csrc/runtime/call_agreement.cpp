@@ -156,11 +156,23 @@ void raise_if_disagreed(const std::vector<CallRecord>& records, int first_rank, 
     }
 
     for (size_t f = 0; f < records[0].signature.size(); ++f) {
-        const auto& [field, value] = records[0].signature[f];
+        const std::string& field = records[0].signature[f].first;
+        // A handle without identity (a copy, a rebuilt tuple) matches any, as in the reference.
+        const bool unknown_matches_any = field == kHandleIdentityField;
+        const std::string* known = nullptr;
         bool differs = false;
-        for (int i = 1; i < n; ++i)
-            differs |= records[i].signature.size() != records[0].signature.size() ||
-                       records[i].signature[f].first != field || records[i].signature[f].second != value;
+        for (int i = 0; i < n; ++i) {
+            if (records[i].signature.size() != records[0].signature.size() || records[i].signature[f].first != field) {
+                differs = true;
+                continue;
+            }
+            const std::string& value = records[i].signature[f].second;
+            if (unknown_matches_any && value == repr_none())
+                continue;
+            if (known == nullptr)
+                known = &value;
+            differs |= value != *known;
+        }
         if (!differs)
             continue;
         std::ostringstream per_rank;

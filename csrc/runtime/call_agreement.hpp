@@ -40,6 +40,10 @@ std::string repr_int(long long value);
 std::string repr_str(const std::string& value);
 std::string repr_none();
 
+// The signature field of a handle's identity ("dispatch #N", or None for a handle without one: that matches
+// any value).
+inline constexpr const char* kHandleIdentityField = "handle";
+
 // Throws on every rank the same exception if the records disagree: ranks making different calls
 // (ValueError naming each rank's operation), any rank's failed checks (that error's type, the lowest failing
 // rank's message, naming the failing ranks) or a signature field that differs (ValueError naming it and each
