@@ -197,17 +197,25 @@ std::vector<std::string> agree_on_call(HostExchange& exchange, const CallRecord&
         pybind11::gil_scoped_release release;
         records = exchange.all_gather(record);
     }
-    std::vector<CallRecord> calls;
+    // The common case costs a comparison: every rank sent this rank's own record, which passed its checks.
+    bool all_equal = call.error_type.empty();
     std::vector<std::string> payloads;
+    std::vector<std::pair<size_t, uint32_t>> call_bytes;  // (offset, size) of each rank's call record
     for (const std::string& r : records) {
         uint32_t bytes = 0;
         DEEP_EP_CHECK(r.size() >= sizeof(bytes), "malformed call record");
         std::memcpy(&bytes, r.data(), sizeof(bytes));
         DEEP_EP_CHECK(r.size() >= sizeof(bytes) + bytes, "malformed call record");
-        calls.push_back(CallRecord::decode(r.substr(sizeof(bytes), bytes)));
+        all_equal &= bytes == encoded_bytes && r.compare(sizeof(bytes), bytes, encoded) == 0;
+        call_bytes.emplace_back(sizeof(bytes), bytes);
         payloads.push_back(r.substr(sizeof(bytes) + bytes));
     }
-    raise_if_disagreed(calls, exchange.first_rank(), num_ranks);
+    if (!all_equal) {
+        std::vector<CallRecord> calls;
+        for (size_t i = 0; i < records.size(); ++i)
+            calls.push_back(CallRecord::decode(records[i].substr(call_bytes[i].first, call_bytes[i].second)));
+        raise_if_disagreed(calls, exchange.first_rank(), num_ranks);
+    }
     return payloads;
 }
 
