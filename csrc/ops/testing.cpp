@@ -19,6 +19,14 @@
 namespace deep_ep::ops {
 namespace {
 
+// Views of `strings` (which must outlive them) as the C strings runtime::HandleElements names its tensors by.
+std::vector<const char*> c_strings(const std::vector<std::string>& strings) {
+    std::vector<const char*> out;
+    for (const std::string& s : strings)
+        out.push_back(s.c_str());
+    return out;
+}
+
 CoherenceVariant parse_variant(const std::string& name) {
     if (name == "aggressive")
         return CoherenceVariant::kAggressive;
@@ -245,21 +253,13 @@ void register_testing_apis(pybind11::module_& m) {
         "stamp_handle",
         [](const std::vector<torch::Tensor>& tensors, const std::vector<std::string>& names, int key,
            int64_t buffer_uid, int64_t seq) {
-            std::vector<const char*> name_ptrs;
-            for (const std::string& n : names)
-                name_ptrs.push_back(n.c_str());
-            runtime::stamp_handle({tensors, name_ptrs, key}, buffer_uid, seq);
+            runtime::stamp_handle({tensors, c_strings(names), key}, buffer_uid, seq);
         },
         py::arg("tensors"), py::arg("names"), py::arg("key"), py::arg("buffer_uid"), py::arg("seq"));
     sub.def(
         "handle_identity",
         [](const std::vector<torch::Tensor>& tensors, const std::vector<std::string>& names, int key,
-           int64_t buffer_uid) {
-            std::vector<const char*> name_ptrs;
-            for (const std::string& n : names)
-                name_ptrs.push_back(n.c_str());
-            return runtime::handle_identity({tensors, name_ptrs, key}, buffer_uid);
-        },
+           int64_t buffer_uid) { return runtime::handle_identity({tensors, c_strings(names), key}, buffer_uid); },
         py::arg("tensors"), py::arg("names"), py::arg("key"), py::arg("buffer_uid"));
     sub.attr("put_bandwidth_threads") = kPutBandwidthThreads;
 #ifdef DEEP_EP_WITH_NVSHMEM

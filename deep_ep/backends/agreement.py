@@ -58,6 +58,12 @@ def outcome_of(error: Optional[BaseException]) -> Outcome:
     return RuntimeError, f"{type(error).__name__}: {error}"
 
 
+def dispatch_op(cached: bool) -> str:
+    """The operation a dispatch agrees on (both backends; csrc/ops/intranode_arguments.cpp names it alike):
+    a cached and a fresh dispatch are different calls."""
+    return "dispatch (cached: handle given)" if cached else "dispatch"
+
+
 def _ranks_str(ranks: Sequence[int], num_ranks: int) -> str:
     label = "rank" if len(ranks) == 1 else "ranks"
     return f"{label} {', '.join(str(r) for r in ranks)} of {num_ranks}"

@@ -36,7 +36,7 @@ from .. import _C
 from ..config import Config, peer_timeout_s
 from ..event import EventOverlap
 from ..handles import InternodeHandle, IntranodeHandle, LowLatencyHandle
-from . import nvshmem
+from . import agreement, nvshmem
 from .device_memory import local_buffer_view
 from .loads import CONSERVATIVE, resolve_load_kind
 from .validation import check_optional_type
@@ -275,8 +275,8 @@ class CudaBackend:
     ):
         dispatch, _, make_handle = self._normal_ops()
         # An inter-node dispatch makes no host exchange to agree through (docs/errors.md).
-        op = "dispatch (cached: handle given)" if handle is not None else "dispatch"
-        num_sms = self._agreed_python_checks(None if self.internode else op, config, previous_event)
+        op = None if self.internode else agreement.dispatch_op(handle is not None)
+        num_sms = self._agreed_python_checks(op, config, previous_event)
         recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = dispatch(
             self.runtime,
             x,

@@ -328,7 +328,7 @@ class ReferenceBackend:
                 tensors += [args.num_tokens_per_expert, args.topk_idx, args.topk_weights]
             return _Local(args, signature, extra, tensors)
 
-        op = "dispatch (cached: handle given)" if cached else "dispatch"
+        op = agreement.dispatch_op(cached)
         local, handshake = self._handshake(op, local_phase)
         args = local.args
         if cached:
