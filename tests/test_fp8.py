@@ -95,3 +95,52 @@ def test_ue8m0_cast_matches_round_scale_and_dequantizes_identically():
 def test_ue8m0_requires_round_scale():
     with pytest.raises(ValueError, match="^use_ue8m0:"):
         per_token_cast_to_fp8(sample(), use_ue8m0=True)
+
+
+def _bits(q: torch.Tensor) -> list[int]:
+    return q.view(torch.uint8).tolist()
+
+
+def test_nan_stays_in_its_element():
+    """A NaN does not enter its block's amax (the kernels' fmaxf): the block's other values are cast as
+    without it, its own byte is an e4m3 NaN and dequantizes to NaN."""
+    x = sample(rows=2, hidden=256)
+    with_nan = x.clone()
+    with_nan[0, 5] = float("nan")
+    q, s = per_token_cast_to_fp8(with_nan)
+    q_ref, s_ref = per_token_cast_to_fp8(
+        torch.where(with_nan.isnan(), 0.0, with_nan.float()).to(torch.bfloat16)
+    )
+    assert torch.equal(s, s_ref)
+    assert q.view(torch.uint8)[0, 5].item() & 0x7F == 0x7F  # S.1111.111: e4m3's NaN
+    keep = ~with_nan.isnan()
+    assert torch.equal(q.view(torch.uint8)[keep], q_ref.view(torch.uint8)[keep])
+    back = per_token_cast_back(q, s)
+    assert back[0, 5].isnan() and not back[keep].isnan().any()
+    for round_scale in (False, True):  # the rounded scale stays finite too (no NaN bit tricks)
+        assert torch.isfinite(per_token_cast_to_fp8(with_nan, round_scale=round_scale)[1]).all()
+
+
+def test_an_all_nan_block_gets_the_clamped_scale():
+    x = sample(rows=4, hidden=256)
+    x[2, :128] = float("nan")
+    q, s = per_token_cast_to_fp8(x)
+    assert s[2, 0] == torch.tensor(1e-4, dtype=torch.float32) / 448.0
+    assert all(b & 0x7F == 0x7F for b in _bits(q[2, :128]))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_inf_turns_its_block_to_nan_and_leaves_the_others(sign):
+    x = sample(rows=4, hidden=384)[2:3].clone()  # a row of ordinary magnitudes
+    x[0, 130] = sign * float("inf")
+    for round_scale, use_ue8m0 in ((False, False), (True, False), (True, True)):
+        q, s = per_token_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
+        back = per_token_cast_back(q, s)
+        assert back[0, 128:256].isnan().all(), (round_scale, use_ue8m0)
+        assert torch.isfinite(back[0, :128]).all() and torch.isfinite(back[0, 256:]).all()
+        if use_ue8m0:
+            assert (int(s[0, 0]) >> 8) & 0xFF == 0xFF  # block 1's exponent byte
+        else:
+            assert s[0, 1] == float("inf")
+        finite = [b for i, b in enumerate(_bits(q[0, 128:256])) if i != 2]
+        assert all(b & 0x7F == 0 for b in finite)  # +-0

@@ -543,6 +543,47 @@ def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks):
     assert all(m == ["", ""] for m in messages[1:])
 
 
+def _non_finite(rank, num_ranks, group, fmt, backend="cuda"):
+    """FP8 dispatch of rows holding NaN, +Inf and -Inf: the kernel's cast equals the reference's
+    (deep_ep.backends.fp8, "Non-finite inputs"): scales bit-exact (Inf included), bytes bit-exact except that
+    a NaN byte only has to be a NaN (e4m3's sign of NaN is unspecified)."""
+    m, hidden, num_experts, topk = 16, 2048, 4 * num_ranks, 2
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    try:
+        xs, idxs, _ = _inputs(71, num_ranks, [m] * num_ranks, hidden, num_experts, topk, False, buffer.device)
+        for x in xs:
+            x[0, 5] = float("nan")
+            x[1, 130] = float("inf")
+            x[2, 1000] = -float("inf")
+            x[3, :128] = float("nan")  # an all-NaN block
+        (recv_x, recv_scales), recv_count, _, _, _ = buffer.low_latency_dispatch(
+            xs[rank], idxs[rank], m, num_experts, **FORMATS[fmt]
+        )
+        _sync(buffer)
+        want = reference.low_latency_dispatch(rank, xs, idxs, m, num_experts, **FORMATS[fmt])
+        assert torch.equal(recv_count, want.recv_count), f"rank {rank}: recv_count"
+        num_nan_bytes = 0
+        for e in range(recv_count.numel()):
+            n = int(want.recv_count[e])
+            assert torch.equal(recv_scales[e, :n], want.recv_x_scales[e, :n]), (
+                f"rank {rank} expert {e}: scales"
+            )
+            got, exp = recv_x[e, :n].view(torch.uint8), want.recv_x[e, :n].view(torch.uint8)
+            nan = exp.bitwise_and(0x7F) == 0x7F
+            num_nan_bytes += int(nan.sum())
+            assert torch.equal(got[~nan], exp[~nan]), f"rank {rank} expert {e}: finite bytes"
+            assert bool((got[nan].bitwise_and(0x7F) == 0x7F).all()), f"rank {rank} expert {e}: NaN bytes"
+    finally:
+        buffer.destroy()
+    return num_nan_bytes
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_round", "fp8_ue8m0"])
+def test_fp8_cast_of_nan_and_inf_matches_reference(pool, fmt):
+    # Every rank's tokens 0-3 carry the non-finite values, so some rank receives NaN bytes.
+    assert sum(pool.run(_non_finite, fmt)) > 0
+
+
 # --- the rest of the public surface ------------------------------------------------------------------------
 
 

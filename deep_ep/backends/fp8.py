@@ -24,6 +24,14 @@ of the last group is stored as byte 0.
 
 Dequantization: `bf16(float32(q[i]) * scale)` with round-to-nearest-even; a UE8M0 byte e means the scale
 `int_as_float(e << 23)`.
+
+Non-finite inputs (the kernels' max is CUDA's fmaxf, which returns the other operand when one is NaN):
+- NaN does not enter its block's amax: the block's other values are cast as if it were not there, and the
+  NaN element's FP8 byte is a NaN (e4m3 has one, S.1111.111; the sign bit is unspecified), which
+  dequantizes to NaN. An all-NaN block gets the clamped scale 1e-4 / 448.
+- +-Inf makes its block's amax, and so its scale, Inf: every finite value of that block is cast to 0 and the
+  Inf values to NaN, so the whole block dequantizes to NaN (0 x Inf). With round_scale the scale stays Inf;
+  with use_ue8m0 its byte is 0xFF. The other blocks of the row are unaffected.
 """
 
 from __future__ import annotations
@@ -50,8 +58,9 @@ def compute_scales(x: torch.Tensor, *, round_scale: bool = False) -> torch.Tenso
     """float32 scales `[..., H / 128]` of a BF16 (or float32) tensor `[..., H]`."""
     if x.size(-1) % SCALE_BLOCK != 0:
         raise ValueError(f"x: hidden size must be a multiple of {SCALE_BLOCK}, got {x.size(-1)}")
-    blocks = x.float().reshape(*x.shape[:-1], x.size(-1) // SCALE_BLOCK, SCALE_BLOCK)
-    amax = blocks.abs().amax(dim=-1).clamp_min(FP8_AMAX_EPS)
+    magnitude = x.float().reshape(*x.shape[:-1], x.size(-1) // SCALE_BLOCK, SCALE_BLOCK).abs()
+    # NaN does not enter the max, as in the kernels' fmaxf (module docstring, "Non-finite inputs").
+    amax = torch.where(magnitude.isnan(), 0.0, magnitude).amax(dim=-1).clamp_min(FP8_AMAX_EPS)
     # A tensor divisor, not a Python scalar: CUDA torch turns `tensor / scalar` into a multiply by the
     # float32 reciprocal (1/448 is inexact), which would break the IEEE division the formula promises.
     scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
