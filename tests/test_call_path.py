@@ -1,7 +1,7 @@
 """What a call does on the host, through the public `deep_ep.Buffer(..., backend="cuda")`: low-latency
 dispatch + combine captured in a CUDA graph and replayed with fresh data; out-of-range expert ids found on
-the GPU and raised on the offending rank only, without leaving a peer waiting; and no host-GPU
-synchronisation inside a call.
+the GPU, carried to every rank by the low-latency dispatch's count exchange and raised on every rank,
+without leaving a peer waiting; and no host-GPU synchronisation inside a call.
 
 Every rank regenerates all ranks' inputs from one seed (on the CPU), so the oracle (deep_ep.reference's pure
 functions) needs no communication; results are compared bit-exactly. Ranks share the GPU(s) (MPS): 2 and
@@ -250,17 +250,26 @@ def test_low_latency_graph_replays_match_reference(pool, fmt, mode, replays):
 
 # --- out-of-range expert ids -------------------------------------------------------------------------------
 
-# Rank 0's bad entries, (token, slot) -> id: one past the top of the range and one below -1.
-BAD_IDS = {(3, 2): NUM_EXPERTS + 5, (5, 1): -3}
-# Where rank 0 passes them -> the call that must raise the ValueError on rank 0 (and on no other rank).
-RAISED_BY = {"dispatch": "combine", "dispatch_hook": "hook", "combine": "next dispatch"}
+# Bad entries per rank, (token, slot) -> id: rank 0's are one past the top of the range and one below -1
+# (the first, in pair order, is the one reported); rank 1 has one only in the "two_ranks" case.
+BAD_IDS = {0: {(3, 2): NUM_EXPERTS + 5, (5, 1): -3}, 1: {(2, 0): -7}}
+# Where the bad ids are passed -> the call that must raise the ValueError on every rank.
+RAISED_BY = {
+    "dispatch": "combine",
+    "dispatch_two_ranks": "combine",
+    "dispatch_hook": "combine",
+    "dispatch_and_combine": "next dispatch",
+}
+# What every rank raises: the lowest offending rank's first bad id.
+BAD_ID_MESSAGE = f"topk_idx: expert ids must be in [-1, {NUM_EXPERTS}), found {NUM_EXPERTS + 5} on rank 0 ("
 
 
-def _with_bad_ids(idx, rank, inject):
-    """Rank 0's ids with BAD_IDS written in (when `inject`), else with -1 there: what the GPU treats them as."""
+def _with_bad_ids(idx, rank, inject, where):
+    """This rank's ids with its BAD_IDS written in (when `inject`), else with -1 there: what the GPU treats
+    them as."""
     idx = idx.clone()
-    if rank == 0:
-        for (t, k), bad in BAD_IDS.items():
+    if rank == 0 or (rank == 1 and where == "dispatch_two_ranks"):
+        for (t, k), bad in BAD_IDS[rank].items():
             idx[t, k] = bad if inject else -1
     return idx
 
@@ -288,10 +297,11 @@ def _hold_up(device) -> None:
 
 
 def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
-    """Rank 0 passes BAD_IDS to the low-latency op named by `where`. They must act as -1 there (the pair is
-    neither sent nor combined), and the ValueError must come from the first call on rank 0 that ends after
-    the GPU ran the flagging kernel (a hook when the flagged op returned one), after that call's own
-    kernels are queued: every peer completes every call. Then a fresh round trip is correct everywhere."""
+    """Rank 0 (and rank 1 in "dispatch_two_ranks") passes BAD_IDS to the low-latency ops named by `where`.
+    They must act as -1 there (the pair is neither sent nor combined), and on every rank the ValueError must
+    come from the first call (or hook) that ends after the GPU ran the dispatch's receiving kernel, after
+    that call's own kernels are queued: every rank completes every call.
+    Then a fresh round trip is correct everywhere."""
     torch.set_num_threads(2)
     buffer = _ll_buffer(group, num_ranks, backend, timeout_s=BAD_ID_TIMEOUT_S)
     device = buffer.device
@@ -336,22 +346,25 @@ def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
 
     try:
         xs, idxs, ws = _inputs(300, tokens)
-        effective = [_with_bad_ids(idx, r, False) for r, idx in enumerate(idxs)]  # bad ids act as -1
-        bad = _with_bad_ids(idxs[rank], rank, inject).to(device)
+        effective = [_with_bad_ids(idx, r, False, where) for r, idx in enumerate(idxs)]  # bad ids act as -1
+        bad = _with_bad_ids(idxs[rank], rank, inject, where).to(device)
         # On the device before the GPU is held up: a host-to-device copy would wait for the hold-up.
         x, weights = xs[rank].to(device), ws[rank].to(device)
         where_rank = f"rank {rank}, bad ids in {where}"
-        if where in ("dispatch", "dispatch_hook"):
+        if where in ("dispatch", "dispatch_two_ranks", "dispatch_hook"):
             hooked = where == "dispatch_hook"
             _hold_up(device)
             dispatched = dispatch("dispatch", x, bad, hooked)
             _sync(device)
             if hooked:
+                # The report comes from the receiving kernel, queued here behind a hold-up: the hook
+                # returns before it runs, so the combine is the first call to see it.
+                _hold_up(device)
                 call("hook", dispatched[4], may_raise=True)
                 _sync(device)
             want, expected = _ll_oracle(rank, "bf16", xs, effective, effective[rank], ws[rank])
             _assert_dispatch_equal(where_rank, *dispatched[:3], want)
-            result = combine("combine", dispatched, effective[rank], weights, may_raise=not hooked)
+            result = combine("combine", dispatched, effective[rank], weights, may_raise=True)
             _sync(device)
             if result is not None:
                 _assert_combine_equal(where_rank, result[0], expected)
@@ -365,7 +378,8 @@ def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
             want, expected = _ll_oracle(rank, "bf16", xs, effective, effective[rank], ws[rank])
             _assert_dispatch_equal(where_rank, *dispatched[:3], want)
             _assert_combine_equal(where_rank, result[0], expected)
-            # The next call on rank 0 reports it; its kernels still run, so the peers get rank 0's rows.
+            # The next call reports it (a combine reports none of its own: its topk_idx is its dispatch's);
+            # its kernels still run, so every rank gets every rank's rows.
             xs, idxs, _ = _inputs(301, tokens)
             dispatched = dispatch("next dispatch", xs[rank], idxs[rank], may_raise=True)
             _sync(device)
@@ -380,12 +394,13 @@ def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
 
 
 @pytest.mark.parametrize("where", list(RAISED_BY))
-def test_bad_expert_id_raises_on_its_rank_only_and_no_peer_hangs(pool, where):
+def test_bad_expert_id_raises_on_every_rank_and_no_peer_hangs(pool, where):
     raised = pool.run(_rank_bad_expert_id, where)
-    assert list(raised[0]) == [RAISED_BY[where]], raised
-    message = raised[0][RAISED_BY[where]]
-    assert message.startswith("topk_idx") and "rank 0" in message, message
-    assert all(r == {} for r in raised[1:]), raised
+    assert all(list(r) == [RAISED_BY[where]] for r in raised), raised
+    messages = {r[RAISED_BY[where]] for r in raised}
+    assert len(messages) == 1, raised  # the same words on every rank
+    message = messages.pop()
+    assert message.startswith(BAD_ID_MESSAGE) and "every rank" in message, message
 
 
 # --- no host-GPU synchronisation inside a call --------------------------------------------------------------

@@ -507,22 +507,40 @@ def test_clear_errors_for_bad_shapes(pool):
     assert pool.run(_too_many_tokens) == [[True, True]] * pool.num_ranks
 
 
-def _timeout(rank, num_ranks, group, backend="cuda"):
-    """Only rank 0 dispatches: its kernel times out waiting for the others; once synchronised,
-    `buffer.check()` raises the RuntimeError naming rank 0, and so does its next call on the Buffer (a
-    timed-out Buffer refuses further work)."""
+def _timeout(rank, num_ranks, group, op, backend="cuda"):
+    """Only rank 0 runs `op` (the others skip it): its kernel times out waiting for them. Its outputs are
+    poisoned (receive counts and layout ranges -1, every received or combined value NaN); once
+    synchronised, `buffer.check()` raises the RuntimeError naming rank 0, and so does its next call on the
+    Buffer (a timed-out Buffer refuses further work)."""
     m, hidden, num_experts = 8, 2048, 2 * num_ranks
     buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend, timeout_s=2)
     device = buffer.device
-    messages = ["", ""]
+    messages, poisoned = ["", ""], None
+    x = torch.ones(m, hidden, dtype=torch.bfloat16, device=device)
+    # Every token to the next rank's first expert: rank 0's combine waits for rank 1 for every token.
+    idx = torch.full((m, 1), (rank + 1) % num_ranks * 2, dtype=torch.int64, device=device)
     try:
+        if op == "combine":
+            recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
+            _sync(buffer)
+            torch.distributed.barrier(group=group)
         if rank == 0:
-            x = torch.zeros(m, hidden, dtype=torch.bfloat16, device=device)
-            idx = torch.zeros(m, 1, dtype=torch.int64, device=device)
-            buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
-            torch.cuda.synchronize()
+            if op == "dispatch":
+                recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+                    x, idx, m, num_experts, use_fp8=False
+                )
+                torch.cuda.synchronize()
+                poisoned = bool((recv_count == -1).all()) and bool(recv_x.isnan().all())
+                poisoned &= bool((handle.packed_recv_layout_range == -1).all())
+            else:
+                out, _, _ = buffer.low_latency_combine(recv_x, idx, torch.ones(m, 1, device=device), handle)
+                torch.cuda.synchronize()
+                poisoned = bool(out.isnan().all())
             for i, call in enumerate(
-                (buffer.check, lambda: buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False))
+                (
+                    buffer.check,
+                    lambda: buffer.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False),
+                )
             ):
                 try:
                     call()
@@ -530,17 +548,20 @@ def _timeout(rank, num_ranks, group, backend="cuda"):
                     messages[i] = str(e)
     finally:
         buffer.destroy()
-    return messages
+    return messages, poisoned
 
 
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
 @pytest.mark.parametrize("num_ranks", [2, 4])
-def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks):
+def test_wait_times_out_into_an_exception_naming_the_rank(num_ranks, op):
     # Its own pool: a rank that dies here must not take the shared pool (and later tests) with it.
     with RankPool(num_ranks, timeout_s=120) as own_pool:
-        messages = own_pool.run(_timeout)
-    for message in messages[0]:  # buffer.check(), then the next call
-        assert "rank 0" in message and "timed out" in message, messages[0]
-    assert all(m == ["", ""] for m in messages[1:])
+        results = own_pool.run(_timeout, op)
+    messages, poisoned = results[0]
+    for message in messages:  # buffer.check(), then the next call
+        assert "rank 0" in message and "timed out" in message, messages
+    assert poisoned, f"rank 0's {op} outputs are not poisoned"
+    assert all(r == (["", ""], None) for r in results[1:]), results
 
 
 def _non_finite(rank, num_ranks, group, fmt, backend="cuda"):

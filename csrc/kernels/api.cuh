@@ -48,12 +48,14 @@ struct WaitContext {
 /// Host-mapped, one per Buffer: the first out-of-range expert id a kernel met. Unlike DeviceErrorWord it
 /// aborts nothing (the kernels treat such an id as -1); the host raises it as a ValueError and clears it.
 /// The host reads it without synchronising with the GPU, so `found` is written last: the kernel that claims
-/// the word writes value and num_experts, fences, then sets found; the host reads found first.
+/// the word writes the other fields, fences, then sets found; the host reads found first.
 struct InvalidExpertIdWord {
     int claimed;      // 0 or 1: a kernel took the word (compare-and-swap)
     int value;        // the id
     int num_experts;  // the bound it broke
-    int found;        // 0 or 1: value and num_experts are complete
+    int every_rank;   // 0: found by this rank's kernel; 1: reported to every rank of a low-latency dispatch
+    int rank;         // with every_rank: the rank whose topk_idx held it
+    int found;        // 0 or 1: the fields above are complete
 };
 
 /// Flags the first id outside [-1, num_experts) of topk_idx in `invalid`; the host checks after a sync.

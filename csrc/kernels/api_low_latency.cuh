@@ -23,6 +23,9 @@ inline constexpr int kLowLatencySupportedHidden[] = {2048, 2560, 4096, 5120, 716
 ///   signals         dispatch_words [L][R] uint64, per (local expert, source rank), written by the source:
 ///                   +1 per delivered row, + (count << 16) + (1 << 30) once with the row count; complete
 ///                   when bit 30 is set and the arrived rows equal the count; the (only) reader resets it.
+///                   The high 32-bit half is 0, except in local expert 0's words: there it holds the
+///                   first out-of-range expert id of the source's topk_idx (never 0: such an id is < -1
+///                   or >= E), stored before the count; its reader resets it.
 ///                   combine_counters [E] uint64, per global expert: +1 per row that expert's rank
 ///                   returns; the receiver knows how many to expect from its own topk_idx; the last block
 ///                   of the receiving kernel resets them.
@@ -107,7 +110,9 @@ struct LowLatencyDispatchArgs {
     int64_t* dispatch_wait_recv_cost_stats;    // [R] or null: += nanoseconds waited per source rank
     LowLatencySymmetricArgs symmetric;
     WaitContext wait;
-    InvalidExpertIdWord* invalid;  // ids outside [-1, num_experts) are sent nowhere and the first is flagged here
+    // Ids outside [-1, num_experts) are sent nowhere; each sender's first one rides in its count words, and
+    // every receiver records the lowest rank's in `invalid` (so every rank raises it).
+    InvalidExpertIdWord* invalid;
     int rank;
     int num_blocks;
     bool conservative_loads;
@@ -136,7 +141,8 @@ struct LowLatencyCombineArgs {
     int64_t* combine_wait_recv_cost_stats;  // [num_ranks] or null: += nanoseconds spent waiting per source rank
     LowLatencySymmetricArgs symmetric;
     WaitContext wait;
-    InvalidExpertIdWord* invalid;     // ids outside [-1, num_experts) are combined as -1 and the first is flagged
+    // Ids outside [-1, num_experts) are combined as -1. Not flagged: the combine takes its dispatch's
+    // topk_idx, whose bad ids that dispatch already reported to every rank.
     int rank;
     int num_blocks;
     bool conservative_loads;

@@ -105,7 +105,6 @@ void fill_common(Args& args, const runtime::Buffer& buffer, const runtime::Symme
                                              reinterpret_cast<const uint64_t*>(symmetric.mapped_bases.data_ptr<int64_t>()),
                                              symmetric.all_ranks_mapped};
     args.wait = buffer.wait_context();
-    args.invalid = buffer.invalid_expert_id_device();
     args.rank = buffer.rank();
     args.num_blocks = symmetric.num_blocks;
     args.conservative_loads = buffer.conservative_loads();
@@ -224,6 +223,7 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
     fill_common(args, buffer, symmetric, layout, symmetric.take_set(), stream);
     args.do_send = true;
     args.do_recv = !return_recv_hook;
+    args.invalid = buffer.invalid_expert_id_device();
     args.x = x.data_ptr();
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;

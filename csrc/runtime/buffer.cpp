@@ -348,13 +348,18 @@ void Buffer::raise_if_invalid_expert_id() {
     // found was read first; with the acquire fence the kernel's writes of value and num_experts, fenced
     // before found, are visible.
     std::atomic_thread_fence(std::memory_order_acquire);
-    const int value = word->value, num_experts = word->num_experts;
+    const int value = word->value, num_experts = word->num_experts, every_rank = word->every_rank, rank = word->rank;
     word->found = 0;
     word->claimed = 0;  // last: a kernel may claim the word again only once it reads as clear
     std::ostringstream message;
-    message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value << " on rank " << rank_
-            << " (checked on the GPU: the operation that passed it treated it as -1 and completed on every rank, so "
-               "its outputs lack that token's pair with the expert)";
+    message << "topk_idx: expert ids must be in [-1, " << num_experts << "), found " << value << " on rank "
+            << (every_rank ? rank : rank_);
+    if (every_rank)
+        message << " (checked on the GPU: low_latency_dispatch treated it as -1 and completed on every rank, so its "
+                   "outputs lack that token's pair with the expert; every rank of the call raises this error)";
+    else
+        message << " (checked on the GPU: the operation that passed it treated it as -1 and completed on every rank, "
+                   "so its outputs lack that token's pair with the expert)";
     throw std::invalid_argument(message.str());
 }
 

@@ -17,8 +17,9 @@ Host-GPU synchronisation: none, except the fresh normal dispatch's wait for the 
 `num_worst_tokens`), so every other call can be captured in a CUDA graph (barrier epochs are counted on the
 GPU; while a stream is captured the normal ops read through staging, since opening peers' IPC handles is not
 allowed then). Expert ids are range-checked on the GPU: an id outside [-1, num_experts) is treated as -1 and
-the ValueError is raised, on the rank that passed it, by the first op of this Buffer that ends after the GPU
-ran the flagging kernel, once that op's own kernels are queued (a receive hook raises it after launching).
+the ValueError is raised, on the rank that passed it (on every rank for a low-latency dispatch, whose count
+words carry it), by the first op of this Buffer that ends after the GPU ran the flagging kernel, once that
+op's own kernels are queued (a receive hook raises it after launching).
 """
 
 from __future__ import annotations

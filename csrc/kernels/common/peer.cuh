@@ -3,8 +3,9 @@
 // transport: P2P, IBGDA, IBRC, UCX, libfabric). Kernels call one interface and never ask which.
 //
 // Only generic NVSHMEM device calls are used (put-with-signal, signal_op, quiet). Signal words are
-// uint64_t because that is what NVSHMEM's signal operations update; every value this file stores there
-// fits in the low 31 bits, so a receiver polls the low 32-bit half (little-endian: the word's address).
+// uint64_t because that is what NVSHMEM's signal operations update; the values polled fit in the low 31
+// bits, so a receiver polls the low 32-bit half (little-endian: the word's address). The high half can
+// carry one extra int with a signal_add (the low-latency dispatch's report of a bad expert id).
 #pragma once
 
 #include <nvshmem.h>
@@ -117,13 +118,22 @@ __device__ __forceinline__ void signal_set(const SymmetricView& view, int dst_ra
 }
 
 /// One thread adds `value` to rank `dst_rank`'s signal word at `signal_offset`; no data travels with it.
-__device__ __forceinline__ void signal_add(const SymmetricView& view, int dst_rank, int64_t signal_offset, int value) {
+/// A nonzero `high_word` lands in the word's high half (which must be 0 before) no later than the add, so a
+/// reader that observes the add reads it with load_signal_high_word.
+__device__ __forceinline__ void signal_add(const SymmetricView& view, int dst_rank, int64_t signal_offset, int value,
+                                           int high_word = 0) {
     char* mapped = view.mapped(dst_rank);
-    if (mapped != nullptr)
-        ptx::atom_add_release_sys_global(reinterpret_cast<int*>(mapped + signal_offset), value);
-    else
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(view.local_base + signal_offset), static_cast<uint64_t>(value),
-                           NVSHMEM_SIGNAL_ADD, dst_rank);
+    if (mapped != nullptr) {
+        auto* low = reinterpret_cast<int*>(mapped + signal_offset);
+        if (high_word != 0)
+            ptx::st_relaxed_sys_global(low + 1, high_word);  // ordered before the add by its release
+        ptx::atom_add_release_sys_global(low, value);
+    } else {
+        // One 64-bit add: the low half never carries into the high one (values fit in 31 bits).
+        const uint64_t both = (static_cast<uint64_t>(static_cast<uint32_t>(high_word)) << 32) + static_cast<uint64_t>(value);
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(view.local_base + signal_offset), both, NVSHMEM_SIGNAL_ADD,
+                           dst_rank);
+    }
 }
 
 /// Completes this thread's outstanding puts, so their source memory may be reused. A no-op cost when
@@ -134,6 +144,16 @@ __device__ __forceinline__ void quiet() { nvshmem_quiet(); }
 /// before the signal (stores or puts) are visible after it is observed.
 __device__ __forceinline__ int load_signal_acquire(const uint64_t* word) {
     return ptx::ld_acquire_sys_global(reinterpret_cast<const int*>(word));
+}
+
+/// The high half signal_add may have stored; read after load_signal_acquire observed that add.
+__device__ __forceinline__ int load_signal_high_word(const uint64_t* word) {
+    return ptx::ld_relaxed_sys_global(reinterpret_cast<const int*>(word) + 1);
+}
+
+/// Zeroes the high half of a signal word in this rank's buffer that no writer touches before its next use.
+__device__ __forceinline__ void clear_signal_high_word(uint64_t* word) {
+    ptx::st_relaxed_sys_global(reinterpret_cast<int*>(word) + 1, 0);
 }
 
 }  // namespace deep_ep::peer

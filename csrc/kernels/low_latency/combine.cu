@@ -11,6 +11,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/expert_ids.cuh"
 #include "kernels/common/peer.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/sync.cuh"
 #include "runtime/errors.hpp"
@@ -96,10 +97,10 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
         peer::quiet();
 }
 
-// Out-of-range ids read as -1 (and are flagged for the host), as in the dispatch that sent the rows.
+// Out-of-range ids read as -1, as in the dispatch that sent the rows (which reported them).
 __device__ __forceinline__ int load_topk(const LowLatencyCombineArgs& args, int64_t index) {
     return expert_ids::load(args.topk_idx, args.topk_idx_is_int64, index, static_cast<int>(args.layout.num_experts),
-                            args.invalid);
+                            nullptr);
 }
 
 template <ptx::LoadKind kLoadKind>
@@ -152,8 +153,12 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             }
         }
         __syncthreads();
-        if (*failed)
-            break;  // uniform: every thread read the flag after the barrier
+        if (*failed) {  // uniform: every thread read the flag after the barrier
+            for (int t = token; t < args.num_tokens; t += gridDim.x)
+                poison::fill(static_cast<__nv_bfloat16*>(args.out) + int64_t{t} * hidden, int64_t{hidden} * 2,
+                             poison::kBf16NaNs);
+            break;
+        }
         for (int v = threadIdx.x; v < num_vectors; v += kNumThreads) {
             float sum[8] = {};
             // Loads of a batch of top-k rows are issued together; the sum keeps the reference's k order.

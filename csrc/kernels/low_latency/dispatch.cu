@@ -8,12 +8,17 @@
 //      receiver holds a source's rows in token order; each delivered row adds 1 to the same signal word.
 // Receive phase (one block per local expert at a time): wait until each source's word says "count set
 // and that many rows arrived", reset it, lay the sources out in rank order, copy the rows out.
+// Out-of-range expert ids count as -1. Each block scans every pair, so every block knows the rank's first
+// bad id; it rides in the high half of the count words for each rank's local expert 0, so the one block
+// that receives expert 0 sees every source's and records the lowest source rank's in the Buffer's
+// InvalidExpertIdWord, once per call: every rank of the call raises the same error.
 // No grid-wide barrier: a block only ever waits for rows other blocks (or ranks) have already been able
 // to send, and the launcher keeps the grid small enough for all blocks of all ranks to be resident.
 #include "kernels/api.cuh"
 #include "kernels/common/expert_ids.cuh"
 #include "kernels/common/fp8.cuh"
 #include "kernels/common/peer.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/sync.cuh"
 #include "runtime/errors.hpp"
@@ -27,21 +32,26 @@ constexpr int kMaxRanks = 1024;
 constexpr int kCountShift = 16;
 constexpr int kCountSetBit = 1 << 30;
 constexpr int kArrivedMask = (1 << kCountShift) - 1;
+constexpr unsigned long long kNoBadSource = ~0ull;
 
 // Pairs (token, top-k entry) whose expert ids fit the shared-memory copy the send phase scans;
 // larger batches read topk_idx from global memory (L1/L2) instead.
 constexpr int kMaxCachedPairs = 6144;
 
 /// topk_idx[pair] from the block's shared copy when it fits, else from global memory; out-of-range ids
-/// read as -1 (and are flagged for the host).
+/// read as -1 and the smallest such pair is kept in `first_bad_pair` (shared, INT_MAX: none).
 struct TopkReader {
     const void* topk_idx;
     bool is_int64;
     int num_experts;
-    InvalidExpertIdWord* invalid;
+    int* first_bad_pair;
     const short* cache;  // null: not cached
     __device__ __forceinline__ int global(int pair) const {
-        return expert_ids::load(topk_idx, is_int64, pair, num_experts, invalid);
+        const int64_t expert = expert_ids::raw(topk_idx, is_int64, pair);
+        if (expert_ids::in_range(expert, num_experts))
+            return static_cast<int>(expert);
+        atomicMin(first_bad_pair, pair);
+        return -1;
     }
     __device__ __forceinline__ int operator()(int pair) const { return cache != nullptr ? cache[pair] : global(pair); }
     // A token that lists an expert twice is sent to it once (the reference's semantics): only the first
@@ -59,13 +69,13 @@ __device__ __forceinline__ bool dispatch_word_complete(int value) {
 }
 
 __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* histogram,
-                           short* topk_cache) {
+                           short* topk_cache, int* first_bad_pair) {
     const auto& layout = args.layout;
     const int num_experts = static_cast<int>(layout.num_experts);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
     const int num_pairs = args.num_tokens * args.num_topk;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    TopkReader topk{args.topk_idx, args.topk_idx_is_int64, num_experts, args.invalid, nullptr};
+    TopkReader topk{args.topk_idx, args.topk_idx_is_int64, num_experts, first_bad_pair, nullptr};
 
     // 1. Counts per expert; each block computes all of them (a few KB of topk_idx) to avoid a grid sync.
     const bool cached = num_pairs <= kMaxCachedPairs;
@@ -82,10 +92,14 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
             atomicAdd(&histogram[e], 1);
     }
     __syncthreads();
+    // The histogram read every pair: first_bad_pair is final, and the same in every block.
+    const int bad_expert_id = *first_bad_pair == INT_MAX
+                                  ? 0
+                                  : expert_ids::clamped(expert_ids::raw(args.topk_idx, args.topk_idx_is_int64, *first_bad_pair));
     for (int e = blockIdx.x * kNumThreads + threadIdx.x; e < num_experts; e += gridDim.x * kNumThreads) {
         const int dst_rank = e / num_local_experts, local_expert = e % num_local_experts;
         peer::signal_add(view, dst_rank, layout.dispatch_word(args.buffer_set, local_expert, args.rank),
-                         (histogram[e] << kCountShift) + kCountSetBit);
+                         (histogram[e] << kCountShift) + kCountSetBit, local_expert == 0 ? bad_expert_id : 0);
     }
 
     // 2. Cast this block's tokens (t = blockIdx.x + i * gridDim.x) into their send rows, half a warp per
@@ -202,12 +216,25 @@ __device__ __forceinline__ void unpack_row(const LowLatencyDispatchArgs& args, c
     }
 }
 
+/// A local expert whose sources did not all arrive in time: count -1, layout ranges -1, every row NaN.
+__device__ void poison_expert(const LowLatencyDispatchArgs& args, int local_expert) {
+    const auto& layout = args.layout;
+    const int64_t rows = layout.num_ranks * layout.num_max_tokens;
+    const int64_t row_bytes = args.use_fp8 ? layout.hidden : layout.hidden * 2;
+    poison::fill(static_cast<char*>(args.recv_x) + local_expert * rows * row_bytes, rows * row_bytes,
+                 args.use_fp8 ? poison::kFp8E4m3NaNs : poison::kBf16NaNs);
+    for (int src = threadIdx.x; src < layout.num_ranks; src += kNumThreads)
+        args.recv_layout_range[local_expert * layout.num_ranks + src] = -1;
+    if (threadIdx.x == 0)
+        args.recv_count[local_expert] = -1;
+}
+
 /// The block takes its local experts (l = blockIdx.x + i * gridDim.x) in chunks that fit the shared
 /// arrays: wait for every (expert, source) word of the chunk, lay each expert's sources out in rank order,
 /// then all warps copy the chunk's rows together.
 template <ptx::LoadKind kLoadKind>
 __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* counts,
-                           int* begins, int* chunk_row_start, int* failed) {
+                           int* begins, int* chunk_row_start, int* failed, unsigned long long* first_bad_source) {
     const auto& layout = args.layout;
     const int num_ranks = static_cast<int>(layout.num_ranks);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
@@ -234,14 +261,28 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
             }
             // Every row of this use has arrived, so nobody writes the word again before its next use.
             ptx::st_relaxed_sys_global(reinterpret_cast<int*>(word), 0);
+            if (expert_of(i) == 0) {  // the words that carry the sources' bad expert ids (block 0, chunk 0)
+                const int bad_expert_id = peer::load_signal_high_word(word);
+                if (bad_expert_id != 0) {
+                    atomicMin(first_bad_source,
+                              (static_cast<unsigned long long>(src) << 32) | static_cast<uint32_t>(bad_expert_id));
+                    peer::clear_signal_high_word(word);
+                }
+            }
             counts[w] = value & kArrivedMask;
             if (args.dispatch_wait_recv_cost_stats != nullptr)
                 atomicAdd(reinterpret_cast<unsigned long long*>(args.dispatch_wait_recv_cost_stats + src),
                           static_cast<unsigned long long>(ptx::mov_u64_globaltimer() - start_ns));
         }
         __syncthreads();
-        if (*failed)
-            return;  // uniform across the block: every thread read the shared flag after the barrier
+        if (chunk == 0 && blockIdx.x == 0 && threadIdx.x == 0 && *first_bad_source != kNoBadSource)
+            expert_ids::record(args.invalid, static_cast<int>(static_cast<uint32_t>(*first_bad_source)),
+                               static_cast<int>(layout.num_experts), static_cast<int>(*first_bad_source >> 32));
+        if (*failed) {  // uniform across the block: every thread read the shared flag after the barrier
+            for (int i = chunk; i < num_block_experts; ++i)
+                poison_expert(args, expert_of(i));
+            return;
+        }
         for (int i = threadIdx.x; i < num_chunk; i += kNumThreads) {
             const int local_expert = expert_of(i);
             int total = 0;
@@ -289,15 +330,22 @@ template <ptx::LoadKind kLoadKind>
 __global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispatchArgs args) {
     // The send phase's arrays and the receive phase's never live at the same time.
     __shared__ int shared_ints[kLowLatencyMaxExperts + kMaxCachedPairs / 2];
-    __shared__ int failed;
+    __shared__ int failed, first_bad_pair;
+    __shared__ unsigned long long first_bad_source;  // (source rank << 32 | its first bad id), min over sources
     const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0) {
         failed = 0;
+        first_bad_pair = INT_MAX;
+        first_bad_source = kNoBadSource;
+    }
+    __syncthreads();
     if (args.do_send)
-        send_phase(args, view, shared_ints, reinterpret_cast<short*>(shared_ints + kLowLatencyMaxExperts));
+        send_phase(args, view, shared_ints, reinterpret_cast<short*>(shared_ints + kLowLatencyMaxExperts),
+                   &first_bad_pair);
     __syncthreads();
     if (args.do_recv)
-        recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed);
+        recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed,
+                              &first_bad_source);
 }
 
 }  // namespace low_latency
