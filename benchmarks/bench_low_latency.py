@@ -6,9 +6,10 @@ Per rank, CUDA events around each call, warm-up first, a group barrier (and a de
 before every run, then a GPU sleep (the host enqueues the call meanwhile, so Python's launch overhead is
 not timed) and a device-side NVSHMEM barrier (so ranks' launch skew is not timed either; set
 DEEP_EP_BENCH_GPU_BARRIER=0 to time with the skew), median and spread over --runs runs. Cases: dispatch,
-combine, dispatch + combine, and with return_recv_hook the send launch and the receive launch (the hook)
-timed apart. Each is run on both paths (`allow_nvlink_for_low_latency_mode`: mapped stores or NVSHMEM
-puts) with both load kinds. "host us" is the host time inside the call (perf_counter around it, median over
+combine, the combine with its hook called at once (two launches back to back, which the one-launch combine
+should not be slower than), dispatch + combine, and with return_recv_hook the send launch and the receive
+launch (the hook) timed apart. Each is run on both paths (`allow_nvlink_for_low_latency_mode`: mapped
+stores or NVSHMEM puts) with both load kinds. "host us" is the host time inside the call (perf_counter around it, median over
 the runs, the slowest rank's); the host-cost benchmark proper is bench_host.py. With ranks sharing one GPU
 no NCCL baseline is possible (NCCL refuses two ranks on one device): nccl_median_us is null there. Writes
 JSON records to benchmarks/results/ (one object per line) and prints a table.
@@ -193,6 +194,8 @@ def _bench(rank, num_ranks, group, allow_nvlink, conservative_loads, opts):
         for name, fn, recv_bytes, remote_bytes in (
             ("dispatch", dispatch, dispatch_bytes, remote_dispatch_rows * fp8_row_bytes),
             ("combine", combine, combine_bytes, (sent_pairs - own_rows) * hidden * 2),
+            # The same combine as two launches back to back: the one-launch combine should not be slower.
+            ("combine (hook at once)", lambda: combine(True)[-1](), combine_bytes, 0),
             ("dispatch+combine", both, dispatch_bytes + combine_bytes, 0),
         ):
             times, host = _time(group, fn, warmup, runs, line_up)

@@ -56,7 +56,8 @@ CASE_ORDER = tuple(
     """intranode_dispatch_bf16 intranode_dispatch_fp8 intranode_cached_dispatch_bf16 intranode_combine_bf16
     internode_dispatch_bf16 internode_dispatch_fp8 internode_cached_dispatch_bf16 internode_combine_bf16
     low_latency_dispatch_fp8
-    low_latency_dispatch_bf16 low_latency_combine_bf16 low_latency_dispatch_combine low_latency_dispatch_send_hook
+    low_latency_dispatch_bf16 low_latency_combine_bf16 low_latency_combine_hook_at_once low_latency_dispatch_combine
+    low_latency_dispatch_send_hook
     low_latency_dispatch_recv_hook low_latency_combine_send_hook low_latency_combine_recv_hook host_layout
     host_dispatch_cached host_combine host_dispatch_fresh host_layer_roundtrip host_ll_dispatch host_ll_combine
     ll_eager_roundtrip""".split()
