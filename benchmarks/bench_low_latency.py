@@ -10,9 +10,10 @@ combine, the combine with its hook called at once (two launches back to back, wh
 should not be slower than), dispatch + combine, and with return_recv_hook the send launch and the receive
 launch (the hook) timed apart. Each is run on both paths (`allow_nvlink_for_low_latency_mode`: mapped
 stores or NVSHMEM puts) with both load kinds. "host us" is the host time inside the call (perf_counter
-around it, median over the runs, the slowest rank's); the host-cost benchmark proper is bench_host.py. With ranks sharing one GPU
-no NCCL baseline is possible (NCCL refuses two ranks on one device): nccl_median_us is null there. Writes
-JSON records to benchmarks/results/ (one object per line) and prints a table.
+around it, median over the runs, the slowest rank's); the host-cost benchmark proper is bench_host.py.
+With ranks sharing one GPU no NCCL baseline is possible (NCCL refuses two ranks on one device):
+nccl_median_us is null there. Writes JSON records to benchmarks/results/ (one object per line) and prints
+a table.
 
 With `--backend reference` (a CPU machine: gloo, no CUDA) the same cases run on the reference backend,
 timed with host timers, once (no paths or load kinds), without the GPU sleep and barrier.
