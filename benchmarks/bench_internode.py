@@ -164,7 +164,13 @@ def _bench_rank(rank, num_ranks, group, opts, nvl_list):
         if with_nccl:
             nccl.update(_bench_nccl(group, num_ranks, opts, tokens, inputs, progress))
     progress.close()
-    return {"results": results, "nccl": nccl, "in_rank": routing, "gpus": num_gpus}
+    return {
+        "results": results,
+        "nccl": nccl,
+        "in_rank": routing,
+        "gpus": num_gpus,
+        "skipped_sms": opts.get("skipped_sms", {}),
+    }
 
 
 def _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress):
@@ -204,7 +210,9 @@ def _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress):
     results = []
     for sms in opts["sms"]:
         if sm_cap is not None and sms > sm_cap:
-            continue  # more SMs than this rank may take while it shares the GPU
+            # More SMs than this rank may take while it shares the GPU: said under the table.
+            opts.setdefault("skipped_sms", {})[sms] = sm_cap
+            continue
         config = Config(sms)
         fns = {
             "internode_dispatch_bf16": partial(buffer.dispatch, x, config=config, **layout),
@@ -471,6 +479,11 @@ def main(argv=None) -> None:
             else f"no intra-node comparison: {num_ranks} ranks exceed one NVLink domain ({MAX_NVL_RANKS})"
         )
         print(f"{intra_note}; target inter/intra <= {TARGET_RATIO}x at 2x2 and 2x4. {ONE_HOST_NOTE}.")
+        for sms, cap in sorted(per_rank[0]["skipped_sms"].items()):
+            print(
+                f"not measured: {sms} SMs, more than the {cap} a rank may take while {num_ranks} ranks share "
+                f"{gpus} GPU(s) (Buffer.set_num_sms caps it); pass --sms {cap} or fewer"
+            )
         path = os.path.join(args.results_dir, f"internode_{device}_{num_ranks}ranks.jsonl")
         records = records_of(rows, device, num_ranks, gpus, args)
         print(f"records appended to {common.append_records(records, path)}")

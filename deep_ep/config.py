@@ -230,11 +230,30 @@ class _PythonLayout:
         return _align16(hidden * 2) + _align16(num_topk * 4)
 
     @staticmethod
-    def internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens):
-        num_nodes = num_ranks // num_nvl_ranks
+    def internode_combine_call_bytes(
+        hidden, num_topk, num_ranks, num_nvl_ranks, num_staged_rows, num_forwarded, num_tokens
+    ):
+        # Rows staged (none with direct reads) and forwarded from the front, a partial sum per token and
+        # other node from the back.
+        num_other_nodes = num_ranks // num_nvl_ranks - 1
         control = _PythonLayout.internode_control_bytes(num_ranks, num_nvl_ranks)
         stride = _PythonLayout.internode_combine_stride(hidden, num_topk)
-        return control + (num_ranks + 2 * num_nodes) * num_tokens * stride
+        return control + (num_staged_rows + num_forwarded + num_other_nodes * num_tokens) * stride
+
+    @staticmethod
+    def internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens):
+        # The worst case: every token of every rank staged here, every token of each other node's
+        # counterpart forwarded.
+        num_other_nodes = num_ranks // num_nvl_ranks - 1
+        return _PythonLayout.internode_combine_call_bytes(
+            hidden,
+            num_topk,
+            num_ranks,
+            num_nvl_ranks,
+            num_ranks * num_tokens,
+            num_other_nodes * num_tokens,
+            num_tokens,
+        )
 
     @staticmethod
     def internode_size_hint(hidden_bytes, num_ranks, num_nvl_ranks, num_max_tokens_per_rank):
@@ -251,7 +270,7 @@ class _PythonLayout:
 # The sizes every check and hint uses: the C++ layouts themselves when the extension is built.
 layout = _cpp_layout if _cpp_layout is not None else _PythonLayout
 # An extension built before the inter-node layout existed lacks its functions: the transcription stands in.
-internode_layout = layout if hasattr(layout, "internode_size_hint") else _PythonLayout
+internode_layout = layout if hasattr(layout, "internode_combine_call_bytes") else _PythonLayout
 
 
 def nvl_dispatch_bytes(
@@ -312,12 +331,40 @@ def internode_combine_bytes(
     hidden: int, num_topk: int, num_ranks: int, num_nvl_ranks: int, num_tokens: int
 ) -> int:
     """Symmetric buffer bytes a rank of an inter-node Buffer needs to combine BF16 rows of `hidden` values
-    back into up to `num_tokens` tokens per rank (control region included)."""
+    back into up to `num_tokens` tokens per rank, whatever the routing and with the rows staged (control
+    region included)."""
     _check_positive_int("hidden", hidden)
     _check_positive_int("num_topk", num_topk, allow_zero=True)
     _check_num_nvl_ranks(num_ranks, num_nvl_ranks)
     _check_positive_int("num_tokens", num_tokens, allow_zero=True)
     return internode_layout.internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens)
+
+
+def internode_combine_call_bytes(
+    hidden: int,
+    num_topk: int,
+    num_ranks: int,
+    num_nvl_ranks: int,
+    num_staged_rows: int,
+    num_forwarded: int,
+    num_tokens: int,
+) -> int:
+    """Symmetric buffer bytes one inter-node combine uses on a rank: `num_staged_rows` received rows staged
+    (0 when the node reads its inputs in place, the default outside CUDA graph capture), `num_forwarded` rows
+    summed as forwarder (the handle's forward map), a partial sum per token of its `num_tokens` and other
+    node (control region included). internode_combine_bytes is the worst case of it."""
+    _check_positive_int("hidden", hidden)
+    _check_positive_int("num_topk", num_topk, allow_zero=True)
+    _check_num_nvl_ranks(num_ranks, num_nvl_ranks)
+    for name, value in (
+        ("num_staged_rows", num_staged_rows),
+        ("num_forwarded", num_forwarded),
+        ("num_tokens", num_tokens),
+    ):
+        _check_positive_int(name, value, allow_zero=True)
+    return internode_layout.internode_combine_call_bytes(
+        hidden, num_topk, num_ranks, num_nvl_ranks, num_staged_rows, num_forwarded, num_tokens
+    )
 
 
 def internode_size_hint(

@@ -242,8 +242,14 @@ def test_internode_bytes_formula():
     # A row: 16-byte header + 256 bytes + 2 scales + 2 top-k (8 bytes each) = 296 -> 304; per token one send
     # slot and, per node, a slot plus 8 bytes per rank of the node; token slots come in fours (10 -> 12).
     assert cfg.internode_dispatch_bytes(256, 2, 2, 4, 2, 10) == 106496 + 12 * (304 + 2 * (304 + 16))
-    # 128 bf16 values + 3 weights padded to 16 bytes = 272 bytes a row, (4 + 2 * 2) rows a token.
-    assert cfg.internode_combine_bytes(128, 3, 4, 2, 10) == 106496 + 8 * 10 * 272
+    # 128 bf16 values + 3 weights padded to 16 bytes = 272 bytes a row. One combine: the rows staged (none
+    # with direct reads) and forwarded, and a partial sum per token and other node.
+    assert cfg.internode_combine_call_bytes(128, 3, 4, 2, 0, 7, 10) == 106496 + (7 + 10) * 272
+    assert cfg.internode_combine_call_bytes(128, 3, 4, 2, 25, 7, 10) == 106496 + (25 + 7 + 10) * 272
+    # The worst case: all 4 ranks' tokens staged, the other node's counterpart's tokens forwarded: 6 a token.
+    assert cfg.internode_combine_bytes(128, 3, 4, 2, 10) == 106496 + 6 * 10 * 272
+    with pytest.raises(ValueError, match="^num_forwarded:"):
+        cfg.internode_combine_call_bytes(128, 3, 4, 2, 0, -1, 10)
     with pytest.raises(ValueError, match="^num_nvl_ranks:"):
         cfg.internode_dispatch_bytes(256, 2, 2, 6, 4, 10)
     with pytest.raises(ValueError, match="^num_nvl_ranks:"):
@@ -271,6 +277,25 @@ def test_rdma_hint_covers_every_internode_call_it_was_asked_about(num_ranks, num
             assert needed <= hint
         assert cfg.internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, tokens) <= hint
     assert cfg.internode_combine_bytes(hidden, 8, num_ranks, num_nvl_ranks, tokens * 2) > hint
+
+
+@pytest.mark.parametrize(("num_ranks", "num_nvl_ranks"), [(16, 8), (32, 8), (64, 8)])
+def test_v1_rdma_bytes_hold_4096_tokens_on_the_default_combine_path(num_ranks, num_nvl_ranks):
+    # DeepEP V1's inter-node test scripts make the Buffer with num_rdma_bytes=int(1e9) and dispatch 4096 tokens
+    # of hidden 7168, top-8. Outside graph capture the combine reads its node's inputs in place and stages
+    # nothing: the rows it forwards (at most every token of each other node's counterpart) and a partial sum
+    # per token and other node must fit, as must the dispatch (BF16, the larger row).
+    tokens, hidden, num_topk = 4096, 7168, 8
+    num_other_nodes = num_ranks // num_nvl_ranks - 1
+    combine = cfg.internode_combine_call_bytes(
+        hidden, num_topk, num_ranks, num_nvl_ranks, 0, num_other_nodes * tokens, tokens
+    )
+    dispatch = cfg.internode_dispatch_bytes(hidden * 2, 0, num_topk, num_ranks, num_nvl_ranks, tokens)
+    assert max(combine, dispatch) <= int(1e9), (combine, dispatch)
+    # Staged (under graph capture), the same call needs room for the rows it received as well.
+    assert cfg.internode_combine_call_bytes(
+        hidden, num_topk, num_ranks, num_nvl_ranks, num_ranks * tokens, num_other_nodes * tokens, tokens
+    ) == cfg.internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, tokens)
 
 
 def test_rdma_hint_default_num_nvl_ranks(monkeypatch):

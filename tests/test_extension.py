@@ -100,6 +100,8 @@ def test_python_transcription_of_the_internode_layout_equals_the_cpp_one(
             assert cpp.internode_dispatch_bytes(*args) == python.internode_dispatch_bytes(*args), args
         args = (hidden, num_topk, num_ranks, num_nvl_ranks, num_tokens)
         assert cpp.internode_combine_bytes(*args) == python.internode_combine_bytes(*args), args
+        args = (hidden, num_topk, num_ranks, num_nvl_ranks, 3 * num_tokens, 2 * num_tokens, num_tokens)
+        assert cpp.internode_combine_call_bytes(*args) == python.internode_combine_call_bytes(*args), args
         args = (hidden * 2, num_ranks, num_nvl_ranks, num_tokens)
         assert cpp.internode_size_hint(*args) == python.internode_size_hint(*args), args
 

@@ -52,12 +52,18 @@ _buffers: dict = {}
 
 
 def _buffer(
-    group, num_ranks: int, num_nvl_ranks: int, conservative: bool, direct_reads: bool = True
+    group,
+    num_ranks: int,
+    num_nvl_ranks: int,
+    conservative: bool,
+    direct_reads: bool = True,
+    num_rdma_bytes: int | None = None,
 ) -> deep_ep.Buffer:
-    """A cached Buffer; `direct_reads=False` makes its combine stage its inputs (as under graph capture)."""
-    key = (num_ranks, num_nvl_ranks, conservative, direct_reads)
+    """A cached Buffer; `direct_reads=False` makes its combine stage its inputs (as under graph capture).
+    num_rdma_bytes: the hint for MAX_TOKENS_PER_RANK tokens unless given."""
+    key = (num_ranks, num_nvl_ranks, conservative, direct_reads, num_rdma_bytes)
     if key not in _buffers:
-        size = Config().get_rdma_buffer_size_hint(
+        size = num_rdma_bytes or Config().get_rdma_buffer_size_hint(
             MAX_HIDDEN * 2,
             num_ranks,
             num_nvl_ranks=num_nvl_ranks,
@@ -256,6 +262,7 @@ def _rank_check(rank, num_ranks, group, spec):
         spec["num_nvl_ranks"],
         spec.get("conservative", False),
         spec.get("direct_reads", True),
+        spec.get("num_rdma_bytes"),
     )
     for i in range(spec.get("iterations", 1)):
         _check_one_round(rank, num_ranks, group, spec, buffer, spec.get("seed", 0) * 1000 + i)
@@ -315,6 +322,87 @@ def test_minus_one_experts_and_no_rdma_counts(rank_pool):
 def test_combine_from_staged_inputs(rank_pool, num_ranks, num_nvl_ranks):
     """The combine's other way of reading the node's inputs (what graph capture uses): a staged copy."""
     _run(rank_pool, num_ranks, num_nvl_ranks, direct_reads=False, seed=40, bias=2, iterations=2)
+
+
+def _below_hint_bytes(num_ranks: int, num_nvl_ranks: int, tokens: int) -> int:
+    """What a BF16 dispatch of `tokens` tokens a rank and its combine with direct reads use at most (every
+    token of the other nodes' counterparts forwarded), rounded up to 2 MiB: no room for staged rows."""
+    num_other_nodes = num_ranks // num_nvl_ranks - 1
+    dispatch = deep_ep.config.internode_dispatch_bytes(
+        MAX_HIDDEN * 2, 0, TOPK, num_ranks, num_nvl_ranks, tokens
+    )
+    combine = deep_ep.config.internode_combine_call_bytes(
+        MAX_HIDDEN, TOPK, num_ranks, num_nvl_ranks, 0, num_other_nodes * tokens, tokens
+    )
+    return -(-max(dispatch, combine) // (2 << 20)) * (2 << 20)
+
+
+def _rank_staged_combine_too_large(rank, num_ranks, group, num_rdma_bytes, seed):
+    """With direct reads off, a combine whose staged rows overflow the buffer raises; then, direct reads on
+    again, the same Buffer runs a round correctly."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False, num_rdma_bytes=num_rdma_bytes)
+    mine = make_inputs(seed, num_ranks, [MAX_TOKENS_PER_RANK] * num_ranks, MAX_HIDDEN, NUM_EXPERTS, TOPK)[
+        rank
+    ]
+    topk_idx = mine.topk_idx.to(device)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(
+        mine.x.to(device),
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=mine.topk_weights.to(device),
+    )
+    buffer.runtime.direct_reads = False
+    try:
+        buffer.combine(recv_x, handle, topk_weights=recv_weights)
+        message = None
+    except ValueError as error:
+        message = str(error)
+    finally:
+        buffer.runtime.direct_reads = True
+    spec = {"num_nvl_ranks": 2, "tokens": [MAX_TOKENS_PER_RANK] * num_ranks, "bias": 1}
+    _check_one_round(rank, num_ranks, group, spec, buffer, seed + 1)
+    torch.cuda.synchronize()
+    return message, recv_x.size(0)
+
+
+def test_a_buffer_below_the_hint_runs_what_fits(rank_pool):
+    """The hint covers the combine's worst case with staged rows; DeepEP V1's scripts pass a fixed byte count
+    instead (int(1e9)). Outside graph capture the combine reads its node's inputs in place and needs room
+    only for the rows it forwards and a partial sum per token and other node: such a Buffer, far below the
+    hint, runs every routing; staging (direct reads off) raises a capacity error on every rank, and the
+    Buffer stays usable."""
+    num_ranks, num_nvl_ranks, tokens = 4, 2, MAX_TOKENS_PER_RANK
+    size = _below_hint_bytes(num_ranks, num_nvl_ranks, tokens)
+    hint = Config().get_rdma_buffer_size_hint(
+        MAX_HIDDEN * 2, num_ranks, num_nvl_ranks=num_nvl_ranks, num_max_tokens_per_rank=tokens
+    )
+    assert size * 2 <= hint, (size, hint)
+    for routing, seed in (("uniform", 50), ("all_to_one_rank", 51), ("with_minus_one", 52)):
+        _run(
+            rank_pool,
+            num_ranks,
+            num_nvl_ranks,
+            tokens=[tokens] * num_ranks,
+            routing=routing,
+            seed=seed,
+            bias=1,
+            num_rdma_bytes=size,
+        )
+    results = rank_pool(num_ranks).run(_rank_staged_combine_too_large, size, 53)
+    # Uniform top-8 of 256 over 4 ranks: each rank receives ~90% of all 4 x 512 tokens, more rows than the
+    # buffer has room for once the forwarded rows and partial sums are placed.
+    for rank, (message, num_rows) in enumerate(results):
+        assert num_rows > num_ranks * tokens // 2, (rank, num_rows)
+        assert message is not None and message.startswith("x:") and "num_rdma_bytes" in message, (
+            rank,
+            message,
+        )
 
 
 def test_back_to_back_iterations(rank_pool):

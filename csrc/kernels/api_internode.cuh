@@ -129,14 +129,19 @@ struct InternodeDispatchLayout {
     }
 };
 
-/// The data region during a combine, for rows of one shape and `capacity` tokens per rank:
-///   staged rows     [R * C]: this rank's combine input (row i = the i-th row it received)
-///   partial send    [N][C]: partial sums this rank computed as forwarder for source (m, l), put from here
-///   partial recv    [N][C]: partial sums forwarder (n, l) computed for this rank's tokens
-/// A row: bf16 [hidden], then float32 top-k weights.
+/// The data region during a combine, rows of one shape (bf16 [hidden], then float32 top-k weights):
+///   from the front: staged rows [num_rows] (staged reads only: this rank's combine input, row i = the i-th
+///                   row it received), then partial send [F]: the partial sums this rank computes as
+///                   forwarder, row f = forwarded row f (forward_offsets), put from here;
+///   from the back:  partial recv: the partial sum forwarder (n, l) computed for slot k of this rank's tokens
+///                   bound for node n is row (k * (N - 1) + i) counted from the end, i = n's index among the
+///                   other nodes.
+/// Only the back is written by other nodes, and its offsets depend on nothing but the buffer's size (the
+/// same on every rank), so every rank addresses it alike whichever path (staged or direct) each node took
+/// and however many tokens each rank has. A call needs rows_needed() rows; the hint sizes for the worst case.
 struct InternodeCombineLayout {
     InternodeControl control{};
-    int64_t capacity = 0;
+    int64_t num_row_slots = 0;
     int64_t topk_weights_offset = 0, stride = 0;
 
     InternodeCombineLayout() = default;
@@ -144,21 +149,28 @@ struct InternodeCombineLayout {
     __host__ __device__ static int64_t row_stride(int64_t hidden, int64_t num_topk) {
         return internode_round_up(hidden * 2, 16) + internode_round_up(num_topk * 4, 16);
     }
+    /// Rows a rank with `num_tokens` tokens uses: its staged input (0 with direct reads), the rows it
+    /// forwards, and a partial sum per token and other node.
+    __host__ __device__ static int64_t rows_needed(int num_nodes, int64_t num_staged_rows, int64_t num_forwarded,
+                                                   int64_t num_tokens) {
+        return num_staged_rows + num_forwarded + int64_t{num_nodes - 1} * num_tokens;
+    }
     __host__ __device__ InternodeCombineLayout(const InternodeControl& c, int64_t num_bytes, int64_t hidden,
                                                int64_t num_topk)
         : control(c) {
         topk_weights_offset = internode_round_up(hidden * 2, 16);
         stride = row_stride(hidden, num_topk);
         const int64_t data = num_bytes - control.bytes();
-        capacity = data > 0 ? data / ((int64_t{control.num_ranks} + 2 * control.num_nodes()) * stride) : 0;
+        num_row_slots = data > 0 ? data / stride : 0;
     }
     __host__ __device__ int64_t staged_row(int64_t row) const { return control.bytes() + row * stride; }
-    __host__ __device__ int64_t partial_send_row(int node, int64_t slot) const {
-        return control.bytes() + (int64_t{control.num_ranks} * capacity + node * capacity + slot) * stride;
+    __host__ __device__ int64_t partial_send_row(int64_t num_staged_rows, int64_t forwarded_row) const {
+        return control.bytes() + (num_staged_rows + forwarded_row) * stride;
     }
-    __host__ __device__ int64_t partial_recv_row(int node, int64_t slot) const {
-        return control.bytes() +
-               ((int64_t{control.num_ranks} + control.num_nodes()) * capacity + node * capacity + slot) * stride;
+    /// Where forwarder node `node` puts the partial sum of `slot` into the buffer of a rank of `dst_node`.
+    __host__ __device__ int64_t partial_recv_row(int node, int dst_node, int64_t slot) const {
+        const int64_t other = node < dst_node ? node : node - 1;
+        return control.bytes() + (num_row_slots - 1 - (slot * (control.num_nodes() - 1) + other)) * stride;
     }
 };
 
@@ -260,6 +272,7 @@ struct InternodeCombineArgs {
     int hidden, num_topk;
     int num_rows;                   // rows this rank received in the dispatch
     int num_tokens;                 // this rank's tokens
+    int num_forwarded;              // rows this rank forwards (the forward map's rows)
     const void* x;                  // [num_rows, hidden] bf16
     const float* topk_weights;      // [num_rows, num_topk] or nullptr
     bool direct_reads;              // read the node's inputs in place, at node_inputs (index: local rank)

@@ -260,6 +260,13 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     // Host only, before anything is queued: the node's ranks agree on the call and learn where their inputs
     // are, to read them in place.
     const std::optional<CombineSources> direct = direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
+    const int64_t num_forwarded = handle.forward_map.size(0);
+    // Staged although direct reads looked possible (an allocation could not be exported): checked here, on
+    // this rank only (its peers then time out, docs/errors.md); the agreed checks counted the staged rows
+    // wherever staging was certain.
+    if (!direct.has_value() && buffer.may_read_directly(stream))
+        check_internode_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden,
+                                         num_topk, num_rows, num_forwarded, num_tokens);
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
 
     launch_exchange(buffer, peers, stream);
@@ -270,6 +277,7 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     args.num_topk = static_cast<int>(num_topk);
     args.num_rows = static_cast<int>(num_rows);
     args.num_tokens = static_cast<int>(num_tokens);
+    args.num_forwarded = static_cast<int>(num_forwarded);
     args.x = x.data_ptr();
     args.topk_weights = data_or_null<float>(topk_weights);
     args.direct_reads = direct.has_value();

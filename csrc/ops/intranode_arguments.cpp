@@ -1,5 +1,6 @@
 #include "ops/intranode_arguments.hpp"
 
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
@@ -43,18 +44,17 @@ std::pair<torch::Tensor, OptionalTensor> checked_dispatch_x(pybind11::handle x, 
     return {data, std::nullopt};
 }
 
-// The Buffer holds a combine of `num_rows` BF16 rows back into `num_tokens` tokens a rank (its NVLink buffer;
-// inter-node: the symmetric one, sized in tokens per rank as the hint is).
+// The Buffer holds a combine of `num_rows` BF16 rows back into `num_tokens` tokens a rank: intra-node in its
+// NVLink buffer; inter-node in the symmetric one, where the rows are staged only if the call cannot read its
+// node's inputs in place (known here when direct reads are off or the stream is being captured; otherwise
+// internode_combine checks again once the node has decided). num_forwarded: the handle's forwarded rows.
 void check_combine_capacity(const runtime::Buffer& buffer, const char* name, const std::string& what, int64_t hidden,
-                            int64_t num_topk, int64_t num_rows, int64_t num_tokens) {
-    const int64_t num_ranks = buffer.num_ranks();
+                            int64_t num_topk, int64_t num_rows, int64_t num_tokens, int64_t num_forwarded) {
     if (buffer.is_internode()) {
-        const int64_t tokens_needed = std::max(num_tokens, (num_rows + num_ranks - 1) / num_ranks);
-        const int64_t needed = runtime::size_hints::internode_combine_bytes(hidden, num_topk, num_ranks,
-                                                                            buffer.num_nvl_ranks(), tokens_needed);
-        if (needed > buffer.num_rdma_bytes())
-            arguments::raise_capacity_error(name, what + " inter-node", needed, buffer.num_rdma_bytes(),
-                                            "num_rdma_bytes");
+        const bool staged =
+            !buffer.may_read_directly(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream());
+        check_internode_combine_capacity(buffer, name, what, hidden, num_topk, staged ? num_rows : 0, num_forwarded,
+                                         num_tokens);
     } else {
         const int64_t needed = runtime::size_hints::nvl_combine_bytes(hidden, num_topk, num_rows);
         if (needed > buffer.num_nvl_bytes())
@@ -63,6 +63,16 @@ void check_combine_capacity(const runtime::Buffer& buffer, const char* name, con
 }
 
 }  // namespace
+
+void check_internode_combine_capacity(const runtime::Buffer& buffer, const char* name, const std::string& what,
+                                      int64_t hidden, int64_t num_topk, int64_t num_staged_rows, int64_t num_forwarded,
+                                      int64_t num_tokens) {
+    const int64_t needed = runtime::size_hints::internode_combine_call_bytes(
+        hidden, num_topk, buffer.num_ranks(), buffer.num_nvl_ranks(), num_staged_rows, num_forwarded, num_tokens);
+    if (needed > buffer.num_rdma_bytes())
+        arguments::raise_capacity_error(name, what + " inter-node" + (num_staged_rows > 0 ? " (rows staged)" : ""),
+                                        needed, buffer.num_rdma_bytes(), "num_rdma_bytes");
+}
 
 HandleTensors checked_handle(pybind11::handle handle, int64_t num_ranks, int device) {
     using arguments::kAny;
@@ -231,7 +241,7 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
     if (handle.is_none() && call.num_worst_tokens > 0)
         check_combine_capacity(buffer, "num_worst_tokens",
                                "padding to " + std::to_string(call.num_worst_tokens) + " rows (combining them back)",
-                               call.x.size(1), num_topk, call.num_worst_tokens, num_tokens);
+                               call.x.size(1), num_topk, call.num_worst_tokens, num_tokens, 0);
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }
@@ -290,9 +300,8 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
         (i == 0 ? call.bias_0 : call.bias_1) =
             arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
     }
-    // Inter-node: staged rows hold R x capacity, the partial sums capacity per node, both bounded by the tokens.
     check_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden, num_topk, num_rows,
-                           num_tokens);
+                           num_tokens, internode ? call.internode_handle->forward_map.size(0) : 0);
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }

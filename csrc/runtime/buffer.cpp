@@ -251,6 +251,14 @@ void Buffer::close_peer_allocations() {
     raise_call_error(failed);
 }
 
+bool Buffer::may_read_directly(cudaStream_t stream) const {
+    if (!host_exchange_ || !direct_reads_)
+        return false;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    return capture == cudaStreamCaptureStatusNone;
+}
+
 bool Buffer::gather_peer_tensors(const CallRecord& call, const std::vector<const void*>& local, cudaStream_t stream,
                                  std::vector<std::array<const char*, kMaxNvlRanks>>& out) {
     require_usable();
@@ -258,9 +266,7 @@ bool Buffer::gather_peer_tensors(const CallRecord& call, const std::vector<const
         return false;
     const size_t count = local.size();
     std::string record(message_bytes(count), '\0');
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    DEEP_EP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const int32_t wants = direct_reads_ && capture == cudaStreamCaptureStatusNone ? 1 : 0;
+    const int32_t wants = may_read_directly(stream) ? 1 : 0;
     std::memcpy(record.data(), &wants, sizeof(wants));
     for (size_t i = 0; i < count && wants; ++i) {
         const AllocationRecord exported = export_allocation(local[i]);

@@ -120,6 +120,9 @@ class Buffer {
     void unlink_host_exchange();
     bool direct_reads() const { return direct_reads_; }
     void set_direct_reads(bool enabled) { direct_reads_ = enabled; }
+    // Whether an op on `stream` may read its peers' tensors in place (gather_peer_tensors may still find an
+    // allocation it cannot export): false when direct reads are off or the stream is being captured.
+    bool may_read_directly(cudaStream_t stream) const;
     // Ops that read peers' tensors directly so far (tests check that the fast path really ran).
     int64_t num_direct_ops() const { return num_direct_ops_; }
     // Handle identity (runtime/handle_identity.hpp): this Buffer's process-unique id, and the number of the

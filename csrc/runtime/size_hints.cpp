@@ -62,11 +62,21 @@ int64_t internode_dispatch_bytes(int64_t hidden_bytes, int64_t num_scales, int64
     return control.bytes() + slots * InternodeDispatchLayout::bytes_per_token(control, stride);
 }
 
-int64_t internode_combine_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
-                                int64_t num_tokens) {
+int64_t internode_combine_call_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
+                                     int64_t num_staged_rows, int64_t num_forwarded, int64_t num_tokens) {
     const InternodeControl control = internode_control(num_ranks, num_nvl_ranks);
     return control.bytes() +
-           (num_ranks + 2 * control.num_nodes()) * num_tokens * InternodeCombineLayout::row_stride(hidden, num_topk);
+           InternodeCombineLayout::rows_needed(control.num_nodes(), num_staged_rows, num_forwarded, num_tokens) *
+               InternodeCombineLayout::row_stride(hidden, num_topk);
+}
+
+int64_t internode_combine_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
+                                int64_t num_tokens) {
+    // The worst case: every token of every rank comes here (staged rows), and as forwarder this rank lands
+    // every token of its counterpart in each other node.
+    const int64_t num_other_nodes = num_ranks / num_nvl_ranks - 1;
+    return internode_combine_call_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, num_ranks * num_tokens,
+                                        num_other_nodes * num_tokens, num_tokens);
 }
 
 int64_t internode_size_hint(int64_t hidden_bytes, int64_t num_ranks, int64_t num_nvl_ranks,
@@ -96,6 +106,9 @@ void register_apis(pybind11::module_& m) {
             py::arg("num_topk"), py::arg("num_ranks"), py::arg("num_nvl_ranks"), py::arg("num_tokens"));
     sub.def("internode_combine_bytes", &internode_combine_bytes, py::arg("hidden"), py::arg("num_topk"),
             py::arg("num_ranks"), py::arg("num_nvl_ranks"), py::arg("num_tokens"));
+    sub.def("internode_combine_call_bytes", &internode_combine_call_bytes, py::arg("hidden"), py::arg("num_topk"),
+            py::arg("num_ranks"), py::arg("num_nvl_ranks"), py::arg("num_staged_rows"), py::arg("num_forwarded"),
+            py::arg("num_tokens"));
     sub.def("internode_size_hint", &internode_size_hint, py::arg("hidden_bytes"), py::arg("num_ranks"),
             py::arg("num_nvl_ranks"), py::arg("num_max_tokens_per_rank"));
     sub.attr("NVL_CONTROL_BYTES") = layout::kControlBytes;

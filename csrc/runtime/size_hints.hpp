@@ -30,13 +30,16 @@ int64_t low_latency_bytes(int64_t num_max_tokens, int64_t hidden, int64_t num_ra
 int64_t low_latency_size_hint(int64_t num_max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts);
 
 // Symmetric (NVSHMEM) bytes of the inter-node normal ops (kernels/api_internode.cuh): the control region,
-// a dispatch of num_tokens tokens per rank, the combine of what those dispatches sent, and the hint that
-// holds both for num_max_tokens_per_rank tokens (BF16 or FP8 with scales, any top-k).
+// a dispatch of num_tokens tokens per rank, the combine of what those dispatches sent (whatever the
+// routing, rows staged), and the hint that holds both for num_max_tokens_per_rank tokens (BF16 or FP8 with
+// scales, any top-k). internode_combine_call_bytes: what one combine uses, for its capacity check.
 int64_t internode_control_bytes(int64_t num_ranks, int64_t num_nvl_ranks);
 int64_t internode_dispatch_bytes(int64_t hidden_bytes, int64_t num_scales, int64_t num_topk, int64_t num_ranks,
                                  int64_t num_nvl_ranks, int64_t num_tokens);
 int64_t internode_combine_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
                                 int64_t num_tokens);
+int64_t internode_combine_call_bytes(int64_t hidden, int64_t num_topk, int64_t num_ranks, int64_t num_nvl_ranks,
+                                     int64_t num_staged_rows, int64_t num_forwarded, int64_t num_tokens);
 int64_t internode_size_hint(int64_t hidden_bytes, int64_t num_ranks, int64_t num_nvl_ranks,
                             int64_t num_max_tokens_per_rank);
 

@@ -25,7 +25,7 @@ from ..config import (
     MAX_LOCAL_EXPERTS,
     MAX_NUM_TOPK,
     Config,
-    internode_combine_bytes,
+    internode_combine_call_bytes,
     internode_dispatch_bytes,
     nvl_combine_bytes,
     nvl_dispatch_bytes,
@@ -508,6 +508,7 @@ def validate_combine(
         num_nvl_ranks=num_nvl_ranks if isinstance(handle, InternodeHandle) else None,
         num_nvl_bytes=num_nvl_bytes,
         num_rdma_bytes=num_rdma_bytes,
+        num_forwarded=handle.recv_rdma_rank_prefix_sum.size(0) if isinstance(handle, InternodeHandle) else 0,
     )
     return CombineArgs(x, handle, topk_weights, bias_0, bias_1)
 
@@ -524,14 +525,16 @@ def check_combine_capacity(
     num_nvl_ranks: Optional[int],
     num_nvl_bytes: int,
     num_rdma_bytes: int,
+    num_forwarded: int = 0,
 ) -> None:
     """The buffer holds a combine of `num_rows` BF16 rows back into `num_tokens` tokens a rank (inter-node
-    when num_nvl_ranks < num_ranks)."""
+    when num_nvl_ranks < num_ranks, forwarding `num_forwarded` rows)."""
     if num_nvl_ranks is not None and num_nvl_ranks < num_ranks:
-        # Sized in tokens per rank, as the hint: at least this rank's tokens, and the rows it holds spread over
-        # the ranks they return to.
-        tokens_needed = max(num_tokens, -(-num_rows // num_ranks))
-        needed = internode_combine_bytes(hidden, num_topk, num_ranks, num_nvl_ranks, tokens_needed)
+        # As the CUDA backend's default path (direct reads): rows forwarded, and a partial sum per token and
+        # other node; staged rows count only under CUDA graph capture there.
+        needed = internode_combine_call_bytes(
+            hidden, num_topk, num_ranks, num_nvl_ranks, 0, num_forwarded, num_tokens
+        )
         check_capacity(name, needed, num_rdma_bytes, "num_rdma_bytes", f"{what} inter-node")
     else:
         needed = nvl_combine_bytes(hidden, num_topk, num_rows)

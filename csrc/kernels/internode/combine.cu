@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
             if (row >= 0)
                 add_node_row(sources, args, view, own_node, j, row);
         }
-        char* partial = view.local(layout.partial_send_row(src_node, slot));
+        char* partial = view.local(layout.partial_send_row(args.direct_reads ? 0 : args.num_rows, f));
         // By the op's shape, not this rank's pointer: a forwarder that received no rows itself (an empty
         // topk_weights) still sums its node's weights.
         float* partial_weights =
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
         __syncwarp();
         ptx::fence_acq_rel_sys();
         __syncwarp();
-        peer::warp_put(view, src_node * num_nvl_ranks + local, layout.partial_recv_row(own_node, slot), partial,
+        peer::warp_put(view, src_node * num_nvl_ranks + local, layout.partial_recv_row(own_node, src_node, slot), partial,
                        layout.stride, lane);
     }
     peer::quiet();
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(Intern
                 continue;
             const int slot = __ldg(args.send_node_head + int64_t{token} * num_nodes + node);
             if (slot >= 0) {
-                const char* partial = view.local(layout.partial_recv_row(node, slot));
+                const char* partial = view.local(layout.partial_recv_row(node, own_node, slot));
                 sources.add(partial, partial + layout.topk_weights_offset);
             }
         }
@@ -265,6 +265,10 @@ void launch_internode_combine(const InternodeCombineArgs& args) {
     DEEP_EP_CHECK(args.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k weights per row");
     DEEP_EP_CHECK(num_nvl_ranks + num_nodes - 1 <= kMaxReduceSources,
                   "at most " << kMaxReduceSources << " rows per combined token (ranks per node + other nodes)");
+    const int64_t rows_needed = InternodeCombineLayout::rows_needed(
+        num_nodes, args.direct_reads ? 0 : args.num_rows, args.num_forwarded, args.num_tokens);
+    DEEP_EP_CHECK(rows_needed <= args.layout.num_row_slots, "the combine needs " << rows_needed << " rows of the "
+                                                               "inter-node buffer, which holds " << args.layout.num_row_slots);
     const int num_blocks = args.num_blocks < 1 ? 1 : args.num_blocks;
     if (!args.direct_reads) {
         internode::stage_combine_input<<<num_blocks, kStageThreads, 0, args.stream>>>(args);
