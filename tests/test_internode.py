@@ -487,18 +487,22 @@ def _rank_missing_peer(rank, num_ranks, group, op, missing):
     try:
         if rank != missing:
             start = time.monotonic()
+            poisoned = None  # whether what the call returned is all NaN; None: it returned nothing
             try:
+                out = None
                 if op == "dispatch":
                     buffer.dispatch(x, **kwargs)
                 elif op == "cached_dispatch":
-                    buffer.dispatch(x, handle=handle)
+                    out = buffer.dispatch(x, handle=handle)[0]
                 else:
-                    buffer.combine(recv_x, handle)
+                    out = buffer.combine(recv_x, handle)[0]
                 torch.cuda.synchronize()
+                if out is not None:
+                    poisoned = bool(torch.isnan(out.float()).all())
                 buffer.dispatch(x, handle=handle)  # the next call surfaces a kernel's timeout
-                result = ("no error", time.monotonic() - start)
+                result = ("no error", time.monotonic() - start, poisoned)
             except RuntimeError as error:
-                result = (str(error), time.monotonic() - start)
+                result = (str(error), time.monotonic() - start, poisoned)
         torch.cuda.synchronize()
         dist.barrier(group=group)
     finally:
@@ -519,7 +523,12 @@ def test_a_missing_peer_gives_an_error_within_the_timeout(op, missing):
     for rank, result in enumerate(results):
         if rank == missing:
             continue
-        message, seconds = result
+        message, seconds, poisoned = result
         assert "timed out" in message or "did not finish in time" in message, f"rank {rank}: {message}"
         # The kernels' waits end after the timeout; the host's count wait after twice that plus 10 s.
         assert seconds < 4 * MISSING_PEER_TIMEOUT_S + 15, f"rank {rank}: error after {seconds:.1f} s"
+        # A call that returned before its kernels timed out returned NaN everywhere, never stale rows. (The
+        # missing rank's node peer raises inside the combine: its host exchange times out first.)
+        assert poisoned is not False, f"rank {rank}: {op} returned outputs that are not poisoned"
+    if op != "dispatch":  # the fresh dispatch raises inside the call: its host waits for the counts
+        assert any(r is not None and r[2] for r in results), results

@@ -8,6 +8,7 @@
 //            with a node barrier (peers read this rank's inputs until then).
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/reduce.cuh"
 #include "kernels/common/sync.cuh"
 #include "kernels/common/token.cuh"
@@ -177,8 +178,13 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
 // Named deep_ep::internode::combine: profiler-based tools find the op's kernel by "::combine".
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(InternodeCombineArgs args) {
+    // A peer never arrived (the Buffer reports it): poison what the call returns instead.
+    const auto poison_outputs = [&] {
+        poison::poison_combined_tokens(args.combined_x, args.hidden, args.combined_topk_weights, args.num_topk,
+                                       args.num_tokens);
+    };
     if (block_sees_abort(args.peers.wait))
-        return;  // this op's opening exchange (or a wait before) failed
+        return poison_outputs();  // this op's opening exchange (or a wait before) failed
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(Intern
             arrived &= wait_at_least(args.peers.wait, WaitSite::kInternodePartial, node,
                                      view.local<int>(control.partial_word(node)), epoch);
     if (__syncthreads_and(arrived) == 0)
-        return;
+        return poison_outputs();
 
     const int lane = threadIdx.x % kWarpSize;
     for (int token = global_warp_id(); token < args.num_tokens; token += num_global_warps()) {

@@ -3,6 +3,7 @@
 // (receivers read their rows over NVLink in source-rank order).
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/sync.cuh"
 #include "kernels/common/token.cuh"
 #include "runtime/errors.hpp"
@@ -203,8 +204,14 @@ __device__ __forceinline__ int source_of_row(const int* first_row, int num_ranks
 // Named deep_ep::internode::dispatch: profiler-based tools find the op's kernel by "::dispatch".
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) dispatch(InternodeDispatchPullArgs args) {
+    // A peer never arrived (the Buffer reports it): poison what the call returns instead.
+    const auto poison_outputs = [&] {
+        poison::poison_dispatch_rows({args.recv_x, args.recv_x_scales, args.recv_topk_idx, args.recv_topk_weights,
+                                      args.recv_src_idx, args.hidden_bytes, args.num_scales, args.num_topk},
+                                     args.num_recv_capacity);
+    };
     if (block_sees_abort(args.peers.wait))
-        return;  // this op's opening exchange (or a wait before) failed
+        return poison_outputs();  // this op's opening exchange (or a wait before) failed
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -221,7 +228,7 @@ __global__ void __launch_bounds__(kPullThreads, 1) dispatch(InternodeDispatchPul
                                  epoch);
     }
     if (__syncthreads_and(arrived) == 0)
-        return;
+        return poison_outputs();
 
     const int lane = threadIdx.x % kWarpSize;
     const int num_local_experts = args.num_experts / num_ranks;

@@ -5,6 +5,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/reduce.cuh"
 #include "kernels/common/token.cuh"
 #include "runtime/errors.hpp"
@@ -56,8 +57,12 @@ namespace intranode {
 template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kPullThreads<kMaxSources>, 1) combine(IntranodeCombinePullArgs args) {
     NvlKernelBarrier barrier(args.peers, args.barrier);
-    if (!barrier.passed())
+    if (!barrier.passed()) {
+        // A peer never arrived (the Buffer reports it): poison what the call returns instead.
+        poison::poison_combined_tokens(args.combined_x, args.hidden, args.combined_topk_weights, args.num_topk,
+                                       args.num_tokens);
         return;
+    }
     constexpr int kUnroll = kReduceVectorsInFlight / kMaxSources > 0 ? kReduceVectorsInFlight / kMaxSources : 1;
     const int num_ranks = args.peers.num_ranks;
     const int lane = threadIdx.x % kWarpSize;

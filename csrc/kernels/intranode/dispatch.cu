@@ -4,6 +4,7 @@
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
+#include "kernels/common/poison.cuh"
 #include "kernels/common/token.cuh"
 #include "runtime/errors.hpp"
 
@@ -145,8 +146,14 @@ namespace intranode {
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) dispatch(IntranodeDispatchPullArgs args) {
     NvlKernelBarrier barrier(args.peers, args.barrier);
-    if (!barrier.passed())
+    if (!barrier.passed()) {
+        // A peer never arrived (the Buffer reports it): poison what the call returns instead.
+        poison::poison_dispatch_rows({args.recv_x, args.recv_x_scales, args.recv_topk_idx, args.recv_topk_weights,
+                                      args.recv_src_idx, args.shape.hidden_bytes, args.shape.num_scales,
+                                      args.shape.num_topk},
+                                     args.num_recv_capacity);
         return;
+    }
     const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
     const layout::DispatchRowLayout rows(args.shape);
     // recv_x rows [first_row[s], first_row[s + 1]) come from rank s, in the order of s's send list to us.
