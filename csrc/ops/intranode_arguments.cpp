@@ -255,12 +255,12 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
     if (handle.is_none())
         arguments::raise_value_error("handle: combine needs the handle returned by dispatch");
     const bool internode = buffer.is_internode();
-    if (internode)
+    if (internode) {
         call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
-    else
+    } else {
         call.handle = checked_handle(handle, num_ranks, device);
-    if (!internode)
         call.handle_seq = handle_identity(buffer, call.handle);
+    }
     const int64_t num_rows = internode ? call.internode_handle->recv_src_idx.size(0) : call.handle.recv_src_idx.size(0);
     call.x = arguments::tensor(x, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
     if (call.x.size(0) != num_rows)

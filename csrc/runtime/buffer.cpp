@@ -354,7 +354,8 @@ void Buffer::raise_if_invalid_expert_id() {
     // found was read first; with the acquire fence the kernel's writes of value and num_experts, fenced
     // before found, are visible.
     std::atomic_thread_fence(std::memory_order_acquire);
-    const int value = word->value, num_experts = word->num_experts, every_rank = word->every_rank, rank = word->rank;
+    const int value = word->value, num_experts = word->num_experts, rank = word->rank;
+    const bool every_rank = rank >= 0;
     word->found = 0;
     word->claimed = 0;  // last: a kernel may claim the word again only once it reads as clear
     std::ostringstream message;
