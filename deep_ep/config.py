@@ -269,7 +269,7 @@ class _PythonLayout:
 
 # The sizes every check and hint uses: the C++ layouts themselves when the extension is built.
 layout = _cpp_layout if _cpp_layout is not None else _PythonLayout
-# An extension built before the inter-node layout existed lacks its functions: the transcription stands in.
+# An extension built before the current inter-node layout lacks its functions: the transcription stands in.
 internode_layout = layout if hasattr(layout, "internode_combine_call_bytes") else _PythonLayout
 
 

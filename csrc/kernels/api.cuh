@@ -53,8 +53,8 @@ struct InvalidExpertIdWord {
     int claimed;      // 0 or 1: a kernel took the word (compare-and-swap)
     int value;        // the id
     int num_experts;  // the bound it broke
-    int rank;         // -1: found by this rank's kernel; else reported to every rank of a low-latency dispatch,
-                      // for this rank, whose topk_idx held it
+    int rank;         // the rank whose topk_idx held it, as a low-latency dispatch reports it to every rank;
+                      // -1: found by this rank's own kernel
     int found;        // 0 or 1: the fields above are complete
 };
 

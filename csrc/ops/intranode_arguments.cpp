@@ -51,8 +51,8 @@ std::pair<torch::Tensor, OptionalTensor> checked_dispatch_x(pybind11::handle x, 
 void check_combine_capacity(const runtime::Buffer& buffer, const char* name, const std::string& what, int64_t hidden,
                             int64_t num_topk, int64_t num_rows, int64_t num_tokens, int64_t num_forwarded) {
     if (buffer.is_internode()) {
-        const bool staged =
-            !buffer.may_read_directly(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream());
+        const cudaStream_t caller = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device()));
+        const bool staged = !buffer.may_read_directly(caller);
         check_internode_combine_capacity(buffer, name, what, hidden, num_topk, staged ? num_rows : 0, num_forwarded,
                                          num_tokens);
     } else {

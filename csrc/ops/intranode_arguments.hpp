@@ -88,15 +88,15 @@ struct CombineCall {
 CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
                             pybind11::handle topk_weights, pybind11::handle bias, int64_t num_sms);
 
-// What the ranks of a normal op agree on before anything moves (runtime/call_agreement.hpp): the operation's
-// name (as the reference backend names it) and the signature fields of deep_ep/backends/reference_backend.py
-// that can be read without the GPU (no handle checksum or identity here).
 /// Raises the capacity error naming num_rdma_bytes unless this inter-node Buffer holds a combine that
 /// stages `num_staged_rows` rows (0 with direct reads), forwards `num_forwarded` and returns `num_tokens`.
 void check_internode_combine_capacity(const runtime::Buffer& buffer, const char* name, const std::string& what,
                                       int64_t hidden, int64_t num_topk, int64_t num_staged_rows, int64_t num_forwarded,
                                       int64_t num_tokens);
 
+// What the ranks of a normal op agree on before anything moves (runtime/call_agreement.hpp): the operation's
+// name (as the reference backend names it) and the signature fields of deep_ep/backends/reference_backend.py
+// that can be read without the GPU (no handle checksum or identity here).
 const char* dispatch_op_name(bool cached);
 inline constexpr const char* kCombineOpName = "combine";
 runtime::CallRecord call_record(const DispatchCall& call);

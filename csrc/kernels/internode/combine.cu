@@ -164,8 +164,8 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combin
         __syncwarp();
         ptx::fence_acq_rel_sys();
         __syncwarp();
-        peer::warp_put(view, src_node * num_nvl_ranks + local, layout.partial_recv_row(own_node, src_node, slot), partial,
-                       layout.stride, lane);
+        peer::warp_put(view, src_node * num_nvl_ranks + local, layout.partial_recv_row(own_node, src_node, slot),
+                       partial, layout.stride, lane);
     }
     peer::quiet();
     if (!is_last_block_to_finish(view.local<int>(control.kernel_exits())))
@@ -273,8 +273,9 @@ void launch_internode_combine(const InternodeCombineArgs& args) {
                   "at most " << kMaxReduceSources << " rows per combined token (ranks per node + other nodes)");
     const int64_t rows_needed = InternodeCombineLayout::rows_needed(
         num_nodes, args.direct_reads ? 0 : args.num_rows, args.num_forwarded, args.num_tokens);
-    DEEP_EP_CHECK(rows_needed <= args.layout.num_row_slots, "the combine needs " << rows_needed << " rows of the "
-                                                               "inter-node buffer, which holds " << args.layout.num_row_slots);
+    DEEP_EP_CHECK(rows_needed <= args.layout.num_row_slots,
+                  "the combine needs " << rows_needed << " rows of the inter-node buffer, which holds "
+                                       << args.layout.num_row_slots);
     const int num_blocks = args.num_blocks < 1 ? 1 : args.num_blocks;
     if (!args.direct_reads) {
         internode::stage_combine_input<<<num_blocks, kStageThreads, 0, args.stream>>>(args);
