@@ -453,6 +453,83 @@ def test_sm_budgets(rank_pool, num_sms):
     _run(rank_pool, 8, 4, num_sms=num_sms, seed=20 + num_sms, tokens=[400, 300, 350, 512, 0, 1, 77, 256])
 
 
+# --- one rank's bad argument -------------------------------------------------------------------------------
+
+
+def _rank_one_bad_rank(rank, num_ranks, group, op, bad):
+    """Rank `bad` passes one bad argument to `op`, the others valid ones. Returns (exception type, message,
+    where it was raised: 'call' or 'check' after synchronising) or None, and whether the call's output came
+    back all NaN. Then every rank runs a valid round on the same Buffer, checked against the reference."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    mine = make_inputs(92, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
+    x, topk_idx = mine.x.to(device), mine.topk_idx.to(device)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    kwargs = dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=mine.topk_weights.to(device),
+    )
+    recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(x, **kwargs)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    wrong = rank == bad
+    raised, where, out = None, "call", None
+    try:
+        if op == "dispatch":
+            out = buffer.dispatch(x, **kwargs, expert_alignment=0 if wrong else 1)[0]
+        elif op == "cached_dispatch":
+            out = buffer.dispatch(x[:-1] if wrong else x, handle=handle)[0]
+        else:
+            rows = recv_x.size(0) - 1 if wrong else recv_x.size(0)
+            out = buffer.combine(recv_x[:rows], handle, topk_weights=recv_weights[:rows])[0]
+        torch.cuda.synchronize()
+        where = "check"
+        buffer.check()
+    except (ValueError, TypeError) as error:
+        raised = (type(error).__name__, str(error), where)
+    poisoned = out is not None and bool(torch.isnan(out.float()).all())
+    torch.cuda.synchronize()
+    spec = {"num_nvl_ranks": 2, "tokens": [97 + 25 * r for r in range(num_ranks)], "bias": 1}
+    _check_one_round(rank, num_ranks, group, spec, buffer, 93)
+    torch.cuda.synchronize()
+    return raised, poisoned
+
+
+@pytest.mark.parametrize(
+    "op,bad,argument",
+    [("dispatch", 3, "expert_alignment"), ("cached_dispatch", 1, "x"), ("combine", 2, "x")],
+    ids=["dispatch", "cached-dispatch", "combine"],
+)
+def test_one_bad_rank_makes_every_rank_of_every_node_raise(rank_pool, op, bad, argument):
+    """The rank whose checks fail opens the op anyway with a verdict naming the argument: no rank of either
+    node waits for it, all skip the op, and every rank raises naming the rank and the argument (the bad rank
+    its own error; the others inside a fresh dispatch, which waits for the counts, else at the call's end or
+    check(), their outputs NaN; a combine's node peers through the host exchange). The next round is correct."""
+    results = rank_pool(4).run(_rank_one_bad_rank, op, bad)
+    for rank, (raised, poisoned) in enumerate(results):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        kind, message, where = raised
+        assert kind == "ValueError" and message.startswith(f"{argument}:"), f"rank {rank}: {kind} {message}"
+        if rank == bad:
+            assert where == "call", f"rank {rank}: {message}"
+            continue
+        assert f"rank {bad}" in message, f"rank {rank}: {message}"
+        same_node = rank // 2 == bad // 2
+        if op == "dispatch" or (op == "combine" and same_node):
+            assert where == "call", f"rank {rank} raised at {where}: {message}"
+        else:
+            # Reported by the GPU: at check(), or already at the call's end if the exchange was that quick.
+            assert "rejected" in message, f"rank {rank} raised at {where}: {message}"
+            assert where == "call" or poisoned, (
+                f"rank {rank}: the skipped {op} returned outputs that are not NaN"
+            )
+
+
 # --- a peer that never arrives -----------------------------------------------------------------------------
 
 MISSING_PEER_TIMEOUT_S = 2

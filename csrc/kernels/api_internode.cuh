@@ -47,7 +47,10 @@ __host__ __device__ constexpr int64_t internode_round_up(int64_t value, int64_t 
 ///   partial word n    written by forwarder (n, l): its combine partial sums are here
 ///   node word j       written by rank j of this node in a combine: its input is staged (staged reads), or
 ///                     it finished reading the node's inputs (direct reads)
-///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests)
+///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests),
+///                     rejected epoch (int: the last op some rank rejected, this rank's view)
+///   verdicts          [2 parities][R] in, one out, 16 bytes each: a rank whose argument checks failed
+///                     opens the op with (epoch, code) instead of counts (InternodeNotifyArgs::rejected_code)
 ///   count messages    [2 parities][R] in, [R] out: num_tokens_per_rank [R], num_tokens_per_rdma_rank [N],
 ///                     the receiver's slice of num_tokens_per_expert
 struct InternodeControl {
@@ -69,7 +72,12 @@ struct InternodeControl {
     __host__ __device__ int64_t epoch_counter() const { return counters_offset(); }
     __host__ __device__ int64_t kernel_exits() const { return counters_offset() + 4; }
     __host__ __device__ int64_t rows_sent_counter() const { return counters_offset() + 8; }
-    __host__ __device__ int64_t signal_bytes() const { return internode_round_up(counters_offset() + 64, 4096); }
+    __host__ __device__ int64_t rejected_epoch() const { return counters_offset() + 16; }
+    __host__ __device__ int64_t verdict_out() const { return counters_offset() + 64; }
+    __host__ __device__ int64_t verdict_in(int parity, int src) const {
+        return verdict_out() + 16 * (1 + int64_t{parity} * num_ranks + src);
+    }
+    __host__ __device__ int64_t signal_bytes() const { return internode_round_up(verdict_in(2, 0), 4096); }
     __host__ __device__ int64_t count_in(int parity, int src) const {
         return signal_bytes() + (int64_t{parity} * num_ranks + src) * message_ints() * 4;
     }
@@ -183,12 +191,25 @@ struct InternodePeers {
     WaitContext wait;
 };
 
+/// Host-mapped, one per Buffer: the lowest rank that rejected an inter-node op this rank took part in, and
+/// its code (InternodeNotifyArgs::rejected_code). `found` is written last; the host raises it and clears it.
+struct InternodeRejection {
+    int rank;
+    int code;
+    int found;
+};
+
 /// Opens every inter-node op: signals every rank with the op's epoch (the next value of this rank's epoch
 /// counter) and waits for all of them. A fresh dispatch sends its counts along and derives the matrices.
+/// A rank whose argument checks failed opens the op anyway with a nonzero rejected_code (no counts): every
+/// rank then records the op as rejected, its other kernels skip their work (the receiving ones poison their
+/// outputs) and the ranks that did not reject it report the lowest rejecting rank in `rejection`.
 struct InternodeNotifyArgs {
     InternodePeers peers;
     InternodeControl control;
     bool with_counts;
+    int rejected_code;                // 0: this rank's checks passed
+    InternodeRejection* rejection;    // host-mapped report, or nullptr
     const int* num_tokens_per_rank;       // [R]
     const int* num_tokens_per_rdma_rank;  // [N], or nullptr: counted here from is_token_in_rank
     const bool* is_token_in_rank;         // [num_tokens, R]

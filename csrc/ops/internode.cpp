@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <stdexcept>
 
 #include "kernels/api.cuh"
 #include "ops/arguments.hpp"
@@ -35,13 +36,47 @@ InternodeControl internode_control(const runtime::Buffer& buffer) {
 }
 
 // The op-opening exchange without counts: a cached dispatch and a combine.
-void launch_exchange(const runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream) {
+void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream) {
     InternodeNotifyArgs notify{};
     notify.peers = peers;
     notify.control = internode_control(buffer);
     notify.with_counts = false;
+    notify.rejection = buffer.internode_rejection_device();
     notify.stream = stream;
     launch_internode_notify(notify);
+}
+
+// The exchange of a rank that rejects the op: its verdict instead of counts, after the Buffer's previous op.
+void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, int code) {
+    runtime::OpStreams streams(buffer, {pybind11::none(), false, false});
+    InternodeNotifyArgs notify{};
+    notify.peers = peers;
+    notify.control = internode_control(buffer);
+    notify.with_counts = false;
+    notify.rejected_code = code;
+    notify.stream = streams.stream();
+    launch_internode_notify(notify);
+    streams.finish();
+}
+
+// An op's argument checks (and the node's agreement on them) on an inter-node Buffer. When they raise a
+// TypeError or ValueError, this rank opens the op all the same, with a verdict that names the argument, so
+// that no rank of any node waits for it: every rank skips the op and the others raise the rejection
+// (InternodeNotifyArgs); the error is then raised here.
+template <typename Check>
+auto checked_or_rejected(runtime::Buffer& buffer, const InternodePeers& peers, Check&& check) -> decltype(check()) {
+    try {
+        return check();
+    } catch (const pybind11::type_error& error) {
+        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), true));
+        throw;
+    } catch (const pybind11::value_error& error) {
+        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), false));
+        throw;
+    } catch (const std::invalid_argument& error) {
+        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), false));
+        throw;
+    }
 }
 
 }  // namespace
@@ -56,11 +91,12 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
                                    int64_t num_sms, pybind11::handle previous_event, bool async_finish,
                                    bool allocate_on_comm_stream) {
     buffer.require_usable();
-    const DispatchCall call = checked_dispatch(buffer, x_arg, handle_arg, num_tokens_per_rank_arg,
-                                               num_tokens_per_rdma_rank_arg, is_token_in_rank_arg,
-                                               num_tokens_per_expert_arg, topk_idx_arg, topk_weights_arg,
-                                               expert_alignment_arg, num_worst_tokens_arg, num_sms);
     const InternodePeers peers = internode_peers(buffer, "dispatch");
+    const DispatchCall call = checked_or_rejected(buffer, peers, [&] {
+        return checked_dispatch(buffer, x_arg, handle_arg, num_tokens_per_rank_arg, num_tokens_per_rdma_rank_arg,
+                                is_token_in_rank_arg, num_tokens_per_expert_arg, topk_idx_arg, topk_weights_arg,
+                                expert_alignment_arg, num_worst_tokens_arg, num_sms);
+    });
     const torch::Tensor& x = call.x;
     const OptionalTensor& x_scales = call.x_scales;
     const OptionalTensor& topk_idx = call.topk_idx;
@@ -128,6 +164,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         // The host always waits for an inter-node dispatch's counts: the forward map's size is among them.
         notify.mapped_counters = buffer.mapped_counters_device();
         notify.mapped_tag = buffer.next_notify_tag();
+        notify.rejection = buffer.internode_rejection_device();
         notify.stream = stream;
         launch_internode_notify(notify);
         notify_tag = notify.mapped_tag;
@@ -169,6 +206,11 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         // of the forward map (the rows this rank lands for other nodes) comes with the counts.
         const int num_local_experts = static_cast<int>(num_experts / num_ranks);
         auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, num_local_experts);
+        if (rows < 0) {  // a peer rejected the op: every rank skips it (its plan and send already did)
+            streams.join_caller();
+            buffer.raise_if_rejected_by_peer();
+            throw std::runtime_error("dispatch: a peer rejected this inter-node dispatch");
+        }
         num_recv = rows;
         // V1's contract: with num_worst_tokens the per-expert list is empty (callers size by the worst case).
         if (call.num_worst_tokens == 0)
@@ -242,12 +284,14 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
                                   pybind11::handle topk_weights_arg, pybind11::handle bias_arg, int64_t num_sms,
                                   pybind11::handle previous_event, bool async_finish, bool allocate_on_comm_stream) {
     buffer.require_usable();
-    // Agreed inside the node only (the host exchange spans one node); ranks of other nodes see the error as
-    // a timeout of the op's first exchange (docs/errors.md).
-    const CombineCall call = agreed_checks(buffer, kCombineOpName, [&] {
-        return checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
-    });
+    // Agreed inside the node by the host exchange, across nodes by the rejection in the op's first GPU
+    // exchange (docs/errors.md).
     const InternodePeers peers = internode_peers(buffer, "combine");
+    const CombineCall call = checked_or_rejected(buffer, peers, [&] {
+        return agreed_checks(buffer, kCombineOpName, [&] {
+            return checked_combine(buffer, x_arg, handle_arg, topk_weights_arg, bias_arg, num_sms);
+        });
+    });
     const InternodeHandleTensors& handle = *call.internode_handle;
     const torch::Tensor& x = call.x;
     const OptionalTensor& topk_weights = call.topk_weights;
@@ -259,14 +303,19 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
 
     // Host only, before anything is queued: the node's ranks agree on the call and learn where their inputs
     // are, to read them in place.
-    const std::optional<CombineSources> direct = direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
+    // The same exchange raises the error of a node peer whose checks failed: rejected here as well.
+    const std::optional<CombineSources> direct = checked_or_rejected(buffer, peers, [&] {
+        return direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
+    });
     const int64_t num_forwarded = handle.forward_map.size(0);
-    // Staged although direct reads looked possible (an allocation could not be exported): checked here, on
-    // this rank only (its peers then time out, docs/errors.md); the agreed checks counted the staged rows
-    // wherever staging was certain.
+    // Staged although direct reads looked possible (an allocation could not be exported): checked here, where
+    // only the rank that does not fit raises (its node peers learn of it with the others, by the rejection);
+    // the agreed checks counted the staged rows wherever staging was certain.
     if (!direct.has_value() && buffer.may_read_directly(stream))
-        check_internode_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden,
-                                         num_topk, num_rows, num_forwarded, num_tokens);
+        checked_or_rejected(buffer, peers, [&] {
+            check_internode_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden,
+                                             num_topk, num_rows, num_forwarded, num_tokens);
+        });
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
 
     launch_exchange(buffer, peers, stream);

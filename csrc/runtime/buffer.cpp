@@ -63,6 +63,7 @@ Buffer::Buffer(const BufferOptions& options)
     allocate_mapped(1, &error_host_, &error_device_);
     allocate_mapped(kNumMappedCounters, &mapped_counters_host_, &mapped_counters_device_);
     allocate_mapped(1, &invalid_expert_id_host_, &invalid_expert_id_device_);
+    allocate_mapped(1, &internode_rejection_host_, &internode_rejection_device_);
     DEEP_EP_CUDA_CHECK(cudaMalloc(&layout_done_blocks_, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaMemset(layout_done_blocks_, 0, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
@@ -121,6 +122,7 @@ void Buffer::destroy() {
     free_mapped(&error_host_, &error_device_);
     free_mapped(&mapped_counters_host_, &mapped_counters_device_);
     free_mapped(&invalid_expert_id_host_, &invalid_expert_id_device_);
+    free_mapped(&internode_rejection_host_, &internode_rejection_device_);
     if (layout_done_blocks_ != nullptr)
         cudaFree(std::exchange(layout_done_blocks_, nullptr));
     symmetric_ = SymmetricBuffer{};  // the symmetric memory itself is freed collectively by Python
@@ -370,6 +372,48 @@ void Buffer::raise_if_invalid_expert_id() {
     throw std::invalid_argument(message.str());
 }
 
+namespace {
+
+// The arguments a rejection code can name (its low byte: index + 1; kUnnamedArgument: none of these).
+constexpr const char* kRejectableArguments[] = {
+    "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
+    "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "bias", "config", "previous_event", "num_sms"};
+constexpr int kNumRejectableArguments = sizeof(kRejectableArguments) / sizeof(kRejectableArguments[0]);
+constexpr int kUnnamedArgument = 0xff;
+constexpr int kTypeErrorBit = 1 << 8;
+
+}  // namespace
+
+int Buffer::rejection_code(const std::string& message, bool type_error) {
+    // "x[1]: ...", "handle.send_head: ..." name x and handle.
+    const std::string name = message.substr(0, message.find_first_of(":.[ "));
+    int index = kUnnamedArgument;
+    for (int i = 0; i < kNumRejectableArguments; ++i)
+        if (name == kRejectableArguments[i])
+            index = i + 1;
+    return index | (type_error ? kTypeErrorBit : 0);
+}
+
+void Buffer::raise_if_rejected_by_peer() {
+    volatile InternodeRejection* word = internode_rejection_host_;
+    if (word == nullptr || word->found != 1)
+        return;
+    // found was read first; the kernel fenced rank and code before it.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    const int rank = word->rank, code = word->code;
+    word->found = 0;
+    const int index = code & 0xff;
+    const bool type_error = (code & kTypeErrorBit) != 0;
+    std::ostringstream message;
+    message << (index >= 1 && index <= kNumRejectableArguments ? kRejectableArguments[index - 1] : "arguments")
+            << ": rank " << rank << " rejected an inter-node operation this rank took part in ("
+            << (type_error ? "TypeError" : "ValueError") << " there, with the details); every rank skipped it, so "
+            << "its outputs on rank " << rank_ << " are NaN (a fresh dispatch returned none)";
+    if (type_error)
+        throw pybind11::type_error(message.str());
+    throw std::invalid_argument(message.str());
+}
+
 void Buffer::require_usable() const {
     DEEP_EP_CHECK(!destroyed_, "Buffer was destroyed");
     raise_if_failed();
@@ -394,6 +438,7 @@ void register_apis(pybind11::module_& m) {
         .def("destroy", &Buffer::destroy)
         .def("raise_if_failed", &Buffer::raise_if_failed)
         .def("raise_if_invalid_expert_id", &Buffer::raise_if_invalid_expert_id)
+        .def("raise_if_rejected_by_peer", &Buffer::raise_if_rejected_by_peer)
         .def("attach_host_exchange", &Buffer::attach_host_exchange, pybind11::arg("name"), pybind11::arg("create"))
         .def("unlink_host_exchange", &Buffer::unlink_host_exchange)
         // Python's own checks of an op that agrees on errors (deep_ep/backends/cuda.py): always raises.

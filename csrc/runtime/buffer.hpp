@@ -156,10 +156,19 @@ class Buffer {
     // are queued (so peers are never left waiting), then clear it: the Buffer stays usable.
     InvalidExpertIdWord* invalid_expert_id_device() const { return invalid_expert_id_device_; }
     void raise_if_invalid_expert_id();
-    // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id.
+    // Inter-node ops a peer rejected (kernels/api_internode.cuh: InternodeRejection): reported by the opening
+    // exchange on every rank that did not reject the op itself, raised like a flagged expert id.
+    InternodeRejection* internode_rejection_device() const { return internode_rejection_device_; }
+    void raise_if_rejected_by_peer();
+    // What a rank that rejects an inter-node op tells its peers: the argument its error names (the message's
+    // "name: ..." prefix) and whether it is a TypeError. Never 0.
+    static int rejection_code(const std::string& message, bool type_error);
+    // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id, then an
+    // inter-node op a peer rejected.
     void raise_pending_errors() {
         raise_if_failed();
         raise_if_invalid_expert_id();
+        raise_if_rejected_by_peer();
     }
     // Raises RuntimeError unless the Buffer can run an op (not destroyed, no timeout so far).
     void require_usable() const;
@@ -191,6 +200,8 @@ class Buffer {
     int* mapped_counters_host_ = nullptr;
     InvalidExpertIdWord* invalid_expert_id_host_ = nullptr;
     InvalidExpertIdWord* invalid_expert_id_device_ = nullptr;
+    InternodeRejection* internode_rejection_host_ = nullptr;
+    InternodeRejection* internode_rejection_device_ = nullptr;
     int* mapped_counters_device_ = nullptr;
     int* layout_done_blocks_ = nullptr;
     bool direct_reads_ = true;

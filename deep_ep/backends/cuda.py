@@ -426,6 +426,7 @@ class CudaBackend:
     def check(self) -> None:
         self.runtime.raise_if_failed()
         self.runtime.raise_if_invalid_expert_id()
+        self.runtime.raise_if_rejected_by_peer()
 
     def destroy(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -12,6 +12,7 @@
 #include "kernels/common/reduce.cuh"
 #include "kernels/common/sync.cuh"
 #include "kernels/common/token.cuh"
+#include "kernels/internode/op_state.cuh"
 #include "runtime/errors.hpp"
 
 namespace deep_ep {
@@ -100,6 +101,8 @@ namespace internode {
 __global__ void __launch_bounds__(kStageThreads, 1) stage_combine_input(InternodeCombineArgs args) {
     if (block_sees_abort(args.peers.wait))
         return;  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return;  // a rank's argument checks failed: every rank skips the op
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(kStageThreads, 1) stage_combine_input(Internod
     if (!is_last_block_to_finish(view.local<int>(control.kernel_exits())))
         return;
     const int num_nvl_ranks = control.num_nvl_ranks, rank = args.peers.rank;
-    const int epoch = ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
+    const int epoch = read_epoch(view, control);
     for (int j = threadIdx.x; j < num_nvl_ranks; j += blockDim.x)
         peer::signal_set(view, rank / num_nvl_ranks * num_nvl_ranks + j, control.node_word(rank % num_nvl_ranks),
                          epoch);
@@ -127,12 +130,14 @@ template <ptx::LoadKind kKind, int kMaxSources>
 __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) forward_combine(InternodeCombineArgs args) {
     if (block_sees_abort(args.peers.wait))
         return;  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return;  // a rank's argument checks failed: every rank skips the op
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
     const int rank = args.peers.rank, own_node = rank / num_nvl_ranks, local = rank % num_nvl_ranks;
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
-    const int epoch = ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
+    const int epoch = read_epoch(view, control);
     // Direct reads need no wait: the op-opening exchange already proved every rank's inputs are written.
     bool arrived = true;
     for (int j = threadIdx.x; j < num_nvl_ranks && !args.direct_reads; j += blockDim.x)
@@ -185,12 +190,14 @@ __global__ void __launch_bounds__(kReduceThreads<kMaxSources>, 1) combine(Intern
     };
     if (block_sees_abort(args.peers.wait))
         return poison_outputs();  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return poison_outputs();  // a rank's argument checks failed: every rank skips the op
     const InternodeCombineLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
     const int rank = args.peers.rank, own_node = rank / num_nvl_ranks;
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
-    const int epoch = ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
+    const int epoch = read_epoch(view, control);
     bool arrived = true;
     for (int node = threadIdx.x; node < num_nodes; node += blockDim.x)
         if (node != own_node)

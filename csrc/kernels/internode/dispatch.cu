@@ -6,6 +6,7 @@
 #include "kernels/common/poison.cuh"
 #include "kernels/common/sync.cuh"
 #include "kernels/common/token.cuh"
+#include "kernels/internode/op_state.cuh"
 #include "runtime/errors.hpp"
 
 namespace deep_ep {
@@ -18,10 +19,6 @@ constexpr int kRowUnroll = 8;
 constexpr int kMaxNvlFlags = kMaxNvlRanks + 1;  // one membership flag per rank of a node, plus the node
 
 
-__device__ __forceinline__ int read_epoch(const peer::SymmetricView& view, const InternodeControl& control) {
-    return ptx::ld_volatile_global(view.local<int>(control.epoch_counter()));
-}
-
 }  // namespace
 
 namespace internode {
@@ -32,6 +29,8 @@ namespace internode {
 __global__ void __launch_bounds__(kPlanThreads, 1) dispatch_plan(InternodeDispatchPlanArgs args) {
     if (block_sees_abort(args.peers.wait))
         return;  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return;  // a rank's argument checks failed: every rank skips the op
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -131,6 +130,8 @@ __global__ void __launch_bounds__(kPlanThreads, 1) dispatch_plan(InternodeDispat
 __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send(InternodeDispatchSendArgs args) {
     if (block_sees_abort(args.peers.wait))
         return;  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return;  // a rank's argument checks failed: every rank skips the op
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();
@@ -212,6 +213,8 @@ __global__ void __launch_bounds__(kPullThreads, 1) dispatch(InternodeDispatchPul
     };
     if (block_sees_abort(args.peers.wait))
         return poison_outputs();  // this op's opening exchange (or a wait before) failed
+    if (block_sees_rejection(peer::SymmetricView::of(args.peers), args.layout.control))
+        return poison_outputs();  // a rank's argument checks failed: every rank skips the op
     const InternodeDispatchLayout& layout = args.layout;
     const InternodeControl& control = layout.control;
     const int num_ranks = control.num_ranks, num_nvl_ranks = control.num_nvl_ranks, num_nodes = control.num_nodes();

@@ -5,7 +5,10 @@
 //
 // Count messages alternate between two parities by epoch: a source writes parity e & 1 of op e, and can
 // write that parity again only in op e + 2, which it opens after every rank signalled op e + 1, i.e. after
-// every reader finished op e.
+// every reader finished op e. Verdicts (a rank whose checks failed sends (e, code) instead of counts) use
+// the same parities, so a verdict read here is this op's.
+#include <climits>
+
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
 #include "kernels/common/receive_counts.cuh"
@@ -56,7 +59,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
         }
         __syncthreads();
     }
-    if (args.with_counts) {
+    const bool rejecting = args.rejected_code != 0;
+    if (rejecting && threadIdx.x == 0) {
+        int* verdict = view.local<int>(control.verdict_out());
+        verdict[0] = epoch;
+        verdict[1] = args.rejected_code;
+    }
+    if (args.with_counts && !rejecting) {
         // One message per destination: our whole count rows (so every rank can build the full matrices),
         // then the destination's slice of our per-expert counts.
         for (int64_t i = threadIdx.x; i < int64_t{num_ranks} * message_ints; i += blockDim.x) {
@@ -76,8 +85,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
     const int warp = threadIdx.x / peer::kWarpSize, lane = threadIdx.x % peer::kWarpSize;
     const int num_warps = blockDim.x / peer::kWarpSize;
     const int message_bytes = static_cast<int>((num_ranks + num_nodes + num_local_experts + 3) / 4 * 16);
+    __syncthreads();  // the verdict
     for (int dst = warp; dst < num_ranks; dst += num_warps) {
-        if (args.with_counts) {
+        if (rejecting) {
+            peer::warp_send_with_signal(view, dst, control.verdict_in(parity, rank), view.local(control.verdict_out()),
+                                        16, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
+        } else if (args.with_counts) {
             peer::warp_send_with_signal(view, dst, control.count_in(parity, rank), view.local(control.count_out(dst)),
                                         message_bytes, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
         } else if (lane == 0) {
@@ -93,6 +106,33 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
                                  view.local<int>(control.exchange_word(src)), epoch);
     if (__syncthreads_and(arrived) == 0)
         return;
+
+    // A rejected op: every rank records it (the op's later kernels skip) and the host learns of it (a
+    // fresh dispatch's host from its counts: -1 rows); the rejecting ranks raise their own errors.
+    __shared__ int first_rejecting;
+    if (threadIdx.x == 0)
+        first_rejecting = INT_MAX;
+    __syncthreads();
+    for (int src = threadIdx.x; src < num_ranks; src += blockDim.x)
+        if (ld_count(view.local_base, control.verdict_in(parity, src), 0) == epoch)
+            atomicMin(&first_rejecting, src);
+    __syncthreads();
+    if (first_rejecting != INT_MAX) {
+        if (threadIdx.x == 0) {
+            ptx::st_volatile_global(view.local<int>(control.rejected_epoch()), epoch);
+            InternodeRejection* report = args.rejection;
+            if (!rejecting && report != nullptr && atomicCAS(&report->found, 0, 2) == 0) {
+                report->rank = first_rejecting;
+                report->code = ld_count(view.local_base, control.verdict_in(parity, first_rejecting), 1);
+                __threadfence_system();
+                atomicExch(&report->found, 1);
+            }
+            if (args.with_counts)
+                publish_receive_counts(args.mapped_counters, -1, args.mapped_tag);
+            ptx::st_volatile_global(epoch_counter, epoch);
+        }
+        return;
+    }
 
     if (args.with_counts) {
         const char* own = view.local_base;
