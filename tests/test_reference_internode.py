@@ -14,6 +14,7 @@ import torch
 from oracle import bytes_equal, make_inputs
 
 import deep_ep
+from deep_ep import config as cfg
 from deep_ep.backends.fp8 import per_token_cast_to_fp8
 from deep_ep.config import nvl_buffer_size_hint
 from deep_ep.handles import InternodeHandle
@@ -216,8 +217,8 @@ def test_fp8_alignment_and_layout_only_dispatch(rank_pool, num_ranks, num_nvl_ra
     rank_pool(num_ranks).run(rank_fp8_and_options, CASES[2].args(num_ranks, num_nvl_ranks))
 
 
-def rank_combine(rank, num_ranks, group, case_args):
-    s = Setup(rank, num_ranks, group, case_args)
+def rank_combine(rank, num_ranks, group, case_args, num_rdma_bytes=None):
+    s = Setup(rank, num_ranks, group, case_args, num_rdma_bytes=num_rdma_bytes)
     outs = []
     for buffer in (s.inter, s.intra):
         recv_x, _, recv_weights, _, handle, _ = s.dispatch(buffer)
@@ -234,6 +235,27 @@ def rank_combine(rank, num_ranks, group, case_args):
 @pytest.mark.parametrize(("num_ranks", "num_nvl_ranks"), SPLITS, ids=SPLIT_IDS)
 def test_combine_equals_intranode(rank_pool, num_ranks, num_nvl_ranks, case):
     rank_pool(num_ranks).run(rank_combine, case.args(num_ranks, num_nvl_ranks))
+
+
+@pytest.mark.parametrize(("num_ranks", "num_nvl_ranks"), SPLITS, ids=SPLIT_IDS)
+def test_a_buffer_sized_for_the_default_path_runs_below_the_hint(rank_pool, num_ranks, num_nvl_ranks):
+    """As the CUDA backend outside graph capture: a combine needs room for the rows it forwards and a partial
+    sum per token and other node, not for staged rows, so a Buffer sized for the dispatch and that combine
+    (DeepEP V1's scripts pass a fixed num_rdma_bytes) runs although it is below the hint."""
+    args = CASES[0].args(num_ranks, num_nvl_ranks)
+    _, hidden, topk, _, tokens, _ = args
+    most, num_other_nodes = max(tokens), num_ranks // num_nvl_ranks - 1
+    size = max(
+        cfg.internode_dispatch_bytes(hidden * 2, 0, topk, num_ranks, num_nvl_ranks, most),
+        cfg.internode_combine_call_bytes(
+            hidden, topk, num_ranks, num_nvl_ranks, 0, num_other_nodes * most, most
+        ),
+    )
+    hint = deep_ep.Config().get_rdma_buffer_size_hint(
+        hidden * 2, num_ranks, num_nvl_ranks=num_nvl_ranks, num_max_tokens_per_rank=most
+    )
+    assert size < hint, (size, hint)
+    rank_pool(num_ranks).run(rank_combine, args, size)
 
 
 def rank_cached_dispatch(rank, num_ranks, group, case_args):
