@@ -324,6 +324,20 @@ def test_combine_from_staged_inputs(rank_pool, num_ranks, num_nvl_ranks):
     _run(rank_pool, num_ranks, num_nvl_ranks, direct_reads=False, seed=40, bias=2, iterations=2)
 
 
+def _dispatch_kwargs(buffer, mine, device) -> dict:
+    """The layout and top-k arguments of a fresh dispatch of `mine` (an oracle input) on `buffer`."""
+    topk_idx = mine.topk_idx.to(device)
+    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    return dict(
+        num_tokens_per_rank=per_rank,
+        num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=topk_idx,
+        topk_weights=mine.topk_weights.to(device),
+    )
+
+
 def _below_hint_bytes(num_ranks: int, num_nvl_ranks: int, tokens: int) -> int:
     """What a BF16 dispatch of `tokens` tokens a rank and its combine with direct reads use at most (every
     token of the other nodes' counterparts forwarded), rounded up to 2 MiB: no room for staged rows."""
@@ -346,16 +360,8 @@ def _rank_staged_combine_too_large(rank, num_ranks, group, num_rdma_bytes, seed)
     mine = make_inputs(seed, num_ranks, [MAX_TOKENS_PER_RANK] * num_ranks, MAX_HIDDEN, NUM_EXPERTS, TOPK)[
         rank
     ]
-    topk_idx = mine.topk_idx.to(device)
-    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
     recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(
-        mine.x.to(device),
-        num_tokens_per_rank=per_rank,
-        num_tokens_per_rdma_rank=per_node,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx,
-        topk_weights=mine.topk_weights.to(device),
+        mine.x.to(device), **_dispatch_kwargs(buffer, mine, device)
     )
     buffer.runtime.direct_reads = False
     try:
@@ -464,16 +470,7 @@ def _rank_one_bad_rank(rank, num_ranks, group, op, bad):
     device = torch.device("cuda", torch.cuda.current_device())
     buffer = _buffer(group, num_ranks, 2, False)
     mine = make_inputs(92, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
-    x, topk_idx = mine.x.to(device), mine.topk_idx.to(device)
-    per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
-    kwargs = dict(
-        num_tokens_per_rank=per_rank,
-        num_tokens_per_rdma_rank=per_node,
-        is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert,
-        topk_idx=topk_idx,
-        topk_weights=mine.topk_weights.to(device),
-    )
+    x, kwargs = mine.x.to(device), _dispatch_kwargs(buffer, mine, device)
     recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(x, **kwargs)
     torch.cuda.synchronize()
     dist.barrier(group=group)
