@@ -150,15 +150,16 @@ def _bench_rank(rank, num_ranks, group, opts, nvl_list):
     progress = common.Progress(
         len(opts["tokens"]) * per_tokens, f"internode, {num_ranks} ranks", enabled=rank == 0
     )
-    results, nccl, routing = [], {}, {}
+    results, nccl, routing, skipped_sms = [], {}, {}, {}
     for i, tokens in enumerate(opts["tokens"]):
         _, x, topk_idx, topk_weights = intranode_inputs(rank, opts, tokens)
         inputs = dict(
             x=x, x_fp8=common.per_token_cast_to_fp8(x), topk_idx=topk_idx, topk_weights=topk_weights
         )
         for j, num_nvl_ranks in enumerate(layouts):
-            timings, in_rank = _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress)
+            timings, in_rank, skipped = _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress)
             results += timings
+            skipped_sms.update(skipped)
             routing.setdefault(tokens, in_rank)
             progress.advance_to(i * per_tokens + (j + 1) * per_buffer)  # SMs over the cap count too
         if with_nccl:
@@ -169,7 +170,7 @@ def _bench_rank(rank, num_ranks, group, opts, nvl_list):
         "nccl": nccl,
         "in_rank": routing,
         "gpus": num_gpus,
-        "skipped_sms": opts.get("skipped_sms", {}),
+        "skipped_sms": skipped_sms,
     }
 
 
@@ -207,11 +208,10 @@ def _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress):
     )
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, **layout)
     combine_x = recv_x.clone()
-    results = []
+    results, skipped_sms = [], {}
     for sms in opts["sms"]:
         if sm_cap is not None and sms > sm_cap:
-            # More SMs than this rank may take while it shares the GPU: said under the table.
-            opts.setdefault("skipped_sms", {})[sms] = sm_cap
+            skipped_sms[sms] = sm_cap  # more than this rank may take while it shares the GPU
             continue
         config = Config(sms)
         fns = {
@@ -235,7 +235,7 @@ def _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress):
             )
             progress.update()
     buffer.destroy()
-    return results, in_rank.bool().cpu()
+    return results, in_rank.bool().cpu(), skipped_sms
 
 
 def _measure(group, fn, opts, device_barrier) -> dict:

@@ -35,27 +35,23 @@ InternodeControl internode_control(const runtime::Buffer& buffer) {
     return InternodeControl{buffer.num_ranks(), buffer.num_nvl_ranks()};
 }
 
-// The op-opening exchange without counts: a cached dispatch and a combine.
-void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream) {
+// The op-opening exchange without counts: a cached dispatch and a combine, or, with a nonzero
+// `rejected_code`, the exchange of a rank whose checks failed (its verdict instead of counts).
+void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream, int rejected_code = 0) {
     InternodeNotifyArgs notify{};
     notify.peers = peers;
     notify.control = internode_control(buffer);
     notify.with_counts = false;
+    notify.rejected_code = rejected_code;
     notify.rejection = buffer.internode_rejection_device();
     notify.stream = stream;
     launch_internode_notify(notify);
 }
 
-// The exchange of a rank that rejects the op: its verdict instead of counts, after the Buffer's previous op.
+// A rejecting rank's exchange, ordered after the Buffer's previous op like any op.
 void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, int code) {
     runtime::OpStreams streams(buffer, {pybind11::none(), false, false});
-    InternodeNotifyArgs notify{};
-    notify.peers = peers;
-    notify.control = internode_control(buffer);
-    notify.with_counts = false;
-    notify.rejected_code = code;
-    notify.stream = streams.stream();
-    launch_internode_notify(notify);
+    launch_exchange(buffer, peers, streams.stream(), code);
     streams.finish();
 }
 

@@ -19,7 +19,7 @@ __device__ __forceinline__ void record(InvalidExpertIdWord* invalid, int value, 
         return;
     invalid->value = value;
     invalid->num_experts = num_experts;
-    invalid->rank = reporting_rank < 0 ? -1 : reporting_rank;
+    invalid->rank = reporting_rank;
     // The host reads the word without synchronising with the GPU: the fields must be visible to it before
     // found is.
     __threadfence_system();

@@ -25,7 +25,7 @@ __device__ __forceinline__ void fill(void* dst, int64_t num_bytes, int pattern) 
 /// The warp fills `num_words` 32-bit words at `dst` (4-byte aligned) with `pattern`.
 __device__ __forceinline__ void warp_fill_words(void* dst, int64_t num_words, int pattern, int lane) {
     auto* words = static_cast<int*>(dst);
-    for (int64_t i = lane; i < num_words; i += 32)
+    for (int64_t i = lane; i < num_words; i += kWarpSize)
         words[i] = pattern;
 }
 
