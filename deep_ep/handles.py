@@ -70,8 +70,10 @@ class InternodeHandle(NamedTuple):
     # prefix sum over source nodes m of the tokens rank (m, this rank's local index) sends to this rank's
     # node, counting 0 for this rank's own node: the rows this rank forwards inside its node.
     recv_rdma_channel_prefix_matrix: torch.Tensor
-    # [F, L] int32, forward map, F = forward offsets[-1] (its contents are the CUDA backend's). Reference
-    # backend: filled with -1.
+    # [F, L] int32, forward map (its contents are the CUDA backend's): its first forward offsets[-1] rows are
+    # used. CUDA backend: F is the most rows this rank can forward (the other nodes' counterparts each
+    # sending all the tokens the buffer holds), known before the counts; reference backend: F = forward
+    # offsets[-1], filled with -1.
     recv_rdma_rank_prefix_sum: torch.Tensor
     # [R] int32: first row of recv_x that came from rank i (exclusive prefix sum over source ranks).
     recv_gbl_channel_prefix_matrix: torch.Tensor

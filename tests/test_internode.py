@@ -31,6 +31,7 @@ if _C is None or not torch.cuda.is_available() or not getattr(_C, "internode_com
     pytest.skip("needs a CUDA GPU and deep_ep._C with the inter-node kernels", allow_module_level=True)
 
 from oracle import bytes_equal, environment, make_inputs  # noqa: E402
+from test_call_path import _HostWaitProbe  # noqa: E402
 from test_intranode import (  # noqa: E402
     NUM_EXPERTS,
     TOPK,
@@ -462,10 +463,11 @@ def test_sm_budgets(rank_pool, num_sms):
 # --- one rank's bad argument -------------------------------------------------------------------------------
 
 
-def _rank_one_bad_rank(rank, num_ranks, group, op, bad):
+def _rank_one_bad_rank(rank, num_ranks, group, op, bad, argument):
     """Rank `bad` passes one bad argument to `op`, the others valid ones. Returns (exception type, message,
     where it was raised: 'call' or 'check' after synchronising) or None, and whether the call's output came
-    back all NaN. Then every rank runs a valid round on the same Buffer, checked against the reference."""
+    back all NaN. Then every rank runs a valid round on the same Buffer, checked against the reference.
+    argument "config" is checked in Python (a TypeError), the others in C++."""
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device())
     buffer = _buffer(group, num_ranks, 2, False)
@@ -476,14 +478,16 @@ def _rank_one_bad_rank(rank, num_ranks, group, op, bad):
     dist.barrier(group=group)
     wrong = rank == bad
     raised, where, out = None, "call", None
+    config = "24" if wrong and argument == "config" else None
+    wrong = wrong and argument != "config"
     try:
         if op == "dispatch":
-            out = buffer.dispatch(x, **kwargs, expert_alignment=0 if wrong else 1)[0]
+            out = buffer.dispatch(x, **kwargs, expert_alignment=0 if wrong else 1, config=config)[0]
         elif op == "cached_dispatch":
-            out = buffer.dispatch(x[:-1] if wrong else x, handle=handle)[0]
+            out = buffer.dispatch(x[:-1] if wrong else x, handle=handle, config=config)[0]
         else:
             rows = recv_x.size(0) - 1 if wrong else recv_x.size(0)
-            out = buffer.combine(recv_x[:rows], handle, topk_weights=recv_weights[:rows])[0]
+            out = buffer.combine(recv_x[:rows], handle, topk_weights=recv_weights[:rows], config=config)[0]
         torch.cuda.synchronize()
         where = "check"
         buffer.check()
@@ -497,21 +501,189 @@ def _rank_one_bad_rank(rank, num_ranks, group, op, bad):
     return raised, poisoned
 
 
+def _raised_by(buffer, call):
+    """(message, where: 'call' or 'check' after synchronising) of the ValueError that `call()` or then
+    `buffer.check()` raises, or None; and the call's first output (None if the call raised)."""
+    out = None
+    try:
+        out = call()
+        torch.cuda.synchronize()
+        buffer.check()
+    except ValueError as error:
+        return (str(error), "check" if out is not None else "call"), out
+    return None, out
+
+
+def _rank_too_few_worst_tokens(rank, num_ranks, group, bad):
+    """Rank `bad` passes a num_worst_tokens below what it receives, the others enough. Returns what was
+    raised and whether the outputs came back NaN; then a valid round on the same Buffer."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    mine = make_inputs(94, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
+    x, kwargs = mine.x.to(device), _dispatch_kwargs(buffer, mine, device)
+    worst = 1 if rank == bad else 64 * num_ranks
+    raised, out = _raised_by(buffer, lambda: buffer.dispatch(x, **kwargs, num_worst_tokens=worst)[0])
+    poisoned = out is not None and bool(torch.isnan(out.float()).all())
+    spec = {"num_nvl_ranks": 2, "tokens": [64] * num_ranks, "worst": 64 * num_ranks}
+    _check_one_round(rank, num_ranks, group, spec, buffer, 95)
+    torch.cuda.synchronize()
+    return raised, poisoned
+
+
+def test_too_few_worst_tokens_on_one_rank_raise_on_every_rank(rank_pool):
+    """With num_worst_tokens the host does not wait for the counts: every rank's exchange checks every rank's
+    num_worst_tokens against its receive count, so all reject the dispatch alike before any row moves, and
+    all raise (at the call's end or check()) naming the rank; the outputs are NaN, the next round correct."""
+    bad = 2
+    for rank, (raised, poisoned) in enumerate(rank_pool(4).run(_rank_too_few_worst_tokens, bad)):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        message, where = raised
+        assert message.startswith(f"num_worst_tokens: rank {bad} would receive"), f"rank {rank}: {message}"
+        assert "num_worst_tokens=1 " in message, f"rank {rank}: {message}"
+        # Raised by the call itself when the GPU was that quick (then it returned nothing).
+        assert where == "call" or poisoned, (
+            f"rank {rank}: the rejected dispatch returned outputs that are not NaN"
+        )
+
+
+def _rank_forwarded_rows_beyond_the_buffer(rank, num_ranks, group, num_rdma_bytes, tokens):
+    """An FP8 dispatch fills a small buffer; its combine moves BF16 rows (twice the bytes), and the rows each
+    rank forwards for its node (known on the GPU only) no longer fit beside the other nodes' partial sums.
+    Returns what was raised, whether the combine's output came back NaN, and the rows this rank received;
+    then a smaller round on the same Buffer."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False, num_rdma_bytes=num_rdma_bytes)
+    inputs = make_inputs(
+        96, num_ranks, [tokens] * num_ranks, MAX_HIDDEN, NUM_EXPERTS, TOPK, "uniform", torch.float8_e4m3fn
+    )
+    mine = inputs[rank]
+    x = (mine.x_fp8[0].to(device), mine.x_fp8[1].to(device))
+    recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(x, **_dispatch_kwargs(buffer, mine, device))
+    combine_x = torch.randn(recv_x[0].shape, device=device).to(torch.bfloat16)
+    raised, out = _raised_by(buffer, lambda: buffer.combine(combine_x, handle, topk_weights=recv_weights)[0])
+    poisoned = out is not None and bool(torch.isnan(out.float()).all())
+    spec = {"num_nvl_ranks": 2, "tokens": [64] * num_ranks, "fp8": True, "bias": 1}
+    _check_one_round(rank, num_ranks, group, spec, buffer, 97)
+    torch.cuda.synchronize()
+    return raised, poisoned
+
+
+def test_forwarded_rows_beyond_the_buffer_raise_on_every_rank(rank_pool):
+    num_ranks, num_nvl_ranks, tokens = 4, 2, MAX_TOKENS_PER_RANK
+    size = deep_ep.config.internode_dispatch_bytes(
+        MAX_HIDDEN, MAX_HIDDEN // 128, TOPK, num_ranks, num_nvl_ranks, tokens
+    )
+    size = -(-size // (2 << 20)) * (2 << 20)
+    # Without the forwarded rows the combine fits (a partial sum per token from the other node); with the
+    # ~tokens rows each rank forwards (uniform top-8 of 256: nearly every token reaches both nodes) it does not.
+    assert (
+        deep_ep.config.internode_combine_call_bytes(MAX_HIDDEN, TOPK, num_ranks, num_nvl_ranks, 0, 0, tokens)
+        <= size
+    )
+    assert (
+        deep_ep.config.internode_combine_call_bytes(
+            MAX_HIDDEN, TOPK, num_ranks, num_nvl_ranks, 0, tokens * 9 // 10, tokens
+        )
+        > size
+    )
+    results = rank_pool(num_ranks).run(_rank_forwarded_rows_beyond_the_buffer, size, tokens)
+    for rank, (raised, poisoned) in enumerate(results):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        message, where = raised
+        assert message.startswith("x: combining inter-node, rank ") and "num_rdma_bytes" in message, (
+            f"rank {rank}: {message}"
+        )
+        assert where == "call" or poisoned, (
+            f"rank {rank}: the rejected combine returned outputs that are not NaN"
+        )
+
+
+def _rank_calls_do_not_wait(rank, num_ranks, group):
+    """A fresh dispatch with num_worst_tokens, a cached dispatch and a combine return while the GPU is still
+    busy with earlier work, and are correct. Returns the calls that waited. Round 0 runs unprobed (first
+    launches load kernels lazily, which may synchronise)."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    tokens = [97 + 25 * r for r in range(num_ranks)]
+    worst = sum(tokens)
+    spec = {"num_nvl_ranks": 2, "tokens": tokens, "worst": worst}
+    waited = []
+    for round_index in range(2):
+        inputs = make_inputs(60 + round_index, num_ranks, tokens, 2048, NUM_EXPERTS, TOPK)
+        layouts, expected = _expected_dispatches(inputs, spec, num_ranks)
+        in_ranks = [lay[2] for lay in layouts]
+        mine = inputs[rank]
+        kwargs = _dispatch_kwargs(buffer, mine, device)
+        x = mine.x.to(device)
+        fresh = [(i.x.float() * -1.5).to(torch.bfloat16) for i in inputs]
+        fresh_x = fresh[rank].to(device)
+        torch.cuda.synchronize()
+        probe = _HostWaitProbe(device, round_index == 1)
+        recv_x, _, recv_weights, _, handle, _ = probe(
+            "dispatch(num_worst_tokens=...)", buffer.dispatch, x, num_worst_tokens=worst, **kwargs
+        )
+        cached_x = probe("dispatch(handle=...)", buffer.dispatch, fresh_x, handle=handle)[0]
+        combine_x = _combine_input(recv_x, rank)
+        combined, combined_weights, _ = probe(
+            "combine", buffer.combine, combine_x, handle, topk_weights=recv_weights
+        )
+        waited += probe.waited
+        torch.cuda.synchronize()
+        buffer.check()
+        where = f"rank {rank}, round {round_index}"
+        want = expected[rank]
+        assert bytes_equal(recv_x.cpu(), want.recv_x), f"{where}: recv_x"
+        assert torch.equal(handle.recv_src_meta.cpu(), want.handle.recv_src_idx), f"{where}: recv_src_meta"
+        want_cached = reference.intranode_dispatch(rank, fresh, in_ranks, num_recv_rows=worst)
+        assert bytes_equal(cached_x.cpu(), want_cached.recv_x), f"{where}: cached recv_x"
+        want_combined, want_weights = _hierarchical_combine(
+            rank,
+            2,
+            [_combine_input(e.recv_x, d) for d, e in enumerate(expected)],
+            [e.recv_topk_weights for e in expected],
+            want.handle.send_head,
+            [],
+        )
+        assert torch.equal(combined.cpu(), want_combined), f"{where}: combined_x"
+        assert torch.equal(combined_weights.cpu(), want_weights), f"{where}: combined_topk_weights"
+    return waited
+
+
+def test_calls_with_num_worst_tokens_do_not_wait(rank_pool):
+    """DESIGN section 4: no host-GPU synchronisation in a call; a fresh inter-node dispatch too, when
+    num_worst_tokens fixes its output size."""
+    waited = rank_pool(4).run(_rank_calls_do_not_wait)
+    assert waited == [[]] * 4, f"calls that waited for the GPU, per rank: {waited}"
+
+
+ONE_BAD_RANK_CASES = [
+    ("dispatch", 3, "expert_alignment"),
+    ("cached_dispatch", 1, "x"),
+    ("combine", 2, "x"),
+    ("dispatch", 0, "config"),
+    ("cached_dispatch", 2, "config"),
+    ("combine", 1, "config"),
+]
+
+
 @pytest.mark.parametrize(
-    "op,bad,argument",
-    [("dispatch", 3, "expert_alignment"), ("cached_dispatch", 1, "x"), ("combine", 2, "x")],
-    ids=["dispatch", "cached-dispatch", "combine"],
+    "op,bad,argument", ONE_BAD_RANK_CASES, ids=[f"{op}-{argument}" for op, _, argument in ONE_BAD_RANK_CASES]
 )
 def test_one_bad_rank_makes_every_rank_of_every_node_raise(rank_pool, op, bad, argument):
-    """The rank whose checks fail opens the op anyway with a verdict naming the argument: no rank of either
-    node waits for it, all skip the op, and every rank raises naming the rank and the argument (the bad rank
-    its own error; the others inside a fresh dispatch, which waits for the counts, else at the call's end or
-    check(), their outputs NaN; a combine's node peers through the host exchange). The next round is correct."""
-    results = rank_pool(4).run(_rank_one_bad_rank, op, bad)
+    """The rank whose checks fail (in C++, or in Python: config) opens the op anyway with a verdict naming the
+    argument: no rank of either node waits for it, all skip the op, and every rank raises naming the rank and
+    the argument (the bad rank its own error; the others inside a fresh dispatch, which waits for the counts,
+    else at the call's end or check(), their outputs NaN; a combine's node peers through the host exchange).
+    The next round is correct."""
+    results = rank_pool(4).run(_rank_one_bad_rank, op, bad, argument)
+    want_kind = "TypeError" if argument == "config" else "ValueError"
     for rank, (raised, poisoned) in enumerate(results):
         assert raised is not None, f"rank {rank}: nothing raised"
         kind, message, where = raised
-        assert kind == "ValueError" and message.startswith(f"{argument}:"), f"rank {rank}: {kind} {message}"
+        assert kind == want_kind and message.startswith(f"{argument}:"), f"rank {rank}: {kind} {message}"
         if rank == bad:
             assert where == "call", f"rank {rank}: {message}"
             continue

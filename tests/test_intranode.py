@@ -348,6 +348,59 @@ def test_out_of_range_expert_id_raises_and_buffers_stay_usable(rank_pool):
     )
 
 
+def _rank_too_few_worst_tokens(rank, num_ranks, group, bad):
+    """Rank `bad` passes a num_worst_tokens below what it receives, rank 0 none (its host waits for the
+    counts), the others enough. Returns (message, where: 'call' or 'check' after synchronising) or None, and
+    whether the outputs came back NaN; then a valid round on the same Buffer."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, False)
+    topk_idx = torch.randint(0, NUM_EXPERTS, (64, TOPK), device=device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    x = torch.randn(64, 2048, device=device).to(torch.bfloat16)
+    worst = 0 if rank == 0 else 1 if rank == bad else 64 * num_ranks
+    raised, out = None, None
+    try:
+        out = buffer.dispatch(
+            x,
+            num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=topk_idx,
+            topk_weights=torch.rand(64, TOPK, device=device),
+            num_worst_tokens=worst,
+        )[0]
+        torch.cuda.synchronize()
+        buffer.check()
+    except ValueError as error:
+        raised = (str(error), "call" if out is None else "check")
+    poisoned = out is not None and bool(torch.isnan(out.float()).all())
+    tokens = [50 + 10 * r for r in range(num_ranks)]
+    _check_one_round(
+        rank, num_ranks, group, {"tokens": tokens, "hidden": 2048, "worst": sum(tokens)}, buffer, 61
+    )
+    torch.cuda.synchronize()
+    return raised, poisoned
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_too_few_worst_tokens_on_one_rank_raise_on_every_rank(rank_pool, num_ranks):
+    """Every rank's notify checks every rank's num_worst_tokens against its receive count: all reject the
+    dispatch alike (no rank reads a row, all poison their outputs) and raise naming the rank; rank 0, whose
+    host waited for its counts, inside the call. The next round is correct."""
+    bad = num_ranks - 1
+    for rank, (raised, poisoned) in enumerate(rank_pool(num_ranks).run(_rank_too_few_worst_tokens, bad)):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        message, where = raised
+        assert message.startswith(f"num_worst_tokens: rank {bad} would receive"), f"rank {rank}: {message}"
+        assert "num_worst_tokens=1 " in message, f"rank {rank}: {message}"
+        if rank == 0:
+            assert where == "call", f"rank 0 waited for its counts, yet raised at {where}"
+        else:  # raised by the call itself when the GPU was that quick (then it returned nothing)
+            assert where == "call" or poisoned, (
+                f"rank {rank}: the rejected dispatch returned outputs that are not NaN"
+            )
+
+
 def _rank_host_expert_id_check(rank, num_ranks, group):
     """With DEEP_EP_HOST_EXPERT_ID_CHECK=1 a bad expert id raises in validation, before any kernel runs: every
     rank passes one (so no peer waits in a collective), and the GPU-side check never sees it (a later good

@@ -58,6 +58,29 @@ struct InvalidExpertIdWord {
     int found;        // 0 or 1: the fields above are complete
 };
 
+/// Verdicts a notify kernel reaches on the GPU (RejectionReport::code; the codes of host argument checks,
+/// which inter-node ranks send in their verdicts, stay below 1 << 16).
+enum GpuVerdict : int {
+    // Found alike by every rank from the exchanged counts: rank `rank` would receive `value` rows, more than
+    // the num_worst_tokens (`limit`) it passed.
+    kTooFewWorstTokens = 1 << 16,
+    // An inter-node combine whose forwarded rows (`value`, known only on the GPU) exceed the `limit` rows of
+    // its symmetric buffer left after its staged rows and the partial sums other nodes put.
+    kForwardedRowsExceedBuffer = 2 << 16,
+};
+
+/// Host-mapped, one per Buffer: an op that every rank skipped because some rank rejected it (an inter-node
+/// rank's failed argument checks, or a GpuVerdict), the lowest such rank, the code and the verdict's values.
+/// Written like InvalidExpertIdWord (`found`: 0 clear, 2 being written, 1 complete); the host raises it and
+/// clears it.
+struct RejectionReport {
+    int rank;
+    int code;
+    int value;
+    int limit;
+    int found;
+};
+
 /// Flags the first id outside [-1, num_experts) of topk_idx in `invalid`; the host checks after a sync.
 struct CheckExpertIdsArgs {
     const void* topk_idx;  // [numel], int64 or int32

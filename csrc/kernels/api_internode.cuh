@@ -49,16 +49,16 @@ __host__ __device__ constexpr int64_t internode_round_up(int64_t value, int64_t 
 ///                     it finished reading the node's inputs (direct reads)
 ///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests),
 ///                     rejected epoch (int: the last op some rank rejected, this rank's view)
-///   verdicts          [2 parities][R] in, one out, 16 bytes each: a rank whose argument checks failed
-///                     opens the op with (epoch, code) instead of counts (InternodeNotifyArgs::rejected_code)
+///   verdicts          [2 parities][R] in, one out, kVerdictBytes each: a rank that rejects the op opens it
+///                     with (epoch, code, rank blamed, value, limit) instead of counts (InternodeNotifyArgs)
 ///   count messages    [2 parities][R] in, [R] out: num_tokens_per_rank [R], num_tokens_per_rdma_rank [N],
-///                     the receiver's slice of num_tokens_per_expert
+///                     the receiver's slice of num_tokens_per_expert, the sender's num_worst_tokens
 struct InternodeControl {
     int num_ranks, num_nvl_ranks;
 
     __host__ __device__ int num_nodes() const { return num_ranks / num_nvl_ranks; }
     __host__ __device__ int64_t message_ints() const {
-        return internode_round_up(num_ranks + num_nodes() + kInternodeMaxLocalExperts, 4);
+        return internode_round_up(num_ranks + num_nodes() + kInternodeMaxLocalExperts + 1, 4);
     }
     __host__ __device__ int64_t exchange_word(int rank) const { return int64_t{rank} * 8; }
     __host__ __device__ int64_t region_word(int node) const { return (int64_t{num_ranks} + node) * 8; }
@@ -74,8 +74,9 @@ struct InternodeControl {
     __host__ __device__ int64_t rows_sent_counter() const { return counters_offset() + 8; }
     __host__ __device__ int64_t rejected_epoch() const { return counters_offset() + 16; }
     __host__ __device__ int64_t verdict_out() const { return counters_offset() + 64; }
+    static constexpr int kVerdictBytes = 32;
     __host__ __device__ int64_t verdict_in(int parity, int src) const {
-        return verdict_out() + 16 * (1 + int64_t{parity} * num_ranks + src);
+        return verdict_out() + kVerdictBytes * (1 + int64_t{parity} * num_ranks + src);
     }
     __host__ __device__ int64_t signal_bytes() const { return internode_round_up(verdict_in(2, 0), 4096); }
     __host__ __device__ int64_t count_in(int parity, int src) const {
@@ -191,25 +192,25 @@ struct InternodePeers {
     WaitContext wait;
 };
 
-/// Host-mapped, one per Buffer: the lowest rank that rejected an inter-node op this rank took part in, and
-/// its code (InternodeNotifyArgs::rejected_code). `found` is written last; the host raises it and clears it.
-struct InternodeRejection {
-    int rank;
-    int code;
-    int found;
-};
-
 /// Opens every inter-node op: signals every rank with the op's epoch (the next value of this rank's epoch
 /// counter) and waits for all of them. A fresh dispatch sends its counts along and derives the matrices.
-/// A rank whose argument checks failed opens the op anyway with a nonzero rejected_code (no counts): every
-/// rank then records the op as rejected, its other kernels skip their work (the receiving ones poison their
-/// outputs) and the ranks that did not reject it report the lowest rejecting rank in `rejection`.
+/// A rank whose argument checks failed opens the op anyway with a nonzero rejected_code (no counts), as does
+/// a combine whose forwarded rows exceed max_forwarded_rows; a fresh dispatch that would give some rank more
+/// rows than its num_worst_tokens is rejected by every rank alike, from the counts. Every rank then records
+/// the op as rejected, its other kernels skip their work (the receiving ones poison their outputs) and every
+/// rank whose host did not raise already reports the lowest rejecting rank in `rejection`.
 struct InternodeNotifyArgs {
     InternodePeers peers;
     InternodeControl control;
     bool with_counts;
-    int rejected_code;                // 0: this rank's checks passed
-    InternodeRejection* rejection;    // host-mapped report, or nullptr
+    int rejected_code;                // 0: this rank's host checks passed
+    int rejected_rank;                // with rejected_code: the rank whose error it is (a node peer's, agreed)
+    RejectionReport* rejection;    // host-mapped report, or nullptr
+    // A combine: its dispatch's forward offsets ([N + 1], the last entry the rows this rank forwards, on the
+    // GPU only) and the rows its buffer has left for them; nullptr: nothing to check.
+    const int* forward_offsets_to_check;
+    int64_t max_forwarded_rows;
+    int num_worst_tokens;             // a fresh dispatch: 0, or the rows this rank's outputs hold
     const int* num_tokens_per_rank;       // [R]
     const int* num_tokens_per_rdma_rank;  // [N], or nullptr: counted here from is_token_in_rank
     const bool* is_token_in_rank;         // [num_tokens, R]
@@ -231,7 +232,8 @@ struct InternodeNotifyArgs {
 };
 void launch_internode_notify(const InternodeNotifyArgs& args);
 
-/// Dispatch step 1 (one block per destination node): the lists, send_head and send_node_head.
+/// Dispatch step 1 (one block per destination node): the lists, send_head and send_node_head; a fresh
+/// dispatch also sets the forward map's used rows to -1 (the pull fills what the node received).
 struct InternodeDispatchPlanArgs {
     InternodePeers peers;
     InternodeDispatchLayout layout;
@@ -240,6 +242,8 @@ struct InternodeDispatchPlanArgs {
     const int* rank_prefix_matrix;   // [R, R]
     int* send_head;                  // [T, R] written, or nullptr (cached dispatch)
     int* send_node_head;             // [T, N] written, or nullptr (cached dispatch)
+    const int* forward_offsets;      // [N + 1]
+    int* forward_map;                // [>= F, L] written (rows below F), or nullptr (cached dispatch)
     cudaStream_t stream;
 };
 void launch_internode_dispatch_plan(const InternodeDispatchPlanArgs& args);
@@ -278,7 +282,7 @@ struct InternodeDispatchPullArgs {
     int64_t* recv_topk_idx;
     float* recv_topk_weights;
     int* recv_src_idx;
-    int* forward_map;                // [F, L], -1 where unset, or nullptr (cached dispatch: the handle has it)
+    int* forward_map;                // [>= F, L], -1 where unset, or nullptr (cached dispatch: the handle has it)
     int num_blocks;
     bool conservative_loads;
     cudaStream_t stream;
@@ -293,15 +297,14 @@ struct InternodeCombineArgs {
     int hidden, num_topk;
     int num_rows;                   // rows this rank received in the dispatch
     int num_tokens;                 // this rank's tokens
-    int num_forwarded;              // rows this rank forwards (the forward map's rows)
     const void* x;                  // [num_rows, hidden] bf16
     const float* topk_weights;      // [num_rows, num_topk] or nullptr
     bool direct_reads;              // read the node's inputs in place, at node_inputs (index: local rank)
     CombineSources node_inputs;
     const int* send_head;           // [T, R]
     const int* send_node_head;      // [T, N]
-    const int* forward_offsets;     // [N + 1]
-    const int* forward_map;         // [F, L]
+    const int* forward_offsets;     // [N + 1]: rows F = forward_offsets[N] (checked by the opening exchange)
+    const int* forward_map;         // [>= F, L]
     const void* bias_0;             // [T, hidden] bf16 or nullptr
     const void* bias_1;
     void* combined_x;               // [T, hidden] bf16

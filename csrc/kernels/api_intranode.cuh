@@ -55,6 +55,10 @@ struct IntranodeNotifyArgs {
     int* num_recv_tokens_per_expert;    // [num_experts / num_ranks], written (aligned counts)
     int* send_counts;                   // [num_ranks], written: tokens this rank sends to each rank
     int* recv_first_row;                // [num_ranks], written: first recv_x row of each source rank
+    // Sent to every rank, each of which checks every rank's against its receive count: a rank that would
+    // receive more rows makes every rank reject the dispatch alike (layout::dispatch_verdict), reported here.
+    int num_worst_tokens;               // 0: none
+    RejectionReport* rejection;         // host-mapped, or nullptr
     // Host-mapped counters, or nullptr (num_worst_tokens mode: the host does not wait). Layout:
     // [0] = mapped_tag written last, [1] = received rows, [2 + e] = aligned count of local expert e.
     int* mapped_counters;
@@ -124,6 +128,8 @@ struct IntranodeDispatchPullArgs {
     int64_t* recv_topk_idx;         // [capacity, num_topk] local expert ids, -1 elsewhere; or nullptr
     float* recv_topk_weights;       // [capacity, num_topk], 0 where the expert is elsewhere; or nullptr
     int* recv_src_idx;              // [capacity]: source token index of each row (-1 in padding rows)
+    // A fresh dispatch: its notify's verdict (layout::dispatch_verdict) decides; rejected, it poisons the rows.
+    bool check_verdict;
     int num_blocks;
     bool conservative_loads;
     cudaStream_t stream;

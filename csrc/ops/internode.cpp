@@ -4,7 +4,6 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <sstream>
 #include <stdexcept>
 
 #include "kernels/api.cuh"
@@ -35,23 +34,36 @@ InternodeControl internode_control(const runtime::Buffer& buffer) {
     return InternodeControl{buffer.num_ranks(), buffer.num_nvl_ranks()};
 }
 
-// The op-opening exchange without counts: a cached dispatch and a combine, or, with a nonzero
-// `rejected_code`, the exchange of a rank whose checks failed (its verdict instead of counts).
-void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream, int rejected_code = 0) {
+// The op-opening exchange without counts (a cached dispatch, a combine, a rejection, a barrier).
+InternodeNotifyArgs exchange_args(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream) {
     InternodeNotifyArgs notify{};
     notify.peers = peers;
     notify.control = internode_control(buffer);
     notify.with_counts = false;
-    notify.rejected_code = rejected_code;
-    notify.rejection = buffer.internode_rejection_device();
+    notify.rejection = buffer.rejection_report_device();
     notify.stream = stream;
+    return notify;
+}
+
+// A combine's exchange also has the GPU check its forwarded rows against `max_forwarded_rows`.
+void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream,
+                     const int* forward_offsets_to_check = nullptr, int64_t max_forwarded_rows = 0) {
+    InternodeNotifyArgs notify = exchange_args(buffer, peers, stream);
+    notify.forward_offsets_to_check = forward_offsets_to_check;
+    notify.max_forwarded_rows = max_forwarded_rows;
     launch_internode_notify(notify);
 }
 
-// A rejecting rank's exchange, ordered after the Buffer's previous op like any op.
-void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, int code) {
+// The exchange of a rank whose checks raised `message`, ordered after the Buffer's previous op like any op:
+// its verdict instead of counts, blaming the rank the error names (this rank, or a node peer whose failed
+// checks the node agreed on in its host exchange).
+void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, const char* message, bool type_error) {
+    const int agreed_rank = runtime::take_agreed_error_rank();
     runtime::OpStreams streams(buffer, {pybind11::none(), false, false});
-    launch_exchange(buffer, peers, streams.stream(), code);
+    InternodeNotifyArgs notify = exchange_args(buffer, peers, streams.stream());
+    notify.rejected_code = runtime::Buffer::rejection_code(message, type_error);
+    notify.rejected_rank = agreed_rank >= 0 ? agreed_rank : buffer.rank();
+    launch_internode_notify(notify);
     streams.finish();
 }
 
@@ -61,16 +73,17 @@ void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, int 
 // (InternodeNotifyArgs); the error is then raised here.
 template <typename Check>
 auto checked_or_rejected(runtime::Buffer& buffer, const InternodePeers& peers, Check&& check) -> decltype(check()) {
+    runtime::take_agreed_error_rank();  // only an error `check` raises counts
     try {
         return check();
     } catch (const pybind11::type_error& error) {
-        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), true));
+        launch_rejection(buffer, peers, error.what(), true);
         throw;
     } catch (const pybind11::value_error& error) {
-        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), false));
+        launch_rejection(buffer, peers, error.what(), false);
         throw;
     } catch (const std::invalid_argument& error) {
-        launch_rejection(buffer, peers, runtime::Buffer::rejection_code(error.what(), false));
+        launch_rejection(buffer, peers, error.what(), false);
         throw;
     }
 }
@@ -109,7 +122,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     const InternodeDispatchLayout layout(control, buffer.num_rdma_bytes(), hidden_bytes, num_scales, num_topk);
 
     InternodeHandleTensors handle;
-    int num_recv = 0, num_recv_capacity = 0, notify_tag = 0;
+    int num_recv_capacity = 0, notify_tag = 0;
     std::vector<int> num_recv_tokens_per_expert_list;
     if (cached) {
         handle = *call.internode_handle;
@@ -120,6 +133,9 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
                                                        topk_idx->numel(), static_cast<int>(num_experts),
                                                        buffer.invalid_expert_id_device(), stream});
         const int64_t num_local_experts = num_experts / num_ranks;
+        // The forward map is sized for the most rows this rank can land as forwarder (its counterpart on
+        // every other node sending a full buffer), so that the host need not wait for the count first.
+        const int64_t max_forwarded = (num_nodes - 1) * layout.capacity;
         runtime::OutputTensors ints;
         const int node_count_index = ints.add({num_ranks, num_nodes}, torch::kInt32);
         const int rank_prefix_index = ints.add({num_ranks, num_ranks}, torch::kInt32);
@@ -129,6 +145,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         const int send_node_head_index = ints.add({num_tokens, num_nodes}, torch::kInt32);
         const int send_head_index = ints.add({num_tokens, num_ranks}, torch::kInt32);
         const int per_expert_index = ints.add({num_local_experts}, torch::kInt32);
+        const int forward_map_index = ints.add({max_forwarded, num_nvl_ranks}, torch::kInt32);
         ints.allocate(x.device());
         handle.is_token_in_rank = call.is_token_in_rank;
         handle.node_count_matrix = ints[node_count_index];
@@ -138,6 +155,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         handle.recv_rank_prefix_sum = ints[prefix_sum_index];
         handle.send_node_head = ints[send_node_head_index];
         handle.send_head = ints[send_head_index];
+        handle.forward_map = ints[forward_map_index];
         const torch::Tensor num_recv_tokens_per_expert = ints[per_expert_index];
 
         InternodeNotifyArgs notify{};
@@ -157,10 +175,13 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         notify.recv_rank_prefix_sum = handle.recv_rank_prefix_sum.data_ptr<int>();
         notify.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
         notify.forward_offsets = handle.forward_offsets.data_ptr<int>();
-        // The host always waits for an inter-node dispatch's counts: the forward map's size is among them.
-        notify.mapped_counters = buffer.mapped_counters_device();
+        // Every rank checks every rank's num_worst_tokens against its receive count (a verdict, no wait).
+        notify.num_worst_tokens = static_cast<int>(call.num_worst_tokens);
+        // With num_worst_tokens nobody waits for the counts, and a late write could be mistaken for a
+        // later dispatch's: only the waited-for notify touches the host-mapped counters.
+        notify.mapped_counters = call.num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();
         notify.mapped_tag = buffer.next_notify_tag();
-        notify.rejection = buffer.internode_rejection_device();
+        notify.rejection = buffer.rejection_report_device();
         notify.stream = stream;
         launch_internode_notify(notify);
         notify_tag = notify.mapped_tag;
@@ -174,6 +195,8 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     plan.rank_prefix_matrix = handle.rank_prefix_matrix.data_ptr<int>();
     plan.send_head = cached ? nullptr : handle.send_head.data_ptr<int>();
     plan.send_node_head = cached ? nullptr : handle.send_node_head.data_ptr<int>();
+    plan.forward_offsets = handle.forward_offsets.data_ptr<int>();
+    plan.forward_map = cached ? nullptr : handle.forward_map.data_ptr<int>();
     plan.stream = stream;
     launch_internode_dispatch_plan(plan);
 
@@ -196,30 +219,22 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     launch_internode_dispatch_send(send);
 
     if (cached) {
-        num_recv = static_cast<int>(handle.recv_src_idx.size(0));  // padded rows included
+        num_recv_capacity = static_cast<int>(handle.recv_src_idx.size(0));  // padded rows included
+    } else if (call.num_worst_tokens > 0) {
+        // No wait: a rank that would receive more rows is rejected by every rank's exchange (raised at the
+        // call's end, the next call or check(); the outputs are NaN).
+        num_recv_capacity = static_cast<int>(call.num_worst_tokens);
     } else {
-        // Plan and send run on the GPU meanwhile. Unlike intra-node, also with num_worst_tokens: the size
-        // of the forward map (the rows this rank lands for other nodes) comes with the counts.
-        const int num_local_experts = static_cast<int>(num_experts / num_ranks);
-        auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, num_local_experts);
+        // Plan and send run on the GPU meanwhile.
+        auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, static_cast<int>(num_experts / num_ranks));
         if (rows < 0) {  // a peer rejected the op: every rank skips it (its plan and send already did)
             streams.join_caller();
             buffer.raise_if_rejected_by_peer();
             throw std::runtime_error("dispatch: a peer rejected this inter-node dispatch");
         }
-        num_recv = rows;
-        // V1's contract: with num_worst_tokens the per-expert list is empty (callers size by the worst case).
-        if (call.num_worst_tokens == 0)
-            num_recv_tokens_per_expert_list = std::move(per_expert);
-        const int num_forwarded = buffer.mapped_counters_host()[2 + num_local_experts];
-        handle.forward_map = torch::empty({num_forwarded, num_nvl_ranks}, x.options().dtype(torch::kInt32));
-        // -1 (all bytes 0xff): no row there; the pull fills the rows the node's ranks received.
-        if (num_forwarded > 0)
-            DEEP_EP_CUDA_CHECK(cudaMemsetAsync(handle.forward_map.data_ptr(), 0xff, handle.forward_map.nbytes(), stream));
+        num_recv_capacity = rows;
+        num_recv_tokens_per_expert_list = std::move(per_expert);
     }
-    // Rows beyond num_worst_tokens would be lost: the op still runs (peers wait for it), then raises.
-    const bool too_few_worst_tokens = !cached && call.num_worst_tokens > 0 && call.num_worst_tokens < num_recv;
-    num_recv_capacity = !cached && call.num_worst_tokens > 0 ? static_cast<int>(call.num_worst_tokens) : num_recv;
 
     const DispatchOutputs out = DispatchOutputs::allocate(num_recv_capacity, x, x_scales, topk_idx);
     if (!cached)
@@ -265,13 +280,6 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         event = streams.finish();
     }
     raise_pending_errors(buffer, streams);
-    if (too_few_worst_tokens) {
-        std::ostringstream message;
-        message << "num_worst_tokens: " << call.num_worst_tokens << " is fewer than the " << num_recv
-                << " rows rank " << buffer.rank() << " receives (the rows beyond it were dropped)";
-        arguments::raise_value_error(message.str());
-    }
-
     return out.result(cached, num_recv_tokens_per_expert_list, cached ? pybind11::object(pybind11::none()) : handle.as_tuple(), event);
 }
 
@@ -303,26 +311,29 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const std::optional<CombineSources> direct = checked_or_rejected(buffer, peers, [&] {
         return direct_combine_sources(buffer, call_record(call), x, topk_weights, stream);
     });
-    const int64_t num_forwarded = handle.forward_map.size(0);
     // Staged although direct reads looked possible (an allocation could not be exported): checked here, where
     // only the rank that does not fit raises (its node peers learn of it with the others, by the rejection);
     // the agreed checks counted the staged rows wherever staging was certain.
+    const int64_t num_staged_rows = direct.has_value() ? 0 : num_rows;
     if (!direct.has_value() && buffer.may_read_directly(stream))
         checked_or_rejected(buffer, peers, [&] {
             check_internode_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden,
-                                             num_topk, num_rows, num_forwarded, num_tokens);
+                                             num_topk, num_staged_rows, 0, num_tokens);
         });
     const CombineOutputs out = CombineOutputs::allocate(num_tokens, x, topk_weights);
 
-    launch_exchange(buffer, peers, stream);
+    // The rows this rank forwards are known on the GPU only: the exchange checks them against what is left.
+    const InternodeCombineLayout layout(internode_control(buffer), buffer.num_rdma_bytes(), hidden, num_topk);
+    const int64_t max_forwarded_rows =
+        layout.num_row_slots - InternodeCombineLayout::rows_needed(layout.control.num_nodes(), num_staged_rows, 0, num_tokens);
+    launch_exchange(buffer, peers, stream, handle.forward_offsets.data_ptr<int>(), max_forwarded_rows);
     InternodeCombineArgs args{};
     args.peers = peers;
-    args.layout = InternodeCombineLayout(internode_control(buffer), buffer.num_rdma_bytes(), hidden, num_topk);
+    args.layout = layout;
     args.hidden = static_cast<int>(hidden);
     args.num_topk = static_cast<int>(num_topk);
     args.num_rows = static_cast<int>(num_rows);
     args.num_tokens = static_cast<int>(num_tokens);
-    args.num_forwarded = static_cast<int>(num_forwarded);
     args.x = x.data_ptr();
     args.topk_weights = data_or_null<float>(topk_weights);
     args.direct_reads = direct.has_value();
@@ -356,6 +367,22 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     return out.result(event);
 }
 
+/// A rank whose Python-side checks of `op` failed (config, previous_event): opens the op with a verdict, as a
+/// failed C++ check does (a combine agrees inside the node first), and raises the error.
+[[noreturn]] void internode_reject(runtime::Buffer& buffer, const std::string& op, const std::string& error_type,
+                                   const std::string& message) {
+    buffer.require_usable();
+    const InternodePeers peers = internode_peers(buffer, op.c_str());
+    checked_or_rejected(buffer, peers, [&] {
+        if (op == kCombineOpName)
+            buffer.agree_on_error(runtime::CallRecord{op, error_type, message, {}});
+        if (error_type == "TypeError")
+            throw pybind11::type_error(message);
+        throw pybind11::value_error(message);
+    });
+    throw std::logic_error("internode_reject: the check did not raise");
+}
+
 /// A group barrier enqueued on `stream` (the op-opening exchange alone): all ranks must call it the same
 /// number of times. Benchmarks line the ranks up with it.
 void internode_barrier(runtime::Buffer& buffer, int64_t stream_handle) {
@@ -376,12 +403,14 @@ void register_internode_apis(pybind11::module_& m) {
           py::arg("num_worst_tokens"), py::arg("num_sms"), py::arg("previous_event"), py::arg("async_finish"),
           py::arg("allocate_on_comm_stream"));
     m.def("internode_barrier", &internode_barrier, py::arg("buffer"), py::arg("stream"));
+    m.def("internode_reject", &internode_reject, py::arg("buffer"), py::arg("op"), py::arg("error_type"),
+          py::arg("message"));
     m.def("internode_combine", &internode_combine, py::arg("buffer"), py::arg("x"), py::arg("handle"),
           py::arg("topk_weights"), py::arg("bias"), py::arg("num_sms"), py::arg("previous_event"),
           py::arg("async_finish"), py::arg("allocate_on_comm_stream"));
 #else
         false;
-    for (const char* name : {"internode_dispatch", "internode_combine", "internode_barrier"})
+    for (const char* name : {"internode_dispatch", "internode_combine", "internode_barrier", "internode_reject"})
         m.def(name, [](py::args, py::kwargs) {
             throw std::runtime_error("deep_ep was built without NVSHMEM: inter-node kernels are missing; install "
                                      "nvidia-nvshmem-cu13 or set NVSHMEM_DIR and rebuild");

@@ -215,6 +215,8 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         notify.num_recv_tokens_per_expert = num_recv_tokens_per_expert.data_ptr<int>();
         notify.send_counts = channel_prefix_matrix->data_ptr<int>();
         notify.recv_first_row = recv_channel_prefix_matrix->data_ptr<int>();
+        notify.num_worst_tokens = static_cast<int>(call.num_worst_tokens);
+        notify.rejection = buffer.rejection_report_device();
         // With num_worst_tokens nobody waits for the counts, and a late write could be mistaken for a
         // later dispatch's: only the waited-for notify touches the host-mapped counters.
         notify.mapped_counters = call.num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();
@@ -273,6 +275,7 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     pull.recv_topk_idx = data_or_null<int64_t>(out.recv_topk_idx);
     pull.recv_topk_weights = data_or_null<float>(out.recv_topk_weights);
     pull.recv_src_idx = out.recv_src_idx.data_ptr<int>();
+    pull.check_verdict = !cached;
     pull.num_blocks = call.num_sms;
     pull.conservative_loads = buffer.conservative_loads();
     pull.stream = stream;

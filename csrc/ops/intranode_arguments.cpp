@@ -300,8 +300,9 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
         (i == 0 ? call.bias_0 : call.bias_1) =
             arguments::tensor(parts[i], name.c_str(), {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
     }
+    // Inter-node, the rows this rank forwards are known on the GPU only (checked by the op's exchange).
     check_combine_capacity(buffer, "x", "combining " + std::to_string(num_rows) + " rows", hidden, num_topk, num_rows,
-                           num_tokens, internode ? call.internode_handle->forward_map.size(0) : 0);
+                           num_tokens, 0);
     call.num_sms = buffer.num_sms(num_sms);
     return call;
 }

@@ -63,7 +63,7 @@ Buffer::Buffer(const BufferOptions& options)
     allocate_mapped(1, &error_host_, &error_device_);
     allocate_mapped(kNumMappedCounters, &mapped_counters_host_, &mapped_counters_device_);
     allocate_mapped(1, &invalid_expert_id_host_, &invalid_expert_id_device_);
-    allocate_mapped(1, &internode_rejection_host_, &internode_rejection_device_);
+    allocate_mapped(1, &rejection_report_host_, &rejection_report_device_);
     DEEP_EP_CUDA_CHECK(cudaMalloc(&layout_done_blocks_, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaMemset(layout_done_blocks_, 0, sizeof(int)));
     DEEP_EP_CUDA_CHECK(cudaDeviceSynchronize());
@@ -122,7 +122,7 @@ void Buffer::destroy() {
     free_mapped(&error_host_, &error_device_);
     free_mapped(&mapped_counters_host_, &mapped_counters_device_);
     free_mapped(&invalid_expert_id_host_, &invalid_expert_id_device_);
-    free_mapped(&internode_rejection_host_, &internode_rejection_device_);
+    free_mapped(&rejection_report_host_, &rejection_report_device_);
     if (layout_done_blocks_ != nullptr)
         cudaFree(std::exchange(layout_done_blocks_, nullptr));
     symmetric_ = SymmetricBuffer{};  // the symmetric memory itself is freed collectively by Python
@@ -395,20 +395,33 @@ int Buffer::rejection_code(const std::string& message, bool type_error) {
 }
 
 void Buffer::raise_if_rejected_by_peer() {
-    volatile InternodeRejection* word = internode_rejection_host_;
+    volatile RejectionReport* word = rejection_report_host_;
     if (word == nullptr || word->found != 1)
         return;
-    // found was read first; the kernel fenced rank and code before it.
+    // found was read first; the kernel fenced the other fields before it.
     std::atomic_thread_fence(std::memory_order_acquire);
-    const int rank = word->rank, code = word->code;
+    const int rank = word->rank, code = word->code, value = word->value, limit = word->limit;
     word->found = 0;
+    // The same words on every rank.
+    const std::string skipped = "; every rank skipped the operation: its outputs are NaN";
+    if (code == kTooFewWorstTokens)
+        throw std::invalid_argument("num_worst_tokens: rank " + std::to_string(rank) + " would receive " +
+                                    std::to_string(value) + " rows, more than its num_worst_tokens=" +
+                                    std::to_string(limit) + " (checked on the GPU by every rank of the dispatch "
+                                    "before any row moved)" + skipped);
+    if (code == kForwardedRowsExceedBuffer)
+        throw std::invalid_argument(
+            "x: combining inter-node, rank " + std::to_string(rank) + " forwards " + std::to_string(value) +
+            " rows for its node, but its buffer has room for " + std::to_string(limit) +
+            " after its staged rows and the other nodes' partial sums (checked on the GPU): raise num_rdma_bytes "
+            "(Config.get_rdma_buffer_size_hint covers every routing)" + skipped);
     const int index = code & 0xff;
     const bool type_error = (code & kTypeErrorBit) != 0;
     std::ostringstream message;
     message << (index >= 1 && index <= kNumRejectableArguments ? kRejectableArguments[index - 1] : "arguments")
             << ": rank " << rank << " rejected an inter-node operation this rank took part in ("
-            << (type_error ? "TypeError" : "ValueError") << " there, with the details); every rank skipped it, so "
-            << "its outputs on rank " << rank_ << " are NaN (a fresh dispatch returned none)";
+            << (type_error ? "TypeError" : "ValueError") << " there, with the details)" << skipped
+            << " (a fresh dispatch that waited for its counts returned none)";
     if (type_error)
         throw pybind11::type_error(message.str());
     throw std::invalid_argument(message.str());

@@ -156,15 +156,16 @@ class Buffer {
     // are queued (so peers are never left waiting), then clear it: the Buffer stays usable.
     InvalidExpertIdWord* invalid_expert_id_device() const { return invalid_expert_id_device_; }
     void raise_if_invalid_expert_id();
-    // Inter-node ops a peer rejected (kernels/api_internode.cuh: InternodeRejection): reported by the opening
-    // exchange on every rank that did not reject the op itself, raised like a flagged expert id.
-    InternodeRejection* internode_rejection_device() const { return internode_rejection_device_; }
+    // Ops every rank skipped because some rank rejected them (kernels/api.cuh: RejectionReport): an
+    // inter-node rank's failed checks, or a verdict every rank reached on the GPU. Reported by the op's
+    // exchange on every rank that did not raise already, raised like a flagged expert id.
+    RejectionReport* rejection_report_device() const { return rejection_report_device_; }
     void raise_if_rejected_by_peer();
     // What a rank that rejects an inter-node op tells its peers: the argument its error names (the message's
     // "name: ..." prefix) and whether it is a TypeError. Never 0.
     static int rejection_code(const std::string& message, bool type_error);
-    // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id, then an
-    // inter-node op a peer rejected.
+    // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id, then a
+    // rejected op.
     void raise_pending_errors() {
         raise_if_failed();
         raise_if_invalid_expert_id();
@@ -200,8 +201,8 @@ class Buffer {
     int* mapped_counters_host_ = nullptr;
     InvalidExpertIdWord* invalid_expert_id_host_ = nullptr;
     InvalidExpertIdWord* invalid_expert_id_device_ = nullptr;
-    InternodeRejection* internode_rejection_host_ = nullptr;
-    InternodeRejection* internode_rejection_device_ = nullptr;
+    RejectionReport* rejection_report_host_ = nullptr;
+    RejectionReport* rejection_report_device_ = nullptr;
     int* mapped_counters_device_ = nullptr;
     int* layout_done_blocks_ = nullptr;
     bool direct_reads_ = true;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 #include "runtime/errors.hpp"
 
@@ -124,6 +125,12 @@ std::string repr_str(const std::string& value) { return "'" + value + "'"; }
 
 std::string repr_none() { return "None"; }
 
+namespace {
+thread_local int agreed_error_rank = -1;
+}  // namespace
+
+int take_agreed_error_rank() { return std::exchange(agreed_error_rank, -1); }
+
 void raise_if_disagreed(const std::vector<CallRecord>& records, int first_rank, int num_ranks) {
     const int n = static_cast<int>(records.size());
     for (int i = 1; i < n; ++i) {
@@ -151,6 +158,7 @@ void raise_if_disagreed(const std::vector<CallRecord>& records, int first_rank, 
             if (i != failed[0] && records[i].message != first.message)
                 others += "; rank " + std::to_string(first_rank + i) + ": " + records[i].message;
         }
+        agreed_error_rank = failed_ranks[0];
         raise_as(first.error_type, first.message + " (on " + ranks_text(failed_ranks, num_ranks) + others + "; " + op +
                                        " rejected on every rank)");
     }

@@ -50,6 +50,11 @@ inline constexpr const char* kHandleIdentityField = "handle";
 // rank's value). records[i] is the record of group rank first_rank + i; num_ranks is the group's size.
 void raise_if_disagreed(const std::vector<CallRecord>& records, int first_rank, int num_ranks);
 
+// The group rank whose failed checks the last error raise_if_disagreed threw on this thread names (the lowest
+// failing rank), or -1 (none since the last take, or ranks that disagree on the call itself); then -1.
+// Inter-node ops pass the rank on to the other nodes (csrc/ops/internode.cpp).
+int take_agreed_error_rank();
+
 // One round of `exchange` carrying every member's call record in front of its `payload`: raises the agreed
 // error if any (raise_if_disagreed), else returns every member's payload. The GIL is released while waiting.
 std::vector<std::string> agree_on_call(HostExchange& exchange, const CallRecord& call, const std::string& payload,

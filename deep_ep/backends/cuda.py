@@ -220,21 +220,23 @@ class CudaBackend:
             check_optional_type("config", config, Config)
         return config.num_sms
 
-    def _agreed_python_checks(self, op: Optional[str], config, previous_event) -> int:
+    def _agreed_python_checks(self, op: str, config, previous_event) -> int:
         """num_sms, after the checks made here rather than in C++ (config, previous_event). A failure is agreed
-        like the C++ checks' (runtime/call_agreement.hpp): this rank makes the op's host exchange with the
-        error in it, so every rank raises it. `op` None: an op without that exchange; the error stays local."""
+        like the C++ checks' (docs/errors.md): intra-node, this rank makes the op's host exchange with the
+        error in it (runtime/call_agreement.hpp); inter-node, it opens the op with a verdict naming the
+        argument (csrc/ops/internode.cpp). Either way every rank raises."""
         try:
             num_sms = self._num_sms(config)
             _check_previous_event(previous_event)
         except (TypeError, ValueError) as error:
-            if op is None:
-                raise
             try:
-                self.runtime.agree_on_error(op, type(error).__name__, str(error))
+                if self.internode:
+                    _C.internode_reject(self.runtime, op, type(error).__name__, str(error))
+                else:
+                    self.runtime.agree_on_error(op, type(error).__name__, str(error))
             except (TypeError, ValueError, RuntimeError) as agreed:
                 raise agreed from error
-            raise  # agree_on_error always raises
+            raise  # both always raise
         return num_sms
 
     # --- normal mode --------------------------------------------------------------------------------------
@@ -275,9 +277,9 @@ class CudaBackend:
         allocate_on_comm_stream,
     ):
         dispatch, _, make_handle = self._normal_ops()
-        # An inter-node dispatch makes no host exchange to agree through (docs/errors.md).
-        op = None if self.internode else agreement.dispatch_op(handle is not None)
-        num_sms = self._agreed_python_checks(op, config, previous_event)
+        num_sms = self._agreed_python_checks(
+            agreement.dispatch_op(handle is not None), config, previous_event
+        )
         recv_x, recv_topk_idx, recv_topk_weights, per_expert, new_handle, event = dispatch(
             self.runtime,
             x,

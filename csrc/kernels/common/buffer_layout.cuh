@@ -20,6 +20,9 @@ inline constexpr int64_t kBarrierSignalOffset = 0;
 inline constexpr int64_t kStagedNumTokensOffset = 64;  // int: tokens this rank staged for the dispatch in flight
 inline constexpr int64_t kEpochCounterOffset = 128;   // int: epoch of the owner's last completed barrier
 inline constexpr int64_t kKernelExitsOffset = 132;    // int: blocks of the barrier kernel in flight that left
+// int: the fresh dispatch in flight was rejected by every rank (1 + the lowest rank that would receive more
+// rows than its num_worst_tokens), or 0.
+inline constexpr int64_t kDispatchVerdictOffset = 136;
 inline constexpr int64_t kCountAreaOffset = 4096;
 // Local experts per rank the count exchange can carry; the host-mapped counters (4096 ints) hold 2 + this.
 inline constexpr int kMaxLocalExperts = 2048;
@@ -38,20 +41,27 @@ __host__ __device__ inline int* kernel_exits(void* buffer) {
     return reinterpret_cast<int*>(static_cast<char*>(buffer) + kKernelExitsOffset);
 }
 
+__host__ __device__ inline int* dispatch_verdict(void* buffer) {
+    return reinterpret_cast<int*>(static_cast<char*>(buffer) + kDispatchVerdictOffset);
+}
+
 __host__ __device__ inline int* staged_num_tokens(void* buffer) {
     return reinterpret_cast<int*>(static_cast<char*>(buffer) + kStagedNumTokensOffset);
 }
 
 /// What source rank `src` sends to this buffer's owner: [num_ranks] per-rank token counts (the whole row
-/// of src's num_tokens_per_rank, so every rank can build the full rank_prefix_matrix), then the counts of
-/// the owner's local experts.
+/// of src's num_tokens_per_rank, so every rank can build the full rank_prefix_matrix), the counts of the
+/// owner's local experts, and src's num_worst_tokens (0: none).
 struct CountArea {
-    static constexpr int kStride = kMaxNvlRanks + kMaxLocalExperts;
+    static constexpr int kStride = kMaxNvlRanks + kMaxLocalExperts + 1;
     __host__ __device__ static int* tokens_per_rank(void* buffer, int src) {
         return reinterpret_cast<int*>(static_cast<char*>(buffer) + kCountAreaOffset) + src * kStride;
     }
     __host__ __device__ static int* tokens_per_local_expert(void* buffer, int src) {
         return tokens_per_rank(buffer, src) + kMaxNvlRanks;
+    }
+    __host__ __device__ static int* num_worst_tokens(void* buffer, int src) {
+        return tokens_per_local_expert(buffer, src) + kMaxLocalExperts;
     }
 };
 static_assert(kCountAreaOffset + int64_t{kMaxNvlRanks} * CountArea::kStride * 4 <= kControlBytes);

@@ -278,8 +278,9 @@ void launch_internode_combine(const InternodeCombineArgs& args) {
     DEEP_EP_CHECK(args.num_topk <= kWarpSize, "at most " << kWarpSize << " top-k weights per row");
     DEEP_EP_CHECK(num_nvl_ranks + num_nodes - 1 <= kMaxReduceSources,
                   "at most " << kMaxReduceSources << " rows per combined token (ranks per node + other nodes)");
-    const int64_t rows_needed = InternodeCombineLayout::rows_needed(
-        num_nodes, args.direct_reads ? 0 : args.num_rows, args.num_forwarded, args.num_tokens);
+    // The forwarded rows are known on the GPU only: the op's opening exchange checks them.
+    const int64_t rows_needed =
+        InternodeCombineLayout::rows_needed(num_nodes, args.direct_reads ? 0 : args.num_rows, 0, args.num_tokens);
     DEEP_EP_CHECK(rows_needed <= args.layout.num_row_slots,
                   "the combine needs " << rows_needed << " rows of the inter-node buffer, which holds "
                                        << args.layout.num_row_slots);

@@ -38,6 +38,13 @@ __global__ void __launch_bounds__(kPlanThreads, 1) dispatch_plan(InternodeDispat
     const peer::SymmetricView view = peer::SymmetricView::of(args.peers);
     const int node = blockIdx.x;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, num_warps = blockDim.x / kWarpSize;
+    if (args.forward_map != nullptr) {
+        // The map may be sized for the most rows this rank can forward (the host did not wait for the count).
+        const int64_t num_entries = int64_t{args.forward_offsets[num_nodes]} * num_nvl_ranks;
+        const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+        for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < num_entries; i += stride)
+            args.forward_map[i] = -1;
+    }
     __shared__ int warp_counts[kMaxNvlFlags][kPlanThreads / kWarpSize];
     __shared__ int totals[kMaxNvlFlags];
     __shared__ int first_recv_row[kMaxNvlRanks];
@@ -285,7 +292,7 @@ __global__ void __launch_bounds__(kPullThreads, 1) dispatch(InternodeDispatchPul
     }
 
     // As forwarder: for each row landed from source (m, local) and each rank j of our node, the row of j's
-    // recv_x that holds it (the combine reduces them here). The host set the map to -1.
+    // recv_x that holds it (the combine reduces them here). The plan set the map to -1.
     if (args.forward_map == nullptr)
         return;
     for (int src_node = 0; src_node < num_nodes; ++src_node) {

@@ -6,12 +6,14 @@
 // Count messages alternate between two parities by epoch: a source writes parity e & 1 of op e, and can
 // write that parity again only in op e + 2, which it opens after every rank signalled op e + 1, i.e. after
 // every reader finished op e. Verdicts (a rank whose checks failed sends (e, code) instead of counts) use
-// the same parities, so a verdict read here is this op's.
+// the same parities, so a verdict read here is this op's. A verdict the counts imply (a rank receiving more
+// rows than its num_worst_tokens) is reached by every rank alike, without a message.
 #include <climits>
 
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
 #include "kernels/common/receive_counts.cuh"
+#include "kernels/common/rejection.cuh"
 #include "kernels/common/sync.cuh"
 #include "runtime/errors.hpp"
 
@@ -28,6 +30,19 @@ __device__ __forceinline__ int ld_count(const char* base, int64_t offset, int in
 }  // namespace
 
 namespace internode {
+
+// Thread 0 of the exchange, once it found the op rejected: records it for the op's later kernels, reports
+// it to the host (unless the host raised already: a rank whose checks failed), releases a waiting host
+// (-1 rows) and closes the exchange.
+__device__ void reject_op(const InternodeNotifyArgs& args, const peer::SymmetricView& view, int epoch, int rank,
+                          int code, int value, int limit, bool rejected_on_host) {
+    ptx::st_volatile_global(view.local<int>(args.control.rejected_epoch()), epoch);
+    if (!rejected_on_host)
+        rejection::report(args.rejection, rank, code, value, limit);
+    if (args.with_counts)
+        publish_receive_counts(args.mapped_counters, -1, args.mapped_tag);
+    ptx::st_volatile_global(view.local<int>(args.control.epoch_counter()), epoch);
+}
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs args) {
     const InternodeControl& control = args.control;
@@ -59,12 +74,32 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
         }
         __syncthreads();
     }
-    const bool rejecting = args.rejected_code != 0;
-    if (rejecting && threadIdx.x == 0) {
-        int* verdict = view.local<int>(control.verdict_out());
-        verdict[0] = epoch;
-        verdict[1] = args.rejected_code;
+    // This rank rejects the op: its host checks failed, or a combine's forwarded rows (known only here) do
+    // not fit its buffer.
+    const bool rejected_on_host = args.rejected_code != 0;
+    __shared__ bool rejecting;
+    if (threadIdx.x == 0) {
+        int code = args.rejected_code, blamed = args.rejected_rank, value = 0, limit = 0;
+        if (!rejected_on_host && args.forward_offsets_to_check != nullptr) {
+            const int num_forwarded = args.forward_offsets_to_check[num_nodes];
+            if (num_forwarded > args.max_forwarded_rows) {
+                code = kForwardedRowsExceedBuffer;
+                blamed = rank;
+                value = num_forwarded;
+                limit = static_cast<int>(args.max_forwarded_rows);
+            }
+        }
+        rejecting = code != 0;
+        if (rejecting) {
+            int* verdict = view.local<int>(control.verdict_out());
+            verdict[0] = epoch;
+            verdict[1] = code;
+            verdict[2] = blamed;
+            verdict[3] = value;
+            verdict[4] = limit;
+        }
     }
+    __syncthreads();
     if (args.with_counts && !rejecting) {
         // One message per destination: our whole count rows (so every rank can build the full matrices),
         // then the destination's slice of our per-expert counts.
@@ -78,18 +113,21 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
                                                                  : tokens_per_node[j - num_ranks];
             else if (j < num_ranks + num_nodes + num_local_experts)
                 value = args.num_tokens_per_expert[dst * num_local_experts + (j - num_ranks - num_nodes)];
+            else if (j == num_ranks + num_nodes + num_local_experts)
+                value = args.num_worst_tokens;
             view.local<int>(control.count_out(dst))[j] = value;
         }
         __syncthreads();
     }
     const int warp = threadIdx.x / peer::kWarpSize, lane = threadIdx.x % peer::kWarpSize;
     const int num_warps = blockDim.x / peer::kWarpSize;
-    const int message_bytes = static_cast<int>((num_ranks + num_nodes + num_local_experts + 3) / 4 * 16);
-    __syncthreads();  // the verdict
+    const int worst_tokens_index = num_ranks + num_nodes + num_local_experts;
+    const int message_bytes = static_cast<int>((worst_tokens_index + 1 + 3) / 4 * 16);
     for (int dst = warp; dst < num_ranks; dst += num_warps) {
         if (rejecting) {
             peer::warp_send_with_signal(view, dst, control.verdict_in(parity, rank), view.local(control.verdict_out()),
-                                        16, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
+                                        InternodeControl::kVerdictBytes, control.exchange_word(rank), epoch,
+                                        peer::SignalOp::kSet, lane);
         } else if (args.with_counts) {
             peer::warp_send_with_signal(view, dst, control.count_in(parity, rank), view.local(control.count_out(dst)),
                                         message_bytes, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
@@ -108,7 +146,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
         return;
 
     // A rejected op: every rank records it (the op's later kernels skip) and the host learns of it (a
-    // fresh dispatch's host from its counts: -1 rows); the rejecting ranks raise their own errors.
+    // fresh dispatch's host from its counts: -1 rows); ranks whose host checks failed raise their own errors.
     __shared__ int first_rejecting;
     if (threadIdx.x == 0)
         first_rejecting = INT_MAX;
@@ -119,31 +157,42 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
     __syncthreads();
     if (first_rejecting != INT_MAX) {
         if (threadIdx.x == 0) {
-            ptx::st_volatile_global(view.local<int>(control.rejected_epoch()), epoch);
-            InternodeRejection* report = args.rejection;
-            if (!rejecting && report != nullptr && atomicCAS(&report->found, 0, 2) == 0) {
-                report->rank = first_rejecting;
-                report->code = ld_count(view.local_base, control.verdict_in(parity, first_rejecting), 1);
-                __threadfence_system();
-                atomicExch(&report->found, 1);
-            }
-            if (args.with_counts)
-                publish_receive_counts(args.mapped_counters, -1, args.mapped_tag);
-            ptx::st_volatile_global(epoch_counter, epoch);
+            // The lowest rank that rejected the op names the rank to blame (itself, or a node peer whose error
+            // its node agreed on).
+            const char* verdict = view.local_base + control.verdict_in(parity, first_rejecting);
+            reject_op(args, view, epoch, ld_count(verdict, 0, 2), ld_count(verdict, 0, 1), ld_count(verdict, 0, 3),
+                      ld_count(verdict, 0, 4), rejected_on_host);
         }
         return;
     }
 
     if (args.with_counts) {
         const char* own = view.local_base;
-        __shared__ int num_recv_tokens;
-        // Column j of the prefix matrix; row `rank` of the receive side.
+        __shared__ int num_recv_tokens, first_overflowing;
+        if (threadIdx.x == 0)
+            first_overflowing = INT_MAX;
+        __syncthreads();
+        // Column j of the prefix matrix; row `rank` of the receive side. Every rank checks every rank's
+        // num_worst_tokens against what it receives, so all reach the same verdict.
         for (int j = threadIdx.x; j < num_ranks; j += blockDim.x) {
             int running = 0;
             for (int i = 0; i < num_ranks; ++i) {
                 running += ld_count(own, control.count_in(parity, i), j);
                 args.rank_prefix_matrix[i * num_ranks + j] = running;
             }
+            const int worst_tokens = ld_count(own, control.count_in(parity, j), worst_tokens_index);
+            if (rejection::exceeds_worst_tokens(running, worst_tokens))
+                atomicMin(&first_overflowing, j);
+        }
+        __syncthreads();
+        if (first_overflowing != INT_MAX) {
+            if (threadIdx.x == 0) {
+                const int j = first_overflowing;
+                reject_op(args, view, epoch, j, kTooFewWorstTokens,
+                          args.rank_prefix_matrix[(num_ranks - 1) * num_ranks + j],
+                          ld_count(own, control.count_in(parity, j), worst_tokens_index), false);
+            }
+            return;
         }
         for (int i = threadIdx.x; i < num_ranks * num_nodes; i += blockDim.x)
             args.node_count_matrix[i] = ld_count(own, control.count_in(parity, i / num_nodes), num_ranks + i % num_nodes);

@@ -146,15 +146,21 @@ namespace intranode {
 template <ptx::LoadKind kKind>
 __global__ void __launch_bounds__(kPullThreads, 1) dispatch(IntranodeDispatchPullArgs args) {
     NvlKernelBarrier barrier(args.peers, args.barrier);
-    if (!barrier.passed()) {
-        // A peer never arrived (the Buffer reports it): poison what the call returns instead.
+    const auto poison_outputs = [&] {
         poison::poison_dispatch_rows({args.recv_x, args.recv_x_scales, args.recv_topk_idx, args.recv_topk_weights,
                                       args.recv_src_idx, args.shape.hidden_bytes, args.shape.num_scales,
                                       args.shape.num_topk},
                                      args.num_recv_capacity);
+    };
+    if (!barrier.passed())
+        return poison_outputs();  // a peer never arrived (the Buffer reports it)
+    const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
+    if (args.check_verdict && ptx::ld_volatile_global(layout::dispatch_verdict(args.peers.buffers[rank])) != 0) {
+        // Every rank rejected this dispatch alike (its notify): no rank reads, each poisons its outputs.
+        poison_outputs();
+        barrier.close(args.peers, args.barrier);
         return;
     }
-    const int num_ranks = args.peers.num_ranks, rank = args.peers.rank;
     const layout::DispatchRowLayout rows(args.shape);
     // recv_x rows [first_row[s], first_row[s + 1]) come from rank s, in the order of s's send list to us.
     __shared__ int first_row[kMaxNvlRanks + 1];

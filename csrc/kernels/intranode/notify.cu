@@ -1,10 +1,13 @@
 // Dispatch step 0: every rank tells every other rank how many tokens it sends there (per rank and per
 // the receiver's local experts), then each rank derives rank_prefix_matrix and its receive counts. One
 // block; its barrier is also the one that opens the dispatch.
+#include <climits>
+
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
 #include "kernels/common/receive_counts.cuh"
+#include "kernels/common/rejection.cuh"
 #include "runtime/errors.hpp"
 
 namespace deep_ep {
@@ -33,13 +36,18 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
         layout::CountArea::tokens_per_local_expert(args.peers.buffers[dst], rank)[e] =
             args.num_tokens_per_expert[dst * num_local_experts + e];
     }
+    for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x)
+        *layout::CountArea::num_worst_tokens(args.peers.buffers[dst], rank) = args.num_worst_tokens;
     __syncthreads();
     const NvlKernelBarrier barrier(args.peers, args.barrier);
     if (!barrier.passed())
         return;
 
     void* own = args.peers.buffers[rank];
-    __shared__ int num_recv_tokens;
+    __shared__ int num_recv_tokens, first_overflowing;
+    if (threadIdx.x == 0)
+        first_overflowing = INT_MAX;
+    __syncthreads();
     // Column j of the prefix matrix: rows j receives from ranks 0..i, accumulated down the sources.
     if (threadIdx.x < num_ranks) {
         const int j = threadIdx.x;
@@ -50,6 +58,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
         }
         if (j == rank)
             num_recv_tokens = running;
+        // Every rank checks every rank's num_worst_tokens, so all reach the same verdict.
+        if (rejection::exceeds_worst_tokens(running, ptx::ld_volatile_global(layout::CountArea::num_worst_tokens(own, j))))
+            atomicMin(&first_overflowing, j);
         args.send_counts[j] = ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, rank) + j);
         // Rows from source j start after everything sources 0..j-1 send us.
         int before = 0;
@@ -62,6 +73,16 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
         [&](int src, int e) { return ptx::ld_volatile_global(layout::CountArea::tokens_per_local_expert(own, src) + e); },
         args.num_recv_tokens_per_expert, args.mapped_counters);
     __syncthreads();
+    if (threadIdx.x == 0) {
+        const int j = first_overflowing;
+        const bool rejected = j != INT_MAX;
+        // Read by this op's pull on this rank, later on the stream.
+        *layout::dispatch_verdict(own) = rejected ? j + 1 : 0;
+        // Before the counts: a host waiting for them finds the report already there.
+        if (rejected)
+            rejection::report(args.rejection, j, kTooFewWorstTokens, args.rank_prefix_matrix[(num_ranks - 1) * num_ranks + j],
+                              ptx::ld_volatile_global(layout::CountArea::num_worst_tokens(own, j)));
+    }
     publish_receive_counts(args.mapped_counters, num_recv_tokens, args.mapped_tag);
 }
 
