@@ -204,13 +204,13 @@ class _PythonLayout:
 
     @staticmethod
     def internode_control_bytes(num_ranks, num_nvl_ranks):
-        # Signal words (8 bytes each), counters and 32-byte verdicts (one out, [2 parities][R] in), then the
-        # count messages: [2 parities][R] in and [R] out, one row of int32 per rank (per-rank counts, per-node
-        # counts, a slice of the per-expert counts, the sender's num_worst_tokens).
+        # Signal words (8 bytes each) and counters, then the messages: [2 parities][R] in and [R] out, one
+        # row of int32 per rank (a 16-int header, then per-rank counts, per-node counts, a slice of the
+        # per-expert counts, the sender's num_worst_tokens).
         num_nodes = num_ranks // num_nvl_ranks
-        msg_ints = _round_up(num_ranks + num_nodes + MAX_LOCAL_EXPERTS + 1, 4)
+        msg_ints = 16 + _round_up(num_ranks + num_nodes + MAX_LOCAL_EXPERTS + 1, 4)
         counters = 8 * (num_ranks + 2 * num_nodes + num_nvl_ranks)
-        signal_bytes = _round_up(counters + 64 + 32 * (1 + 2 * num_ranks), 4096)
+        signal_bytes = _round_up(counters + 64, 4096)
         return _round_up(signal_bytes + 3 * num_ranks * msg_ints * 4, 4096)
 
     @staticmethod

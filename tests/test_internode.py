@@ -699,6 +699,130 @@ def test_one_bad_rank_makes_every_rank_of_every_node_raise(rank_pool, op, bad, a
             )
 
 
+def _rank_disagreeing_call(rank, num_ranks, group, case, odd):
+    """Rank `odd` makes a call that differs from the others' in one signature field (`case`); every other
+    argument is valid on every rank. Returns (message, where) of the ValueError raised and whether the call's
+    output came back NaN; then a valid round on the same Buffer (fresh and cached dispatch, combine)."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    mine = make_inputs(98, num_ranks, [64] * num_ranks, 2048, NUM_EXPERTS, TOPK)[rank]
+    x, kwargs = mine.x.to(device), _dispatch_kwargs(buffer, mine, device)
+    first = buffer.dispatch(x, **kwargs)[4]
+    second = buffer.dispatch(x, **kwargs)[4]
+    torch.cuda.synchronize()
+    odd_rank = rank == odd
+
+    def call():
+        if case == "x.size(1)":
+            return buffer.dispatch(x[:, :1024].contiguous() if odd_rank else x, **kwargs)[0]
+        if case == "topk_idx.size(1)":
+            return buffer.dispatch(
+                x, **(dict(kwargs, topk_idx=None, topk_weights=None) if odd_rank else kwargs)
+            )[0]
+        if case == "operation":  # a cached dispatch against fresh ones
+            return (buffer.dispatch(x, handle=second) if odd_rank else buffer.dispatch(x, **kwargs))[0]
+        return buffer.dispatch(x, handle=first if odd_rank else second)[0]  # another dispatch's handle
+
+    raised, out = _raised_by(buffer, call)
+    poisoned = out is not None and bool(torch.isnan(out.float()).all())
+    spec = {"num_nvl_ranks": 2, "tokens": [64 + 7 * r for r in range(num_ranks)], "bias": 1}
+    _check_one_round(rank, num_ranks, group, spec, buffer, 99)
+    torch.cuda.synchronize()
+    return raised, poisoned
+
+
+DISAGREEMENTS = [("x.size(1)", 3), ("topk_idx.size(1)", 0), ("operation", 2), ("handle", 1)]
+
+
+@pytest.mark.parametrize("case,odd", DISAGREEMENTS, ids=[c for c, _ in DISAGREEMENTS])
+def test_ranks_that_disagree_on_the_call_raise_on_every_rank(rank_pool, case, odd):
+    """Every rank sends its call's signature (operation, x.dtype, hidden, top-k, experts, handle identity)
+    in the op's exchange and compares all of them on the GPU: ranks of different nodes that disagree all
+    reject the op alike (no row moves), and every rank raises naming the field and both ranks' values. The
+    next round is correct (the ranks' handle numbering stayed aligned)."""
+    for rank, (raised, poisoned) in enumerate(rank_pool(4).run(_rank_disagreeing_call, case, odd)):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        message, where = raised
+        assert message.startswith(f"{case}: ranks disagree"), f"rank {rank}: {message}"
+        assert f"rank {odd}: " in message, f"rank {rank}: {message}"
+        assert where == "call" or poisoned, (
+            f"rank {rank}: the rejected call returned outputs that are not NaN"
+        )
+
+
+def _rank_graph_replay(rank, num_ranks, group):
+    """Layout, a num_worst_tokens dispatch and a combine captured once in a CUDA graph, replayed with fresh
+    data (the combine stages its inputs under capture)."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _buffer(group, num_ranks, 2, False)
+    tokens, hidden = [150 + 10 * r for r in range(num_ranks)], 2048
+    worst = sum(tokens)
+    static_x = torch.empty(tokens[rank], hidden, dtype=torch.bfloat16, device=device)
+    static_idx = torch.empty(tokens[rank], TOPK, dtype=torch.int64, device=device)
+    static_weights = torch.empty(tokens[rank], TOPK, dtype=torch.float32, device=device)
+
+    def step():
+        per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(static_idx, NUM_EXPERTS)
+        recv_x, _, recv_weights, _, handle, _ = buffer.dispatch(
+            static_x,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=static_idx,
+            topk_weights=static_weights,
+            num_worst_tokens=worst,
+        )
+        combined, combined_weights, _ = buffer.combine(
+            _combine_input(recv_x, rank), handle, topk_weights=recv_weights
+        )
+        return recv_x, combined, combined_weights
+
+    def load(seed):
+        inputs = make_inputs(seed, num_ranks, tokens, hidden, NUM_EXPERTS, TOPK, "uniform", torch.bfloat16)
+        static_x.copy_(inputs[rank].x)
+        static_idx.copy_(inputs[rank].topk_idx)
+        static_weights.copy_(inputs[rank].topk_weights)
+        return inputs
+
+    load(80)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch asks
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recv_x, combined, combined_weights = step()
+    for seed in (81, 82, 83):
+        inputs = load(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        buffer.check()
+        _, expected = _expected_dispatches(inputs, {"worst": worst}, num_ranks)
+        where = f"rank {rank}, replay with seed {seed}"
+        assert bytes_equal(recv_x.cpu(), expected[rank].recv_x), f"{where}: recv_x"
+        want, want_weights = _hierarchical_combine(
+            rank,
+            2,
+            [_combine_input(e.recv_x, d) for d, e in enumerate(expected)],
+            [e.recv_topk_weights for e in expected],
+            expected[rank].handle.send_head,
+            [],
+        )
+        assert torch.equal(combined.cpu(), want), f"{where}: combined_x"
+        assert torch.equal(combined_weights.cpu(), want_weights), f"{where}: combined_topk_weights"
+    return True
+
+
+def test_cuda_graph_replay_of_layout_dispatch_and_combine(rank_pool):
+    """With num_worst_tokens nothing in the three calls waits for the GPU, so they capture into one graph."""
+    assert all(rank_pool(4).run(_rank_graph_replay))
+
+
 # --- a peer that never arrives -----------------------------------------------------------------------------
 
 MISSING_PEER_TIMEOUT_S = 2

@@ -67,7 +67,13 @@ enum GpuVerdict : int {
     // An inter-node combine whose forwarded rows (`value`, known only on the GPU) exceed the `limit` rows of
     // its symmetric buffer left after its staged rows and the partial sums other nodes put.
     kForwardedRowsExceedBuffer = 2 << 16,
+    // Inter-node ranks that disagree on the call, found alike by every rank from the exchanged signatures:
+    // code kSignatureDiffers + (the first rank's op << 24) + (field << 8) + the first rank that passed a
+    // value (its `limit`); `rank` is the lowest one that passed another (`value`). Fields:
+    // InternodeCallSignature.
+    kSignatureDiffers = 3 << 16,
 };
+inline constexpr int kGpuVerdictMask = 0xff << 16;
 
 /// Host-mapped, one per Buffer: an op that every rank skipped because some rank rejected it (an inter-node
 /// rank's failed argument checks, or a GpuVerdict), the lowest such rank, the code and the verdict's values.

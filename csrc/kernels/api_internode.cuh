@@ -49,16 +49,18 @@ __host__ __device__ constexpr int64_t internode_round_up(int64_t value, int64_t 
 ///                     it finished reading the node's inputs (direct reads)
 ///   epoch counter, kernel exit counter (int, this rank only), rows sent across nodes (int64, tests),
 ///                     rejected epoch (int: the last op some rank rejected, this rank's view)
-///   verdicts          [2 parities][R] in, one out, kVerdictBytes each: a rank that rejects the op opens it
-///                     with (epoch, code, rank blamed, value, limit) instead of counts (InternodeNotifyArgs)
-///   count messages    [2 parities][R] in, [R] out: num_tokens_per_rank [R], num_tokens_per_rdma_rank [N],
-///                     the receiver's slice of num_tokens_per_expert, the sender's num_worst_tokens
+///   messages          [2 parities][R] in, [R] out: every rank opens every op with one to every rank: the
+///                     header (InternodeMessageHeader: the op's epoch, this rank's verdict, the call's
+///                     signature), then, for a fresh dispatch, the counts: num_tokens_per_rank [R],
+///                     num_tokens_per_rdma_rank [N], the receiver's slice of num_tokens_per_expert, the
+///                     sender's num_worst_tokens
 struct InternodeControl {
     int num_ranks, num_nvl_ranks;
 
+    static constexpr int kHeaderInts = 16;
     __host__ __device__ int num_nodes() const { return num_ranks / num_nvl_ranks; }
     __host__ __device__ int64_t message_ints() const {
-        return internode_round_up(num_ranks + num_nodes() + kInternodeMaxLocalExperts + 1, 4);
+        return kHeaderInts + internode_round_up(num_ranks + num_nodes() + kInternodeMaxLocalExperts + 1, 4);
     }
     __host__ __device__ int64_t exchange_word(int rank) const { return int64_t{rank} * 8; }
     __host__ __device__ int64_t region_word(int node) const { return (int64_t{num_ranks} + node) * 8; }
@@ -73,22 +75,57 @@ struct InternodeControl {
     __host__ __device__ int64_t kernel_exits() const { return counters_offset() + 4; }
     __host__ __device__ int64_t rows_sent_counter() const { return counters_offset() + 8; }
     __host__ __device__ int64_t rejected_epoch() const { return counters_offset() + 16; }
-    __host__ __device__ int64_t verdict_out() const { return counters_offset() + 64; }
-    static constexpr int kVerdictBytes = 32;
-    __host__ __device__ int64_t verdict_in(int parity, int src) const {
-        return verdict_out() + kVerdictBytes * (1 + int64_t{parity} * num_ranks + src);
-    }
-    __host__ __device__ int64_t signal_bytes() const { return internode_round_up(verdict_in(2, 0), 4096); }
-    __host__ __device__ int64_t count_in(int parity, int src) const {
+    __host__ __device__ int64_t signal_bytes() const { return internode_round_up(counters_offset() + 64, 4096); }
+    __host__ __device__ int64_t message_in(int parity, int src) const {
         return signal_bytes() + (int64_t{parity} * num_ranks + src) * message_ints() * 4;
     }
-    __host__ __device__ int64_t count_out(int dst) const {
+    __host__ __device__ int64_t message_out(int dst) const {
         return signal_bytes() + (2 * int64_t{num_ranks} + dst) * message_ints() * 4;
     }
+    // The counts after a message's header.
+    __host__ __device__ int64_t count_in(int parity, int src) const { return message_in(parity, src) + kHeaderInts * 4; }
+    __host__ __device__ int64_t count_out(int dst) const { return message_out(dst) + kHeaderInts * 4; }
     __host__ __device__ int64_t bytes() const {
         return internode_round_up(signal_bytes() + 3 * int64_t{num_ranks} * message_ints() * 4, 4096);
     }
 };
+
+/// What every rank must agree on for an inter-node op, compared field by field in the op's exchange (as
+/// the intra-node host exchange compares its signature, runtime/call_agreement.hpp): the operation, then
+/// the fields that depend on it (0 where the op has none). handle_seq -1: a handle without identity, which
+/// matches any.
+struct InternodeCallSignature {
+    enum Op : int { kFreshDispatch = 1, kCachedDispatch = 2, kCombine = 3, kBarrier = 4 };
+    enum XDtype : int { kBFloat16 = 1, kFloat8 = 2 };
+    static constexpr int kNumFields = 6;
+    int op, x_dtype, hidden, num_topk, num_experts, handle_seq;
+
+    __host__ __device__ int field(int f) const {
+        const int fields[kNumFields] = {op, x_dtype, hidden, num_topk, num_experts, handle_seq};
+        return fields[f];
+    }
+    // Field names as the intra-node signature and the reference backend print them.
+    __host__ static const char* field_name(int f, int op) {
+        switch (f) {
+            case 0: return "operation";
+            case 1: return "x.dtype";
+            case 2: return "x.size(1)";
+            case 3: return op == kCombine ? "topk_weights.size(1)" : "topk_idx.size(1)";
+            case 4: return "num_tokens_per_expert.size(0)";
+            default: return "handle";
+        }
+    }
+};
+
+/// The first InternodeControl::kHeaderInts ints of every exchange message.
+struct InternodeMessageHeader {
+    int epoch;
+    int code;    // 0: this rank accepts the op; else its verdict (host argument code or a GpuVerdict)
+    int blamed;  // with a verdict: the rank whose error it is (a node peer whose failed checks the node agreed on)
+    int value, limit;  // with a GpuVerdict: what was found and what was allowed
+    InternodeCallSignature signature;
+};
+static_assert(sizeof(InternodeMessageHeader) <= InternodeControl::kHeaderInts * 4);
 
 /// The data region during a dispatch, for rows of one shape and `capacity` tokens per rank:
 ///   send rows       [C] rows: this rank's tokens, staged once (read by its own node, put to the others)
@@ -192,19 +229,21 @@ struct InternodePeers {
     WaitContext wait;
 };
 
-/// Opens every inter-node op: signals every rank with the op's epoch (the next value of this rank's epoch
-/// counter) and waits for all of them. A fresh dispatch sends its counts along and derives the matrices.
-/// A rank whose argument checks failed opens the op anyway with a nonzero rejected_code (no counts), as does
-/// a combine whose forwarded rows exceed max_forwarded_rows; a fresh dispatch that would give some rank more
-/// rows than its num_worst_tokens is rejected by every rank alike, from the counts. Every rank then records
-/// the op as rejected, its other kernels skip their work (the receiving ones poison their outputs) and every
-/// rank whose host did not raise already reports the lowest rejecting rank in `rejection`.
+/// Opens every inter-node op: sends every rank a message (InternodeMessageHeader, with the op's epoch, the
+/// next value of this rank's epoch counter) and waits for all of them. A fresh dispatch sends its counts
+/// along and derives the matrices. A rank whose argument checks failed opens the op anyway with a nonzero
+/// rejected_code (no counts), as does a combine whose forwarded rows exceed max_forwarded_rows; every rank
+/// rejects alike an op whose ranks' signatures differ, and a fresh dispatch that would give some rank more
+/// rows than its num_worst_tokens. Every rank then records the op as rejected, its other kernels skip their
+/// work (the receiving ones poison their outputs) and every rank whose host did not raise already reports
+/// the lowest rejecting rank in `rejection`.
 struct InternodeNotifyArgs {
     InternodePeers peers;
     InternodeControl control;
     bool with_counts;
     int rejected_code;                // 0: this rank's host checks passed
     int rejected_rank;                // with rejected_code: the rank whose error it is (a node peer's, agreed)
+    InternodeCallSignature signature; // this rank's call (ignored when it rejects the op)
     RejectionReport* rejection;    // host-mapped report, or nullptr
     // A combine: its dispatch's forward offsets ([N + 1], the last entry the rows this rank forwards, on the
     // GPU only) and the rows its buffer has left for them; nullptr: nothing to check.

@@ -34,6 +34,13 @@ InternodeControl internode_control(const runtime::Buffer& buffer) {
     return InternodeControl{buffer.num_ranks(), buffer.num_nvl_ranks()};
 }
 
+// Launches an op's opening exchange; returns its number, the same on every rank (a handle's identity).
+int64_t open_op(runtime::Buffer& buffer, const InternodeNotifyArgs& notify) {
+    const int64_t exchange = buffer.next_internode_exchange();
+    launch_internode_notify(notify);
+    return exchange;
+}
+
 // The op-opening exchange without counts (a cached dispatch, a combine, a rejection, a barrier).
 InternodeNotifyArgs exchange_args(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream) {
     InternodeNotifyArgs notify{};
@@ -45,13 +52,44 @@ InternodeNotifyArgs exchange_args(runtime::Buffer& buffer, const InternodePeers&
     return notify;
 }
 
-// A combine's exchange also has the GPU check its forwarded rows against `max_forwarded_rows`.
+// What the ranks compare in the exchange (the intra-node ops' signature fields, call_record).
+int signature_handle(const std::optional<int64_t>& seq) { return seq.has_value() ? static_cast<int>(*seq) : -1; }
+
+int signature_dtype(const torch::Tensor& x) {
+    return x.scalar_type() == torch::kBFloat16 ? InternodeCallSignature::kBFloat16 : InternodeCallSignature::kFloat8;
+}
+
+InternodeCallSignature signature_of(const DispatchCall& call) {
+    if (call.internode_handle.has_value())
+        return {InternodeCallSignature::kCachedDispatch, signature_dtype(call.x), static_cast<int>(call.x.size(1)), 0,
+                0, signature_handle(call.handle_seq)};
+    return {InternodeCallSignature::kFreshDispatch,
+            signature_dtype(call.x),
+            static_cast<int>(call.x.size(1)),
+            call.topk_idx.has_value() ? static_cast<int>(call.topk_idx->size(1)) : 0,
+            static_cast<int>(call.num_experts),
+            -1};
+}
+
+InternodeCallSignature signature_of(const CombineCall& call) {
+    return {InternodeCallSignature::kCombine,
+            InternodeCallSignature::kBFloat16,
+            static_cast<int>(call.x.size(1)),
+            call.topk_weights.has_value() ? static_cast<int>(call.topk_weights->size(1)) : 0,
+            0,
+            signature_handle(call.handle_seq)};
+}
+
+// A cached dispatch's or combine's exchange; a combine's also has the GPU check its forwarded rows against
+// `max_forwarded_rows`.
 void launch_exchange(runtime::Buffer& buffer, const InternodePeers& peers, cudaStream_t stream,
-                     const int* forward_offsets_to_check = nullptr, int64_t max_forwarded_rows = 0) {
+                     const InternodeCallSignature& signature, const int* forward_offsets_to_check = nullptr,
+                     int64_t max_forwarded_rows = 0) {
     InternodeNotifyArgs notify = exchange_args(buffer, peers, stream);
+    notify.signature = signature;
     notify.forward_offsets_to_check = forward_offsets_to_check;
     notify.max_forwarded_rows = max_forwarded_rows;
-    launch_internode_notify(notify);
+    open_op(buffer, notify);
 }
 
 // The exchange of a rank whose checks raised `message`, ordered after the Buffer's previous op like any op:
@@ -63,7 +101,7 @@ void launch_rejection(runtime::Buffer& buffer, const InternodePeers& peers, cons
     InternodeNotifyArgs notify = exchange_args(buffer, peers, streams.stream());
     notify.rejected_code = runtime::Buffer::rejection_code(message, type_error);
     notify.rejected_rank = agreed_rank >= 0 ? agreed_rank : buffer.rank();
-    launch_internode_notify(notify);
+    open_op(buffer, notify);
     streams.finish();
 }
 
@@ -123,10 +161,11 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
 
     InternodeHandleTensors handle;
     int num_recv_capacity = 0, notify_tag = 0;
+    int64_t fresh_exchange = 0;
     std::vector<int> num_recv_tokens_per_expert_list;
     if (cached) {
         handle = *call.internode_handle;
-        launch_exchange(buffer, peers, stream);
+        launch_exchange(buffer, peers, stream, signature_of(call));
     } else {
         if (topk_idx.has_value())
             launch_check_expert_ids(CheckExpertIdsArgs{topk_idx->data_ptr(), topk_idx->scalar_type() == torch::kInt64,
@@ -162,6 +201,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         notify.peers = peers;
         notify.control = control;
         notify.with_counts = true;
+        notify.signature = signature_of(call);
         notify.num_tokens_per_rank = call.num_tokens_per_rank->data_ptr<int>();
         notify.num_tokens_per_rdma_rank = data_or_null<int>(call.num_tokens_per_rdma_rank);
         notify.is_token_in_rank = call.is_token_in_rank.data_ptr<bool>();
@@ -183,7 +223,7 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         notify.mapped_tag = buffer.next_notify_tag();
         notify.rejection = buffer.rejection_report_device();
         notify.stream = stream;
-        launch_internode_notify(notify);
+        fresh_exchange = open_op(buffer, notify);
         notify_tag = notify.mapped_tag;
     }
 
@@ -237,8 +277,10 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     }
 
     const DispatchOutputs out = DispatchOutputs::allocate(num_recv_capacity, x, x_scales, topk_idx);
-    if (!cached)
+    if (!cached) {
         handle.recv_src_idx = out.recv_src_idx;
+        stamp_handle(buffer, handle, fresh_exchange);
+    }
 
     InternodeDispatchPullArgs pull{};
     pull.peers = peers;
@@ -326,7 +368,7 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     const InternodeCombineLayout layout(internode_control(buffer), buffer.num_rdma_bytes(), hidden, num_topk);
     const int64_t max_forwarded_rows =
         layout.num_row_slots - InternodeCombineLayout::rows_needed(layout.control.num_nodes(), num_staged_rows, 0, num_tokens);
-    launch_exchange(buffer, peers, stream, handle.forward_offsets.data_ptr<int>(), max_forwarded_rows);
+    launch_exchange(buffer, peers, stream, signature_of(call), handle.forward_offsets.data_ptr<int>(), max_forwarded_rows);
     InternodeCombineArgs args{};
     args.peers = peers;
     args.layout = layout;
@@ -387,7 +429,8 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
 /// number of times. Benchmarks line the ranks up with it.
 void internode_barrier(runtime::Buffer& buffer, int64_t stream_handle) {
     buffer.raise_if_failed();
-    launch_exchange(buffer, internode_peers(buffer, "barrier"), reinterpret_cast<cudaStream_t>(stream_handle));
+    launch_exchange(buffer, internode_peers(buffer, "barrier"), reinterpret_cast<cudaStream_t>(stream_handle),
+                    InternodeCallSignature{InternodeCallSignature::kBarrier, 0, 0, 0, 0, -1});
 }
 
 #endif  // DEEP_EP_WITH_NVSHMEM

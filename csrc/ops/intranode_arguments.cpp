@@ -109,7 +109,28 @@ const std::vector<const char*>& intranode_handle_names() {
 }
 constexpr int kIntranodeHandleKey = 3;  // recv_src_idx
 
+// V1's element names (deep_ep/handles.py InternodeHandle).
+const std::vector<const char*>& internode_handle_names() {
+    static const std::vector<const char*> names{
+        "is_token_in_rank",       "rdma_channel_prefix_matrix",     "gbl_channel_prefix_matrix",
+        "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix",
+        "recv_gbl_rank_prefix_sum", "recv_src_meta",                "send_rdma_head",
+        "send_nvl_head"};
+    return names;
+}
+constexpr int kInternodeHandleKey = 7;  // recv_src_meta
+
 }  // namespace
+
+void stamp_handle(const runtime::Buffer& buffer, const InternodeHandleTensors& handle, int64_t seq) {
+    const std::vector<torch::Tensor> elements = handle.elements();
+    runtime::stamp_handle({elements, internode_handle_names(), kInternodeHandleKey}, buffer.uid(), seq);
+}
+
+std::optional<int64_t> handle_identity(const runtime::Buffer& buffer, const InternodeHandleTensors& handle) {
+    const std::vector<torch::Tensor> elements = handle.elements();
+    return runtime::handle_identity({elements, internode_handle_names(), kInternodeHandleKey}, buffer.uid());
+}
 
 void stamp_handle(const runtime::Buffer& buffer, const HandleTensors& handle, int64_t seq) {
     const std::vector<torch::Tensor> elements = handle.elements();
@@ -168,6 +189,7 @@ DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x,
         torch::Tensor handle_is_token_in_rank;
         if (internode) {
             call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
+            call.handle_seq = handle_identity(buffer, *call.internode_handle);
             handle_is_token_in_rank = call.internode_handle->is_token_in_rank;
         } else {
             call.handle = checked_handle(handle, num_ranks, device);
@@ -257,6 +279,7 @@ CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, p
     const bool internode = buffer.is_internode();
     if (internode) {
         call.internode_handle = checked_internode_handle(handle, num_ranks, buffer.num_nvl_ranks(), device);
+        call.handle_seq = handle_identity(buffer, *call.internode_handle);
     } else {
         call.handle = checked_handle(handle, num_ranks, device);
         call.handle_seq = handle_identity(buffer, call.handle);

@@ -49,7 +49,16 @@ struct InternodeHandleTensors {
                                     forward_map, recv_first_row, recv_rank_prefix_sum, recv_src_idx, send_node_head,
                                     send_head);
     }
+    // In the tuple's order, for the handle's identity (runtime/handle_identity.hpp).
+    std::vector<torch::Tensor> elements() const {
+        return {is_token_in_rank, node_count_matrix, rank_prefix_matrix, forward_offsets, forward_map,
+                recv_first_row, recv_rank_prefix_sum, recv_src_idx, send_node_head, send_head};
+    }
 };
+
+// The same for an inter-node handle, keyed by recv_src_meta.
+void stamp_handle(const runtime::Buffer& buffer, const InternodeHandleTensors& handle, int64_t seq);
+std::optional<int64_t> handle_identity(const runtime::Buffer& buffer, const InternodeHandleTensors& handle);
 
 InternodeHandleTensors checked_internode_handle(pybind11::handle handle, int64_t num_ranks, int64_t num_nvl_ranks,
                                                 int device);
@@ -66,7 +75,7 @@ struct DispatchCall {
     int64_t expert_alignment = 1;
     int64_t num_worst_tokens = 0;
     int num_sms = 1;
-    std::optional<int64_t> handle_seq;  // a cached intra-node dispatch: the handle's dispatch, if it has identity
+    std::optional<int64_t> handle_seq;  // a cached dispatch: the handle's dispatch, if it has identity
 };
 
 DispatchCall checked_dispatch(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,
@@ -82,7 +91,7 @@ struct CombineCall {
     std::optional<InternodeHandleTensors> internode_handle;  // inter-node (then `handle` is empty)
     OptionalTensor topk_weights, bias_0, bias_1;
     int num_sms = 1;
-    std::optional<int64_t> handle_seq;  // intra-node: the handle's dispatch, if it has identity
+    std::optional<int64_t> handle_seq;  // the handle's dispatch, if it has identity
 };
 
 CombineCall checked_combine(const runtime::Buffer& buffer, pybind11::handle x, pybind11::handle handle,

@@ -384,6 +384,23 @@ constexpr int kTypeErrorBit = 1 << 8;
 
 }  // namespace
 
+namespace {
+
+// A signature field's value as the intra-node signature shows it (runtime/call_agreement.hpp).
+std::string shown_signature_field(int field, int value) {
+    switch (field) {
+        case 0: {
+            static const char* const kOps[] = {"?", "dispatch", "dispatch (cached: handle given)", "combine", "barrier"};
+            return value >= 1 && value <= 4 ? kOps[value] : "?";
+        }
+        case 1: return value == InternodeCallSignature::kFloat8 ? "torch.float8_e4m3fn" : "torch.bfloat16";
+        case InternodeCallSignature::kNumFields - 1: return "dispatch #" + std::to_string(value);
+        default: return std::to_string(value);
+    }
+}
+
+}  // namespace
+
 int Buffer::rejection_code(const std::string& message, bool type_error) {
     // "x[1]: ...", "handle.send_head: ..." name x and handle.
     const std::string name = message.substr(0, message.find_first_of(":.[ "));
@@ -415,6 +432,15 @@ void Buffer::raise_if_rejected_by_peer() {
             " rows for its node, but its buffer has room for " + std::to_string(limit) +
             " after its staged rows and the other nodes' partial sums (checked on the GPU): raise num_rdma_bytes "
             "(Config.get_rdma_buffer_size_hint covers every routing)" + skipped);
+    if ((code & kGpuVerdictMask) == kSignatureDiffers) {
+        const int op = (code >> 24) & 0xf, field = (code >> 8) & 0xff, reference = code & 0xff;
+        throw std::invalid_argument(std::string(InternodeCallSignature::field_name(field, op)) +
+                                    ": ranks disagree on this inter-node call (rank " + std::to_string(reference) +
+                                    ": " + shown_signature_field(field, limit) + ", rank " + std::to_string(rank) +
+                                    ": " + shown_signature_field(field, value) +
+                                    "; compared on the GPU before anything moved); every rank must pass the same" +
+                                    skipped);
+    }
     const int index = code & 0xff;
     const bool type_error = (code & kTypeErrorBit) != 0;
     std::ostringstream message;

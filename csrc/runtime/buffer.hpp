@@ -129,6 +129,9 @@ class Buffer {
     // next fresh dispatch (every rank counts the same: a dispatch that fails its agreed checks counts nowhere).
     int64_t uid() const { return uid_; }
     int64_t next_dispatch_seq() { return ++num_dispatches_; }
+    // Inter-node ops open with one GPU exchange each on every rank, rejected or not, in the same order: the
+    // number of an op's exchange is the same on every rank (an inter-node handle's identity).
+    int64_t next_internode_exchange() { return ++num_internode_exchanges_; }
     // Peer allocations mapped so far (each a cudaIpcOpenMemHandle; mappings are cached, so this stays flat
     // while ops reuse the same tensors' memory).
     int64_t num_peer_allocation_opens() const { return num_peer_allocation_opens_; }
@@ -209,6 +212,7 @@ class Buffer {
     int64_t num_direct_ops_ = 0;
     const int64_t uid_ = next_buffer_uid();
     int64_t num_dispatches_ = 0;
+    int64_t num_internode_exchanges_ = 0;
     int64_t num_peer_allocation_opens_ = 0;
     std::unique_ptr<HostExchange> host_exchange_;
     // Peers' allocations opened for direct reads, by IPC handle (unique per allocation), kept open: torch's

@@ -1,14 +1,16 @@
-// The exchange that opens every inter-node op (one block): each rank signals every rank with the op's
-// epoch, a fresh dispatch sending its count message along (put-with-signal: the counts arrive before the
-// signal on every transport), then waits until every rank has signalled. A rank signals only once its
-// stream reached this op, so passing the wait proves every rank finished its previous op.
+// The exchange that opens every inter-node op (one block): each rank sends every rank a message (a header
+// with the op's epoch, its verdict and its call's signature; a fresh dispatch's counts after it) with the
+// epoch as signal (put-with-signal: the message arrives before the signal on every transport), then waits
+// until every rank has signalled. A rank signals only once its stream reached this op, so passing the wait
+// proves every rank finished its previous op.
 //
-// Count messages alternate between two parities by epoch: a source writes parity e & 1 of op e, and can
-// write that parity again only in op e + 2, which it opens after every rank signalled op e + 1, i.e. after
-// every reader finished op e. Verdicts (a rank whose checks failed sends (e, code) instead of counts) use
-// the same parities, so a verdict read here is this op's. A verdict the counts imply (a rank receiving more
-// rows than its num_worst_tokens) is reached by every rank alike, without a message.
+// Messages alternate between two parities by epoch: a source writes parity e & 1 of op e, and can write
+// that parity again only in op e + 2, which it opens after every rank signalled op e + 1, i.e. after every
+// reader finished op e. So every header read here is this op's, and every rank decides from the same
+// headers (and counts): a rank's verdict (its checks failed), ranks whose signatures differ, a rank that
+// would receive more rows than its num_worst_tokens all make every rank reject the op alike.
 #include <climits>
+#include <cstddef>
 
 #include "kernels/api.cuh"
 #include "kernels/common/peer.cuh"
@@ -55,7 +57,6 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
         epoch = ptx::ld_volatile_global(epoch_counter) + 1;
     __syncthreads();
     const int parity = epoch & 1;
-    const int64_t message_ints = control.message_ints();
     const int num_local_experts = args.num_experts / num_ranks;
 
     __shared__ int tokens_per_node[kMaxNodes];
@@ -74,67 +75,55 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
         }
         __syncthreads();
     }
-    // This rank rejects the op: its host checks failed, or a combine's forwarded rows (known only here) do
-    // not fit its buffer.
-    const bool rejected_on_host = args.rejected_code != 0;
-    __shared__ bool rejecting;
+    // This rank's header: its verdict (its host checks failed, or a combine's forwarded rows, known only
+    // here, do not fit its buffer) and its call's signature; the same for every destination.
+    __shared__ InternodeMessageHeader header;
     if (threadIdx.x == 0) {
-        int code = args.rejected_code, blamed = args.rejected_rank, value = 0, limit = 0;
-        if (!rejected_on_host && args.forward_offsets_to_check != nullptr) {
+        header = InternodeMessageHeader{epoch, args.rejected_code, args.rejected_rank, 0, 0, args.signature};
+        if (header.code == 0 && args.forward_offsets_to_check != nullptr) {
             const int num_forwarded = args.forward_offsets_to_check[num_nodes];
             if (num_forwarded > args.max_forwarded_rows) {
-                code = kForwardedRowsExceedBuffer;
-                blamed = rank;
-                value = num_forwarded;
-                limit = static_cast<int>(args.max_forwarded_rows);
+                header.code = kForwardedRowsExceedBuffer;
+                header.blamed = rank;
+                header.value = num_forwarded;
+                header.limit = static_cast<int>(args.max_forwarded_rows);
             }
-        }
-        rejecting = code != 0;
-        if (rejecting) {
-            int* verdict = view.local<int>(control.verdict_out());
-            verdict[0] = epoch;
-            verdict[1] = code;
-            verdict[2] = blamed;
-            verdict[3] = value;
-            verdict[4] = limit;
         }
     }
     __syncthreads();
-    if (args.with_counts && !rejecting) {
-        // One message per destination: our whole count rows (so every rank can build the full matrices),
-        // then the destination's slice of our per-expert counts.
-        for (int64_t i = threadIdx.x; i < int64_t{num_ranks} * message_ints; i += blockDim.x) {
-            const int dst = static_cast<int>(i / message_ints), j = static_cast<int>(i % message_ints);
-            int value = 0;
-            if (j < num_ranks)
-                value = args.num_tokens_per_rank[j];
-            else if (j < num_ranks + num_nodes)
-                value = args.num_tokens_per_rdma_rank != nullptr ? args.num_tokens_per_rdma_rank[j - num_ranks]
-                                                                 : tokens_per_node[j - num_ranks];
-            else if (j < num_ranks + num_nodes + num_local_experts)
-                value = args.num_tokens_per_expert[dst * num_local_experts + (j - num_ranks - num_nodes)];
-            else if (j == num_ranks + num_nodes + num_local_experts)
-                value = args.num_worst_tokens;
-            view.local<int>(control.count_out(dst))[j] = value;
+    const bool rejected_on_host = args.rejected_code != 0;
+    const bool send_counts = args.with_counts && header.code == 0;
+    constexpr int kHeaderInts = InternodeControl::kHeaderInts;
+    const int worst_tokens_index = num_ranks + num_nodes + num_local_experts;
+    // One message per destination: the header, then for a fresh dispatch our whole count rows (so every
+    // rank can build the full matrices), the destination's slice of our per-expert counts and our
+    // num_worst_tokens.
+    const int message_ints_used = send_counts ? kHeaderInts + worst_tokens_index + 1 : kHeaderInts;
+    const int message_bytes = (message_ints_used + 3) / 4 * 16;
+    for (int64_t i = threadIdx.x; i < int64_t{num_ranks} * message_ints_used; i += blockDim.x) {
+        const int dst = static_cast<int>(i / message_ints_used), j = static_cast<int>(i % message_ints_used);
+        int value = 0;
+        if (j < kHeaderInts) {
+            if (j < static_cast<int>(sizeof(InternodeMessageHeader) / 4))
+                value = reinterpret_cast<const int*>(&header)[j];
+        } else if (const int c = j - kHeaderInts; c < num_ranks) {
+            value = args.num_tokens_per_rank[c];
+        } else if (c < num_ranks + num_nodes) {
+            value = args.num_tokens_per_rdma_rank != nullptr ? args.num_tokens_per_rdma_rank[c - num_ranks]
+                                                             : tokens_per_node[c - num_ranks];
+        } else if (c < worst_tokens_index) {
+            value = args.num_tokens_per_expert[dst * num_local_experts + (c - num_ranks - num_nodes)];
+        } else {
+            value = args.num_worst_tokens;
         }
-        __syncthreads();
+        view.local<int>(control.message_out(dst))[j] = value;
     }
+    __syncthreads();
     const int warp = threadIdx.x / peer::kWarpSize, lane = threadIdx.x % peer::kWarpSize;
     const int num_warps = blockDim.x / peer::kWarpSize;
-    const int worst_tokens_index = num_ranks + num_nodes + num_local_experts;
-    const int message_bytes = static_cast<int>((worst_tokens_index + 1 + 3) / 4 * 16);
-    for (int dst = warp; dst < num_ranks; dst += num_warps) {
-        if (rejecting) {
-            peer::warp_send_with_signal(view, dst, control.verdict_in(parity, rank), view.local(control.verdict_out()),
-                                        InternodeControl::kVerdictBytes, control.exchange_word(rank), epoch,
-                                        peer::SignalOp::kSet, lane);
-        } else if (args.with_counts) {
-            peer::warp_send_with_signal(view, dst, control.count_in(parity, rank), view.local(control.count_out(dst)),
-                                        message_bytes, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
-        } else if (lane == 0) {
-            peer::signal_set(view, dst, control.exchange_word(rank), epoch);
-        }
-    }
+    for (int dst = warp; dst < num_ranks; dst += num_warps)
+        peer::warp_send_with_signal(view, dst, control.message_in(parity, rank), view.local(control.message_out(dst)),
+                                    message_bytes, control.exchange_word(rank), epoch, peer::SignalOp::kSet, lane);
     // The out messages are rewritten by the next op: complete our puts first.
     peer::quiet();
 
@@ -145,23 +134,51 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(InternodeNotifyArgs 
     if (__syncthreads_and(arrived) == 0)
         return;
 
-    // A rejected op: every rank records it (the op's later kernels skip) and the host learns of it (a
-    // fresh dispatch's host from its counts: -1 rows); ranks whose host checks failed raise their own errors.
-    __shared__ int first_rejecting;
+    // Every rank's header arrived with its signal. A rejected op: every rank records it (the op's later
+    // kernels skip) and the host learns of it (a fresh dispatch's host from its counts: -1 rows); ranks whose
+    // host checks failed raise their own errors. The lowest rank that rejected names the rank to blame.
+    constexpr int kCode = offsetof(InternodeMessageHeader, code) / 4;
+    constexpr int kSignature = offsetof(InternodeMessageHeader, signature) / 4;
+    __shared__ int first_rejecting, first_differing, reference_rank[InternodeCallSignature::kNumFields];
     if (threadIdx.x == 0)
-        first_rejecting = INT_MAX;
+        first_rejecting = first_differing = INT_MAX;
+    if (threadIdx.x < InternodeCallSignature::kNumFields)
+        reference_rank[threadIdx.x] = INT_MAX;
     __syncthreads();
-    for (int src = threadIdx.x; src < num_ranks; src += blockDim.x)
-        if (ld_count(view.local_base, control.verdict_in(parity, src), 0) == epoch)
+    const auto header_of = [&](int src) { return view.local_base + control.message_in(parity, src); };
+    // A handle without identity (-1) matches any; every other field must equal the first rank's.
+    const auto known = [](int field, int value) { return field != InternodeCallSignature::kNumFields - 1 || value >= 0; };
+    for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
+        if (ld_count(header_of(src), 0, kCode) != 0)
             atomicMin(&first_rejecting, src);
+        for (int f = 0; f < InternodeCallSignature::kNumFields; ++f)
+            if (known(f, ld_count(header_of(src), 0, kSignature + f)))
+                atomicMin(&reference_rank[f], src);
+    }
     __syncthreads();
-    if (first_rejecting != INT_MAX) {
+    if (first_rejecting == INT_MAX) {
+        for (int src = threadIdx.x; src < num_ranks; src += blockDim.x)
+            for (int f = 0; f < InternodeCallSignature::kNumFields; ++f) {
+                const int value = ld_count(header_of(src), 0, kSignature + f);
+                if (known(f, value) && value != ld_count(header_of(reference_rank[f]), 0, kSignature + f))
+                    atomicMin(&first_differing, (f << 16) | src);  // the first field, then the lowest rank
+            }
+        __syncthreads();
+    }
+    if (first_rejecting != INT_MAX || first_differing != INT_MAX) {
         if (threadIdx.x == 0) {
-            // The lowest rank that rejected the op names the rank to blame (itself, or a node peer whose error
-            // its node agreed on).
-            const char* verdict = view.local_base + control.verdict_in(parity, first_rejecting);
-            reject_op(args, view, epoch, ld_count(verdict, 0, 2), ld_count(verdict, 0, 1), ld_count(verdict, 0, 3),
-                      ld_count(verdict, 0, 4), rejected_on_host);
+            if (first_rejecting != INT_MAX) {
+                const char* verdict = header_of(first_rejecting);
+                reject_op(args, view, epoch, ld_count(verdict, 0, offsetof(InternodeMessageHeader, blamed) / 4),
+                          ld_count(verdict, 0, kCode), ld_count(verdict, 0, offsetof(InternodeMessageHeader, value) / 4),
+                          ld_count(verdict, 0, offsetof(InternodeMessageHeader, limit) / 4), rejected_on_host);
+            } else {
+                const int f = first_differing >> 16, src = first_differing & 0xffff, reference = reference_rank[f];
+                const int op = ld_count(header_of(reference_rank[0]), 0, kSignature);
+                reject_op(args, view, epoch, src, kSignatureDiffers + (op << 24) + (f << 8) + min(reference, 255),
+                          ld_count(header_of(src), 0, kSignature + f), ld_count(header_of(reference), 0, kSignature + f),
+                          false);
+            }
         }
         return;
     }
