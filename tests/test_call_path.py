@@ -258,7 +258,7 @@ RAISED_BY = {
     "dispatch": "combine",
     "dispatch_two_ranks": "combine",
     "dispatch_hook": "combine",
-    "dispatch_and_combine": "next dispatch",
+    "dispatch_and_combine": "next combine",
 }
 # What every rank raises: the lowest offending rank's first bad id.
 BAD_ID_MESSAGE = f"topk_idx: expert ids must be in [-1, {NUM_EXPERTS}), found {NUM_EXPERTS + 5} on rank 0 ("
@@ -299,8 +299,8 @@ def _hold_up(device) -> None:
 def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
     """Rank 0 (and rank 1 in "dispatch_two_ranks") passes BAD_IDS to the low-latency ops named by `where`.
     They must act as -1 there (the pair is neither sent nor combined), and on every rank the ValueError must
-    come from the first call (or hook) that ends after the GPU ran the dispatch's receiving kernel, after
-    that call's own kernels are queued: every rank completes every call.
+    come from the first combine (or its hook) that ends after the GPU ran the dispatch's receiving kernel,
+    after that call's own kernels are queued: every rank completes every call of the round.
     Then a fresh round trip is correct everywhere."""
     torch.set_num_threads(2)
     buffer = _ll_buffer(group, num_ranks, backend, timeout_s=BAD_ID_TIMEOUT_S)
@@ -378,14 +378,18 @@ def _rank_bad_expert_id(rank, num_ranks, group, where, backend="cuda"):
             want, expected = _ll_oracle(rank, "bf16", xs, effective, effective[rank], ws[rank])
             _assert_dispatch_equal(where_rank, *dispatched[:3], want)
             _assert_combine_equal(where_rank, result[0], expected)
-            # The next call reports it (a combine reports none of its own: its topk_idx is its dispatch's);
+            # The next combine reports it (a combine reports none of its own: its topk_idx is its
+            # dispatch's; a dispatch raises nothing but timeouts, so that every rank completes its round);
             # its kernels still run, so every rank gets every rank's rows.
-            xs, idxs, _ = _inputs(301, tokens)
-            dispatched = dispatch("next dispatch", xs[rank], idxs[rank], may_raise=True)
+            xs, idxs, ws = _inputs(301, tokens)
+            dispatched = dispatch("next dispatch", xs[rank], idxs[rank])
             _sync(device)
-            if dispatched is not None:
-                want = reference.low_latency_dispatch(rank, xs, idxs, M, NUM_EXPERTS, use_fp8=False)
-                _assert_dispatch_equal(where_rank + ", next dispatch", *dispatched[:3], want)
+            want, expected = _ll_oracle(rank, "bf16", xs, idxs, idxs[rank], ws[rank])
+            _assert_dispatch_equal(where_rank + ", next dispatch", *dispatched[:3], want)
+            result = combine("next combine", dispatched, idxs[rank], ws[rank], may_raise=True)
+            _sync(device)
+            if result is not None:
+                _assert_combine_equal(where_rank + ", next combine", result[0], expected)
         check_round_trip(302, "round trip after the error")
     finally:
         _sync(device)

@@ -507,6 +507,92 @@ def test_clear_errors_for_bad_shapes(pool):
     assert pool.run(_too_many_tokens) == [[True, True]] * pool.num_ranks
 
 
+def _one_bad_rank(rank, num_ranks, group, bad_first_call, backend="cuda"):
+    """The last rank passes x as float32 to low_latency_dispatch (a TypeError there), the others valid
+    inputs. It still takes part, with no tokens, and its experts return NaN rows, so nobody waits: the
+    peers' dispatch and combine complete (NaN exactly for the tokens routed to its experts, the others as
+    the reference) and every rank raises naming it: the bad rank in its dispatch, the others at their
+    combine (or check()), never earlier, so every rank finishes the round. Then a valid round is correct.
+    bad_first_call: the bad call is the Buffer's first (its layout comes from the call's own sizes)."""
+    m, hidden, num_experts, topk = 32, 2048, 4 * num_ranks, 4
+    bad = num_ranks - 1
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    device = buffer.device
+    tokens = [m - 3 * r for r in range(num_ranks)]
+
+    def valid_round(seed):
+        xs, idxs, ws = _inputs(seed, num_ranks, tokens, hidden, num_experts, topk, True, device)
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            xs[rank], idxs[rank], m, num_experts, use_fp8=False
+        )
+        combined = buffer.low_latency_combine(
+            _expert_outputs(recv_x, None, False), idxs[rank], ws[rank], handle
+        )[0]
+        _sync(buffer)
+        want, rows = _reference(rank, xs, idxs, m, num_experts, False)
+        got = (recv_x, None, recv_count, handle.packed_recv_src_info, handle.packed_recv_layout_range)
+        _assert_dispatch_equal(rank, got, want, False)
+        assert torch.equal(combined, _expected_combine(rank, rows, idxs[rank], ws[rank], num_experts)), (
+            f"rank {rank}: combine after the rejected round"
+        )
+
+    try:
+        if not bad_first_call:
+            valid_round(50)
+        xs, idxs, ws = _inputs(51, num_ranks, tokens, hidden, num_experts, topk, True, device)
+        raised, where, combined = None, "dispatch", None
+        try:
+            x = xs[rank].float() if rank == bad else xs[rank]
+            recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+                x, idxs[rank], m, num_experts, use_fp8=False
+            )
+            where = "combine"
+            # The hook form: the combined tensor exists even when the hook raises.
+            combined, _, hook = buffer.low_latency_combine(
+                _expert_outputs(recv_x, None, False), idxs[rank], ws[rank], handle, return_recv_hook=True
+            )
+            hook()
+            _sync(buffer)
+            where = "check"
+            buffer.check()
+        except (TypeError, ValueError) as e:
+            raised = (type(e).__name__, str(e), where)
+        _sync(buffer)
+        if combined is not None:
+            # What the peers' combine must hold: the bad rank sent no tokens, its experts NaN rows.
+            xs_seen = [x if r != bad else x[:0] for r, x in enumerate(xs)]
+            idxs_seen = [i if r != bad else i[:0] for r, i in enumerate(idxs)]
+            _, rows = _reference(rank, xs_seen, idxs_seen, m, num_experts, False)
+            expected = _expected_combine(rank, rows, idxs[rank], ws[rank], num_experts)
+            owner = torch.where(idxs[rank] >= 0, idxs[rank] // (num_experts // num_ranks), -1)
+            routed_to_bad = (owner == bad).any(dim=1)
+            nan_rows = torch.isnan(combined.float()).any(dim=1)
+            assert torch.equal(nan_rows, routed_to_bad), (
+                f"rank {rank}: NaN rows {nan_rows} vs {routed_to_bad}"
+            )
+            keep = ~routed_to_bad
+            assert torch.equal(combined[keep], expected[keep]), f"rank {rank}: rows not routed to rank {bad}"
+        valid_round(52)
+    finally:
+        buffer.destroy()
+    return raised
+
+
+@pytest.mark.parametrize("bad_first_call", [False, True], ids=["after_a_round", "first_call"])
+def test_one_bad_rank_makes_every_rank_raise_and_nobody_waits(pool, bad_first_call):
+    bad = pool.num_ranks - 1
+    results = pool.run(_one_bad_rank, bad_first_call)
+    for rank, raised in enumerate(results):
+        assert raised is not None, f"rank {rank}: nothing raised"
+        kind, message, where = raised
+        assert kind == "TypeError" and message.startswith("x:"), f"rank {rank}: {kind} {message}"
+        if rank == bad:
+            assert where == "dispatch", f"rank {rank} raised at {where}: {message}"
+        else:
+            assert where in ("combine", "check"), f"rank {rank} raised at {where}: {message}"
+            assert f"rank {bad} rejected" in message and "low-latency" in message, f"rank {rank}: {message}"
+
+
 def _timeout(rank, num_ranks, group, op, backend="cuda"):
     """Only rank 0 runs `op` (the others skip it): its kernel times out waiting for them. Its outputs are
     poisoned (receive counts and layout ranges -1, every received or combined value NaN); once

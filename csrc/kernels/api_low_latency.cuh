@@ -25,7 +25,9 @@ inline constexpr int kLowLatencySupportedHidden[] = {2048, 2560, 4096, 5120, 716
 ///                   when bit 30 is set and the arrived rows equal the count; the (only) reader resets it.
 ///                   The high 32-bit half is 0, except in local expert 0's words: there it holds the
 ///                   first out-of-range expert id of the source's topk_idx (never 0: such an id is < -1
-///                   or >= E), stored before the count; its reader resets it.
+///                   or >= E), stored before the count; its reader resets it. Bit 31 of the low half:
+///                   the source rejected the call (its argument checks failed; it sends no rows); the
+///                   high half of its local expert 0 words then holds its rejection code.
 ///                   combine_counters [E] uint64, per global expert: +1 per row that expert's rank
 ///                   returns; the receiver knows how many to expect from its own topk_idx; the last block
 ///                   of the receiving kernel resets them.
@@ -113,6 +115,11 @@ struct LowLatencyDispatchArgs {
     // Ids outside [-1, num_experts) are sent nowhere; each sender's first one rides in its count words, and
     // every receiver records the lowest rank's in `invalid` (so every rank raises it).
     InvalidExpertIdWord* invalid;
+    // Nonzero: this rank's argument checks failed (Buffer::rejection_code); it takes part with no tokens
+    // and this code in its count words, and receives into no recv_x (nullptr: rows are only drained).
+    int rejected_code;
+    // Where a receiver reports the lowest rank that rejected the call, or nullptr.
+    RejectionReport* rejection;
     int rank;
     int num_blocks;
     bool conservative_loads;

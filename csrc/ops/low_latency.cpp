@@ -115,9 +115,16 @@ cudaStream_t current_stream(const runtime::Buffer& buffer) {
     return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(buffer.device())).stream();
 }
 
+/// What an op raises once its kernels are queued. A dispatch (or its hook) raises only a timeout: the
+/// errors its receive reports for the whole round (a flagged expert id, a rank that rejected the dispatch)
+/// wait for the round's combine, so that no rank raises before its combine while its peers' combines wait
+/// for its experts' rows.
+void raise_after(runtime::Buffer& buffer, const LowLatencyDispatchArgs&) { buffer.raise_if_failed(); }
+void raise_after(runtime::Buffer& buffer, const LowLatencyCombineArgs&) { buffer.raise_pending_errors(); }
+
 /// The receive half of a dispatch or combine sent with return_recv_hook: calling it launches the receiving
-/// kernel on the then-current stream, and then raises what the Buffer has pending (a timeout, a flagged
-/// expert id), as the op itself would have. Holds the op's tensors until it is dropped.
+/// kernel on the then-current stream, and then raises what the op itself would have (raise_after). Holds
+/// the op's tensors until it is dropped.
 template <typename Args>
 class ReceiveHook {
   public:
@@ -132,7 +139,7 @@ class ReceiveHook {
         args.do_recv = true;
         args.stream = current_stream(buffer);
         launch(args);
-        buffer.raise_pending_errors();
+        raise_after(buffer, args);
     }
 
   private:
@@ -156,12 +163,115 @@ std::pair<pybind11::object, pybind11::object> finish(runtime::Buffer& buffer, co
         hook = pybind11::cast(ReceiveHook<Args>(pybind11::cast(&buffer, pybind11::return_value_policy::reference), args,
                                                 std::move(keep_alive)));
     else
-        buffer.raise_pending_errors();
+        raise_after(buffer, args);
     return {event, hook};
+}
+
+/// A low-latency dispatch whose arguments passed every check.
+struct LowLatencyDispatchCall {
+    torch::Tensor x, topk_idx;
+    OptionalTensor cumulative_stats, wait_cost_stats;
+    LowLatencyLayout layout;
+};
+
+LowLatencyDispatchCall checked_low_latency_dispatch(runtime::Buffer& buffer, runtime::SymmetricBuffer& symmetric,
+                                                    pybind11::handle x_arg, pybind11::handle topk_idx_arg,
+                                                    pybind11::handle num_max_tokens_arg,
+                                                    pybind11::handle num_experts_arg,
+                                                    pybind11::handle cumulative_stats_arg,
+                                                    pybind11::handle wait_cost_stats_arg, bool use_fp8,
+                                                    bool round_scale, bool use_ue8m0) {
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    const int64_t m = arguments::integer(num_max_tokens_arg, "num_max_dispatch_tokens_per_rank", 1);
+    const int64_t num_experts = checked_num_experts(num_experts_arg, num_ranks);
+    LowLatencyDispatchCall call;
+    call.x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
+    const int64_t num_tokens = call.x.size(0), hidden = checked_hidden(call.x.size(1), "x");
+    if (num_tokens > m)
+        arguments::raise_value_error("x: " + std::to_string(num_tokens) +
+                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
+    if (m > kLowLatencyMaxTokensPerRank)
+        arguments::raise_value_error("num_max_dispatch_tokens_per_rank: at most " +
+                                     std::to_string(kLowLatencyMaxTokensPerRank) + ", got " + std::to_string(m));
+    call.topk_idx = arguments::topk_idx(topk_idx_arg, num_tokens, runtime::size_hints::kLowLatencyMaxNumTopk, device);
+    if (buffer.host_expert_id_check())
+        arguments::check_expert_ids_on_host(call.topk_idx, num_experts);
+    call.cumulative_stats = arguments::optional_tensor(cumulative_stats_arg, "cumulative_local_expert_recv_stats",
+                                                       {{c10::ScalarType::Int}, {num_experts / num_ranks}}, device);
+    call.wait_cost_stats = arguments::optional_tensor(
+        wait_cost_stats_arg, "dispatch_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
+    if (use_ue8m0 && !(use_fp8 && round_scale))
+        arguments::raise_value_error("use_ue8m0: requires use_fp8=True and round_scale=True");
+    call.layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
+    return call;
+}
+
+/// The layout a rank whose dispatch checks failed takes part in: the Buffer's current one, else (its first
+/// low-latency op) the call's own sizes if they are valid; none if neither is known.
+std::optional<LowLatencyLayout> rejection_layout(const runtime::Buffer& buffer,
+                                                 const runtime::SymmetricBuffer& symmetric, pybind11::handle x_arg,
+                                                 pybind11::handle num_max_tokens_arg, pybind11::handle num_experts_arg) {
+    const int64_t num_ranks = buffer.num_ranks();
+    if (symmetric.has_shape)
+        return LowLatencyLayout{symmetric.shape[0], symmetric.shape[1], num_ranks, symmetric.shape[2]};
+    try {
+        const int64_t m = arguments::integer(num_max_tokens_arg, "num_max_dispatch_tokens_per_rank", 1);
+        const int64_t num_experts = checked_num_experts(num_experts_arg, num_ranks);
+        if (!THPVariable_Check(x_arg.ptr()) || m > kLowLatencyMaxTokensPerRank)
+            return std::nullopt;
+        const torch::Tensor x = THPVariable_Unpack(x_arg.ptr());
+        if (x.dim() != 2)
+            return std::nullopt;
+        return checked_layout(symmetric, "x", m, checked_hidden(x.size(1), "x"), num_ranks, num_experts);
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
+}
+
+/// A rank whose dispatch checks failed still takes part in the round, so that no peer waits for it: a
+/// dispatch with no tokens that carries `code` to every rank (each records the lowest rejecting rank) and
+/// drains what the peers sent it, then a combine that returns NaN rows for every row its experts got.
+void take_part_rejected(runtime::Buffer& buffer, runtime::SymmetricBuffer& symmetric, const LowLatencyLayout& layout,
+                        int code) {
+    const cudaStream_t stream = current_stream(buffer);
+    use_layout(symmetric, layout, stream);
+    const int64_t num_ranks = layout.num_ranks, num_local_experts = layout.num_local_experts();
+    runtime::OutputTensors drained;
+    const int count_index = drained.add({num_local_experts}, torch::kInt32);
+    const int src_info_index = drained.add({num_local_experts, num_ranks * layout.num_max_tokens}, torch::kInt32);
+    const int layout_range_index = drained.add({num_local_experts, num_ranks}, torch::kInt64);
+    drained.allocate(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(buffer.device())));
+    const torch::Tensor src_info = drained[src_info_index], layout_range = drained[layout_range_index];
+
+    LowLatencyDispatchArgs dispatch{};
+    fill_common(dispatch, buffer, symmetric, layout, symmetric.take_set(), stream);
+    dispatch.do_send = dispatch.do_recv = true;
+    dispatch.num_topk = 1;
+    dispatch.rejected_code = code;
+    dispatch.recv_count = drained[count_index].data_ptr<int>();
+    dispatch.recv_src_info = src_info.data_ptr<int>();
+    dispatch.recv_layout_range = layout_range.data_ptr<int64_t>();
+    launch_low_latency_dispatch(dispatch);
+
+    LowLatencyCombineArgs combine{};
+    fill_common(combine, buffer, symmetric, layout, symmetric.take_set(), stream);
+    // All bytes 0xff: BF16 NaN in every staged row, sent as they are (zero copy).
+    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric.base) + layout.send_region(combine.buffer_set), 0xff,
+                                       layout.num_experts * layout.num_max_tokens * layout.combine_row_bytes(), stream));
+    combine.do_send = combine.do_recv = true;
+    combine.zero_copy = true;
+    combine.src_info = src_info.data_ptr<int>();
+    combine.layout_range = layout_range.data_ptr<int64_t>();
+    combine.num_topk = 1;
+    combine.done_blocks = symmetric.combine_done_blocks.data_ptr<int>();
+    launch_low_latency_combine(combine);
 }
 
 /// Returns (recv_x, or (recv_x, recv_scales) with use_fp8; recv_count; the handle as a 5-tuple; event or
 /// None; hook or None). Scales are column-major [L, R*M, H/128] float32, or int32 [L, R*M, H/512] with ue8m0.
+/// A rank whose checks fail takes part in the round anyway (take_part_rejected) and raises its error; its
+/// peers raise the rejection at their combine of the round.
 pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle topk_idx_arg,
                                      pybind11::handle num_max_tokens_arg, pybind11::handle num_experts_arg,
                                      pybind11::handle cumulative_stats_arg, pybind11::handle wait_cost_stats_arg,
@@ -169,30 +279,33 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
                                      bool return_recv_hook) {
     buffer.require_usable();
     runtime::SymmetricBuffer& symmetric = buffer.symmetric("low_latency_dispatch");
-    const int device = buffer.device();
-    const int64_t num_ranks = buffer.num_ranks();
-    const int64_t m = arguments::integer(num_max_tokens_arg, "num_max_dispatch_tokens_per_rank", 1);
-    const int64_t num_experts = checked_num_experts(num_experts_arg, num_ranks);
-    const torch::Tensor& x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {}, 2}, device);
-    const int64_t num_tokens = x.size(0), hidden = checked_hidden(x.size(1), "x");
-    if (num_tokens > m)
-        arguments::raise_value_error("x: " + std::to_string(num_tokens) +
-                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
-    if (m > kLowLatencyMaxTokensPerRank)
-        arguments::raise_value_error("num_max_dispatch_tokens_per_rank: at most " +
-                                     std::to_string(kLowLatencyMaxTokensPerRank) + ", got " + std::to_string(m));
-    const torch::Tensor& topk_idx =
-        arguments::topk_idx(topk_idx_arg, num_tokens, runtime::size_hints::kLowLatencyMaxNumTopk, device);
-    if (buffer.host_expert_id_check())
-        arguments::check_expert_ids_on_host(topk_idx, num_experts);
-    const OptionalTensor cumulative_stats =
-        arguments::optional_tensor(cumulative_stats_arg, "cumulative_local_expert_recv_stats",
-                                   {{c10::ScalarType::Int}, {num_experts / num_ranks}}, device);
-    const OptionalTensor wait_cost_stats = arguments::optional_tensor(
-        wait_cost_stats_arg, "dispatch_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
-    if (use_ue8m0 && !(use_fp8 && round_scale))
-        arguments::raise_value_error("use_ue8m0: requires use_fp8=True and round_scale=True");
-    const LowLatencyLayout layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
+    const auto reject = [&](const char* message, bool type_error) {
+        const std::optional<LowLatencyLayout> layout =
+            rejection_layout(buffer, symmetric, x_arg, num_max_tokens_arg, num_experts_arg);
+        if (layout.has_value())
+            take_part_rejected(buffer, symmetric, *layout, runtime::Buffer::rejection_code(message, type_error, true));
+    };
+    LowLatencyDispatchCall call;
+    try {
+        call = checked_low_latency_dispatch(buffer, symmetric, x_arg, topk_idx_arg, num_max_tokens_arg, num_experts_arg,
+                                            cumulative_stats_arg, wait_cost_stats_arg, use_fp8, round_scale, use_ue8m0);
+    } catch (const pybind11::type_error& error) {
+        reject(error.what(), true);
+        throw;
+    } catch (const pybind11::value_error& error) {
+        reject(error.what(), false);
+        throw;
+    } catch (const std::invalid_argument& error) {
+        reject(error.what(), false);
+        throw;
+    }
+    const torch::Tensor& x = call.x;
+    const torch::Tensor& topk_idx = call.topk_idx;
+    const OptionalTensor& cumulative_stats = call.cumulative_stats;
+    const OptionalTensor& wait_cost_stats = call.wait_cost_stats;
+    const LowLatencyLayout& layout = call.layout;
+    const int64_t num_ranks = layout.num_ranks, m = layout.num_max_tokens, hidden = layout.hidden;
+    const int64_t num_experts = layout.num_experts, num_tokens = x.size(0);
 
     const cudaStream_t stream = current_stream(buffer);
     use_layout(symmetric, layout, stream);
@@ -224,6 +337,7 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
     args.do_send = true;
     args.do_recv = !return_recv_hook;
     args.invalid = buffer.invalid_expert_id_device();
+    args.rejection = buffer.rejection_report_device();
     args.x = x.data_ptr();
     args.topk_idx = topk_idx.data_ptr();
     args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;

@@ -377,10 +377,13 @@ namespace {
 // The arguments a rejection code can name (its low byte: index + 1; kUnnamedArgument: none of these).
 constexpr const char* kRejectableArguments[] = {
     "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
-    "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "bias", "config", "previous_event", "num_sms"};
+    "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "bias", "config", "previous_event", "num_sms",
+    "num_max_dispatch_tokens_per_rank", "num_experts", "cumulative_local_expert_recv_stats",
+    "dispatch_wait_recv_cost_stats", "use_ue8m0"};
 constexpr int kNumRejectableArguments = sizeof(kRejectableArguments) / sizeof(kRejectableArguments[0]);
 constexpr int kUnnamedArgument = 0xff;
 constexpr int kTypeErrorBit = 1 << 8;
+constexpr int kLowLatencyBit = 1 << 9;
 
 }  // namespace
 
@@ -401,14 +404,14 @@ std::string shown_signature_field(int field, int value) {
 
 }  // namespace
 
-int Buffer::rejection_code(const std::string& message, bool type_error) {
+int Buffer::rejection_code(const std::string& message, bool type_error, bool low_latency) {
     // "x[1]: ...", "handle.send_head: ..." name x and handle.
     const std::string name = message.substr(0, message.find_first_of(":.[ "));
     int index = kUnnamedArgument;
     for (int i = 0; i < kNumRejectableArguments; ++i)
         if (name == kRejectableArguments[i])
             index = i + 1;
-    return index | (type_error ? kTypeErrorBit : 0);
+    return index | (type_error ? kTypeErrorBit : 0) | (low_latency ? kLowLatencyBit : 0);
 }
 
 void Buffer::raise_if_rejected_by_peer() {
@@ -445,9 +448,16 @@ void Buffer::raise_if_rejected_by_peer() {
     const bool type_error = (code & kTypeErrorBit) != 0;
     std::ostringstream message;
     message << (index >= 1 && index <= kNumRejectableArguments ? kRejectableArguments[index - 1] : "arguments")
-            << ": rank " << rank << " rejected an inter-node operation this rank took part in ("
-            << (type_error ? "TypeError" : "ValueError") << " there, with the details)" << skipped
-            << " (a fresh dispatch that waited for its counts returned none)";
+            << ": rank " << rank;
+    if ((code & kLowLatencyBit) != 0)
+        message << " rejected the low-latency dispatch of this round (" << (type_error ? "TypeError" : "ValueError")
+                << " there, with the details): it took part with no tokens and its experts returned NaN rows, so "
+                   "this round's low_latency_combine outputs are NaN for the tokens routed to rank "
+                << rank << "'s experts";
+    else
+        message << " rejected an inter-node operation this rank took part in ("
+                << (type_error ? "TypeError" : "ValueError") << " there, with the details)" << skipped
+                << " (a fresh dispatch that waited for its counts returned none)";
     if (type_error)
         throw pybind11::type_error(message.str());
     throw std::invalid_argument(message.str());

@@ -164,9 +164,9 @@ class Buffer {
     // exchange on every rank that did not raise already, raised like a flagged expert id.
     RejectionReport* rejection_report_device() const { return rejection_report_device_; }
     void raise_if_rejected_by_peer();
-    // What a rank that rejects an inter-node op tells its peers: the argument its error names (the message's
-    // "name: ..." prefix) and whether it is a TypeError. Never 0.
-    static int rejection_code(const std::string& message, bool type_error);
+    // What a rank that rejects an op tells its peers: the argument its error names (the message's
+    // "name: ..." prefix), whether it is a TypeError, and whether the op is a low-latency dispatch. Never 0.
+    static int rejection_code(const std::string& message, bool type_error, bool low_latency = false);
     // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id, then a
     // rejected op.
     void raise_pending_errors() {

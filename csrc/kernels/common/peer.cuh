@@ -129,8 +129,10 @@ __device__ __forceinline__ void signal_add(const SymmetricView& view, int dst_ra
             ptx::st_relaxed_sys_global(low + 1, high_word);  // ordered before the add by its release
         ptx::atom_add_release_sys_global(low, value);
     } else {
-        // One 64-bit add: the low half never carries into the high one (values fit in 31 bits).
-        const uint64_t both = (static_cast<uint64_t>(static_cast<uint32_t>(high_word)) << 32) + static_cast<uint64_t>(value);
+        // One 64-bit add: the low half never carries into the high one (its adds sum to at most 32 bits;
+        // a value with bit 31 set is that bit, not a negative number).
+        const uint64_t both = (static_cast<uint64_t>(static_cast<uint32_t>(high_word)) << 32) +
+                              static_cast<uint64_t>(static_cast<uint32_t>(value));
         nvshmemx_signal_op(reinterpret_cast<uint64_t*>(view.local_base + signal_offset), both, NVSHMEM_SIGNAL_ADD,
                            dst_rank);
     }

@@ -11,7 +11,9 @@
 // Out-of-range expert ids count as -1. Each block scans every pair, so every block knows the rank's first
 // bad id; it rides in the high half of the count words for each rank's local expert 0, so the one block
 // that receives expert 0 sees every source's and records the lowest source rank's in the Buffer's
-// InvalidExpertIdWord, once per call: every rank of the call raises the same error.
+// InvalidExpertIdWord, once per call: every rank of the call raises the same error. A rank whose argument
+// checks failed takes part with no tokens, a rejected bit in its count words and its code where a bad id
+// would ride; the same block records the lowest such rank in the Buffer's RejectionReport.
 // No grid-wide barrier: a block only ever waits for rows other blocks (or ranks) have already been able
 // to send, and the launcher keeps the grid small enough for all blocks of all ranks to be resident.
 #include "kernels/api.cuh"
@@ -20,6 +22,7 @@
 #include "kernels/common/peer.cuh"
 #include "kernels/common/poison.cuh"
 #include "kernels/common/ptx.cuh"
+#include "kernels/common/rejection.cuh"
 #include "kernels/common/sync.cuh"
 #include "runtime/errors.hpp"
 
@@ -31,6 +34,7 @@ constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kMaxRanks = 1024;
 constexpr int kCountShift = 16;
 constexpr int kCountSetBit = 1 << 30;
+constexpr int kRejectedBit = static_cast<int>(1u << 31);
 constexpr int kArrivedMask = (1 << kCountShift) - 1;
 constexpr unsigned long long kNoBadSource = ~0ull;
 
@@ -96,10 +100,14 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     const int bad_expert_id = *first_bad_pair == INT_MAX
                                   ? 0
                                   : expert_ids::clamped(expert_ids::raw(args.topk_idx, args.topk_idx_is_int64, *first_bad_pair));
+    // A rejecting rank (no tokens) carries its code where a bad id would ride.
+    const bool rejecting = args.rejected_code != 0;
+    const int report = rejecting ? args.rejected_code : bad_expert_id;
     for (int e = blockIdx.x * kNumThreads + threadIdx.x; e < num_experts; e += gridDim.x * kNumThreads) {
         const int dst_rank = e / num_local_experts, local_expert = e % num_local_experts;
         peer::signal_add(view, dst_rank, layout.dispatch_word(args.buffer_set, local_expert, args.rank),
-                         (histogram[e] << kCountShift) + kCountSetBit, local_expert == 0 ? bad_expert_id : 0);
+                         (histogram[e] << kCountShift) + kCountSetBit + (rejecting ? kRejectedBit : 0),
+                         local_expert == 0 ? report : 0);
     }
 
     // 2. Cast this block's tokens (t = blockIdx.x + i * gridDim.x) into their send rows, half a warp per
@@ -180,6 +188,8 @@ __device__ __forceinline__ void unpack_row(const LowLatencyDispatchArgs& args, c
     const int64_t out_row = local_expert * rows_per_expert + packed_row;
     if (lane == 0)
         args.recv_src_info[out_row] = ptx::ld_peer<kLoadKind>(reinterpret_cast<const int*>(row));
+    if (args.recv_x == nullptr)  // a rejecting rank only drains its words (its combine needs the layout)
+        return;
     const auto* payload = reinterpret_cast<const int4*>(row + layout.dispatch_header_bytes());
     const int payload_bytes = args.use_fp8 ? hidden : hidden * 2;
     auto* dst = reinterpret_cast<int4*>(static_cast<char*>(args.recv_x) + out_row * payload_bytes);
@@ -221,7 +231,8 @@ __device__ void poison_expert(const LowLatencyDispatchArgs& args, int local_expe
     const auto& layout = args.layout;
     const int64_t rows = layout.num_ranks * layout.num_max_tokens;
     const int64_t row_bytes = args.use_fp8 ? layout.hidden : layout.hidden * 2;
-    poison::fill(static_cast<char*>(args.recv_x) + local_expert * rows * row_bytes, rows * row_bytes,
+    if (args.recv_x != nullptr)
+        poison::fill(static_cast<char*>(args.recv_x) + local_expert * rows * row_bytes, rows * row_bytes,
                  args.use_fp8 ? poison::kFp8E4m3NaNs : poison::kBf16NaNs);
     for (int src = threadIdx.x; src < layout.num_ranks; src += kNumThreads)
         args.recv_layout_range[local_expert * layout.num_ranks + src] = -1;
@@ -234,7 +245,8 @@ __device__ void poison_expert(const LowLatencyDispatchArgs& args, int local_expe
 /// then all warps copy the chunk's rows together.
 template <ptx::LoadKind kLoadKind>
 __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* counts,
-                           int* begins, int* chunk_row_start, int* failed, unsigned long long* first_bad_source) {
+                           int* begins, int* chunk_row_start, int* failed, unsigned long long* first_bad_source,
+                           unsigned long long* first_rejecting_source) {
     const auto& layout = args.layout;
     const int num_ranks = static_cast<int>(layout.num_ranks);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
@@ -261,11 +273,11 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
             }
             // Every row of this use has arrived, so nobody writes the word again before its next use.
             ptx::st_relaxed_sys_global(reinterpret_cast<int*>(word), 0);
-            if (expert_of(i) == 0) {  // the words that carry the sources' bad expert ids (block 0, chunk 0)
-                const int bad_expert_id = peer::load_signal_high_word(word);
-                if (bad_expert_id != 0) {
-                    atomicMin(first_bad_source,
-                              (static_cast<unsigned long long>(src) << 32) | static_cast<uint32_t>(bad_expert_id));
+            if (expert_of(i) == 0) {  // the words that carry bad expert ids and rejections (block 0, chunk 0)
+                const int high = peer::load_signal_high_word(word);
+                if (high != 0) {
+                    atomicMin((value & kRejectedBit) != 0 ? first_rejecting_source : first_bad_source,
+                              (static_cast<unsigned long long>(src) << 32) | static_cast<uint32_t>(high));
                     peer::clear_signal_high_word(word);
                 }
             }
@@ -278,6 +290,9 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
         if (chunk == 0 && blockIdx.x == 0 && threadIdx.x == 0 && *first_bad_source != kNoBadSource)
             expert_ids::record(args.invalid, static_cast<int>(static_cast<uint32_t>(*first_bad_source)),
                                static_cast<int>(layout.num_experts), static_cast<int>(*first_bad_source >> 32));
+        if (chunk == 0 && blockIdx.x == 0 && threadIdx.x == 0 && *first_rejecting_source != kNoBadSource)
+            rejection::report(args.rejection, static_cast<int>(*first_rejecting_source >> 32),
+                              static_cast<int>(static_cast<uint32_t>(*first_rejecting_source)), 0, 0);
         if (*failed) {  // uniform across the block: every thread read the shared flag after the barrier
             for (int i = chunk; i < num_block_experts; ++i)
                 poison_expert(args, expert_of(i));
@@ -332,11 +347,13 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispa
     __shared__ int shared_ints[kLowLatencyMaxExperts + kMaxCachedPairs / 2];
     __shared__ int failed, first_bad_pair;
     __shared__ unsigned long long first_bad_source;  // (source rank << 32 | its first bad id), min over sources
+    __shared__ unsigned long long first_rejecting_source;  // (source rank << 32 | its rejection code), likewise
     const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
     if (threadIdx.x == 0) {
         failed = 0;
         first_bad_pair = INT_MAX;
         first_bad_source = kNoBadSource;
+        first_rejecting_source = kNoBadSource;
     }
     __syncthreads();
     if (args.do_send)
@@ -345,7 +362,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispa
     __syncthreads();
     if (args.do_recv)
         recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed,
-                              &first_bad_source);
+                              &first_bad_source, &first_rejecting_source);
 }
 
 }  // namespace low_latency
