@@ -83,7 +83,9 @@ struct InternodeControl {
         return signal_bytes() + (2 * int64_t{num_ranks} + dst) * message_ints() * 4;
     }
     // The counts after a message's header.
-    __host__ __device__ int64_t count_in(int parity, int src) const { return message_in(parity, src) + kHeaderInts * 4; }
+    __host__ __device__ int64_t count_in(int parity, int src) const {
+        return message_in(parity, src) + kHeaderInts * 4;
+    }
     __host__ __device__ int64_t count_out(int dst) const { return message_out(dst) + kHeaderInts * 4; }
     __host__ __device__ int64_t bytes() const {
         return internode_round_up(signal_bytes() + 3 * int64_t{num_ranks} * message_ints() * 4, 4096);

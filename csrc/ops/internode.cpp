@@ -266,7 +266,8 @@ pybind11::tuple internode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         num_recv_capacity = static_cast<int>(call.num_worst_tokens);
     } else {
         // Plan and send run on the GPU meanwhile.
-        auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, static_cast<int>(num_experts / num_ranks));
+        const int num_local_experts = static_cast<int>(num_experts / num_ranks);
+        auto [rows, per_expert] = wait_for_receive_counts(buffer, notify_tag, num_local_experts);
         if (rows < 0) {  // a peer rejected the op: every rank skips it (its plan and send already did)
             streams.join_caller();
             buffer.raise_if_rejected_by_peer();
@@ -367,8 +368,10 @@ pybind11::tuple internode_combine(runtime::Buffer& buffer, pybind11::handle x_ar
     // The rows this rank forwards are known on the GPU only: the exchange checks them against what is left.
     const InternodeCombineLayout layout(internode_control(buffer), buffer.num_rdma_bytes(), hidden, num_topk);
     const int64_t max_forwarded_rows =
-        layout.num_row_slots - InternodeCombineLayout::rows_needed(layout.control.num_nodes(), num_staged_rows, 0, num_tokens);
-    launch_exchange(buffer, peers, stream, signature_of(call), handle.forward_offsets.data_ptr<int>(), max_forwarded_rows);
+        layout.num_row_slots -
+        InternodeCombineLayout::rows_needed(layout.control.num_nodes(), num_staged_rows, 0, num_tokens);
+    launch_exchange(buffer, peers, stream, signature_of(call), handle.forward_offsets.data_ptr<int>(),
+                    max_forwarded_rows);
     InternodeCombineArgs args{};
     args.peers = peers;
     args.layout = layout;

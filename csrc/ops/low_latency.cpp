@@ -211,7 +211,8 @@ LowLatencyDispatchCall checked_low_latency_dispatch(runtime::Buffer& buffer, run
 /// low-latency op) the call's own sizes if they are valid; none if neither is known.
 std::optional<LowLatencyLayout> rejection_layout(const runtime::Buffer& buffer,
                                                  const runtime::SymmetricBuffer& symmetric, pybind11::handle x_arg,
-                                                 pybind11::handle num_max_tokens_arg, pybind11::handle num_experts_arg) {
+                                                 pybind11::handle num_max_tokens_arg,
+                                                 pybind11::handle num_experts_arg) {
     const int64_t num_ranks = buffer.num_ranks();
     if (symmetric.has_shape)
         return LowLatencyLayout{symmetric.shape[0], symmetric.shape[1], num_ranks, symmetric.shape[2]};

@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
         if (j == rank)
             num_recv_tokens = running;
         // Every rank checks every rank's num_worst_tokens, so all reach the same verdict.
-        if (rejection::exceeds_worst_tokens(running, ptx::ld_volatile_global(layout::CountArea::num_worst_tokens(own, j))))
+        const int worst_tokens = ptx::ld_volatile_global(layout::CountArea::num_worst_tokens(own, j));
+        if (rejection::exceeds_worst_tokens(running, worst_tokens))
             atomicMin(&first_overflowing, j);
         args.send_counts[j] = ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, rank) + j);
         // Rows from source j start after everything sources 0..j-1 send us.
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
         *layout::dispatch_verdict(own) = rejected ? j + 1 : 0;
         // Before the counts: a host waiting for them finds the report already there.
         if (rejected)
-            rejection::report(args.rejection, j, kTooFewWorstTokens, args.rank_prefix_matrix[(num_ranks - 1) * num_ranks + j],
+            rejection::report(args.rejection, j, kTooFewWorstTokens,
+                              args.rank_prefix_matrix[(num_ranks - 1) * num_ranks + j],
                               ptx::ld_volatile_global(layout::CountArea::num_worst_tokens(own, j)));
     }
     publish_receive_counts(args.mapped_counters, num_recv_tokens, args.mapped_tag);

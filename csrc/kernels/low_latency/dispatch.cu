@@ -231,9 +231,9 @@ __device__ void poison_expert(const LowLatencyDispatchArgs& args, int local_expe
     const auto& layout = args.layout;
     const int64_t rows = layout.num_ranks * layout.num_max_tokens;
     const int64_t row_bytes = args.use_fp8 ? layout.hidden : layout.hidden * 2;
-    if (args.recv_x != nullptr)
+    if (args.recv_x != nullptr)  // a rejecting rank's drain has none
         poison::fill(static_cast<char*>(args.recv_x) + local_expert * rows * row_bytes, rows * row_bytes,
-                 args.use_fp8 ? poison::kFp8E4m3NaNs : poison::kBf16NaNs);
+                     args.use_fp8 ? poison::kFp8E4m3NaNs : poison::kBf16NaNs);
     for (int src = threadIdx.x; src < layout.num_ranks; src += kNumThreads)
         args.recv_layout_range[local_expert * layout.num_ranks + src] = -1;
     if (threadIdx.x == 0)
