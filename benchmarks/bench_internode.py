@@ -8,7 +8,9 @@ count share GPUs (rank r on GPU r % num_gpus) under CUDA MPS, as RankPool places
 
 Shapes (DESIGN section 6): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, uniform routing, 24 SMs;
 the inputs are bench_intranode.py's (same seeds). Cases: BF16 and FP8 dispatch (fresh: layout exchange and
-its CPU sync included), BF16 cached dispatch (through the handle), BF16 combine. Each is timed on the
+its CPU sync included), BF16 fresh dispatch with `num_worst_tokens` (R x tokens, the bound callers of a
+static-shape dispatch pass: no CPU sync, padded outputs), BF16 cached dispatch (through the handle), BF16
+combine. Each is timed on the
 inter-node Buffer of every topology of R and, where R <= 8, on the intra-node Buffer of the R ranks
 (`num_nvl_ranks=R`): `intranode_median_us` and `ratio_to_intranode` (inter / intra) compare the two.
 Timing as bench_intranode.py: warm-up, median of `--runs` runs, a group barrier before each, the slowest
@@ -60,6 +62,7 @@ from deep_ep.tools.launch import RankPool, visible_gpu_count  # noqa: E402
 CASES = (
     "internode_dispatch_bf16",
     "internode_dispatch_fp8",
+    "internode_dispatch_bf16_worst_tokens",
     "internode_cached_dispatch_bf16",
     "internode_combine_bf16",
 )
@@ -217,6 +220,9 @@ def _bench_buffer(group, opts, tokens, num_nvl_ranks, inputs, progress):
         fns = {
             "internode_dispatch_bf16": partial(buffer.dispatch, x, config=config, **layout),
             "internode_dispatch_fp8": partial(buffer.dispatch, x_fp8, config=config, **layout),
+            "internode_dispatch_bf16_worst_tokens": partial(
+                buffer.dispatch, x, config=config, num_worst_tokens=num_ranks * tokens, **layout
+            ),
             "internode_cached_dispatch_bf16": partial(buffer.dispatch, x, handle=handle, config=config),
             "internode_combine_bf16": partial(buffer.combine, combine_x, handle, config=config),
         }
