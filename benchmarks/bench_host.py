@@ -13,6 +13,16 @@ Cases (record names):
   host_ll_combine       low_latency_combine (BF16)
   ll_eager_roundtrip    low_latency_dispatch + low_latency_combine, no hooks; host times summed
 
+With `--modes floor` (not run by default) the same protocol times the pieces a call is built from, so that
+a case's host time can be read against this machine's floor:
+  floor_empty           torch.empty of 1 MiB on the GPU (one caching-allocator allocation)
+  floor_add             t.add_(1) on 1 MiB (one PyTorch kernel op: dispatcher + one launch)
+  floor_current_stream  torch.cuda.current_stream()
+  floor_event_record    torch.cuda.Event().record() (an event created and recorded)
+  floor_binding_launch  torch.cuda.current_stream(), then deep_ep._C.testing.ptx_probe on it: one binding
+                        call that checks three tensors and launches one 1-thread kernel (what every op pays
+                        at least once; floor_current_stream is the first part)
+
 host_us: perf_counter around the call (nothing else in the timed region; the previous call's outputs are
 freed outside it), median over --calls calls on each rank, then the slowest rank's median; p10 / p90 are
 that rank's spread over its calls. Before each call the device is synchronised and, except for the fresh
@@ -65,7 +75,14 @@ NORMAL_CASES = (
     "host_layer_roundtrip",
 )
 LOW_LATENCY_CASES = ("host_ll_dispatch", "host_ll_combine", "ll_eager_roundtrip")
-CASES = NORMAL_CASES + LOW_LATENCY_CASES
+FLOOR_CASES = (
+    "floor_empty",
+    "floor_add",
+    "floor_current_stream",
+    "floor_event_record",
+    "floor_binding_launch",
+)
+CASES = NORMAL_CASES + LOW_LATENCY_CASES + FLOOR_CASES
 # Cases whose calls start with the GPU idle (no sleep queued ahead): the fresh dispatch waits for the
 # receive counts, which would otherwise sit behind the sleep.
 GPU_IDLE_CASES = ("host_dispatch_fresh", "host_layer_roundtrip")
@@ -238,9 +255,42 @@ def _low_latency_cases(rank, num_ranks, group, opts, progress) -> tuple[dict, di
         buffer.destroy()
 
 
+def _floor_cases(rank, num_ranks, group, opts, progress) -> tuple[dict, dict]:
+    """The primitives' host cost in the cases' protocol (GPU busy with a sleep, device synchronised before
+    each call), on every rank at once as the cases run."""
+    device = _device()
+    if device.type != "cuda":
+        return {}, {"num_sms": None, "loads": None, "backend": opts["backend"]}
+    from deep_ep import _C  # noqa: PLC0415 - only with the extension
+
+    t = torch.zeros(1 << 18, dtype=torch.int32, device=device)
+    probe = [
+        torch.zeros(n, dtype=torch.int32, device=device)
+        for n in (_C.testing.ptx_probe_inputs, _C.testing.ptx_probe_scratch, _C.testing.ptx_probe_outputs)
+    ]
+
+    def binding_launch() -> None:
+        _C.testing.ptx_probe(*probe, torch.cuda.current_stream(device).cuda_stream)
+
+    steps = {
+        "floor_empty": _host_us_of(partial(torch.empty, 1 << 20, dtype=torch.uint8, device=device)),
+        "floor_add": _host_us_of(partial(t.add_, 1)),
+        "floor_current_stream": _host_us_of(partial(torch.cuda.current_stream, device)),
+        "floor_event_record": _host_us_of(lambda: torch.cuda.Event().record()),
+        "floor_binding_launch": _host_us_of(binding_launch),
+    }
+    results = {case: _measure(group, step, opts, progress, gpu_idle=False) for case, step in steps.items()}
+    common.synchronize()
+    return results, {"num_sms": None, "loads": None, "backend": "cuda"}
+
+
 def _bench_rank(rank, num_ranks, group, opts):
     measured, setups = {}, {}
-    num_cases = {"normal": len(NORMAL_CASES), "low-latency": len(LOW_LATENCY_CASES)}
+    num_cases = {
+        "normal": len(NORMAL_CASES),
+        "low-latency": len(LOW_LATENCY_CASES),
+        "floor": len(FLOOR_CASES) if common.on_gpu() else 0,  # the primitives are CUDA ones
+    }
     progress = common.Progress(
         sum(num_cases[mode] for mode in opts["modes"]), f"host, {num_ranks} ranks", enabled=rank == 0
     )
@@ -249,6 +299,9 @@ def _bench_rank(rank, num_ranks, group, opts):
         measured.update(results)
     if "low-latency" in opts["modes"]:
         results, setups["low-latency"] = _low_latency_cases(rank, num_ranks, group, opts, progress)
+        measured.update(results)
+    if "floor" in opts["modes"]:
+        results, setups["floor"] = _floor_cases(rank, num_ranks, group, opts, progress)
         measured.update(results)
     progress.close()
     per_rank: list = [None] * num_ranks
@@ -305,7 +358,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--backend", choices=["cuda", "reference", "auto"], default="cuda")
     parser.add_argument(
-        "--modes", nargs="+", choices=["normal", "low-latency"], default=["normal", "low-latency"]
+        "--modes",
+        nargs="+",
+        choices=["normal", "low-latency", "floor"],
+        default=["normal", "low-latency"],
+        help="floor: the primitives a call is built from (torch.empty, one PyTorch op, one launch, ...)",
     )
     parser.add_argument("--calls", type=int, default=200, help="timed calls per case (at least 100)")
     parser.add_argument("--iters", type=int, default=100, help="back-to-back iterations for iter_us")
@@ -376,7 +433,13 @@ def main(argv=None) -> None:
         )
         records = []
         for r in rows:
-            mode = "normal" if r["case"] in NORMAL_CASES else "low-latency"
+            mode = (
+                "normal"
+                if r["case"] in NORMAL_CASES
+                else "floor"
+                if r["case"] in FLOOR_CASES
+                else "low-latency"
+            )
             setup = out["setups"][mode]
             idle = r["case"] in GPU_IDLE_CASES
             records.append(
