@@ -507,6 +507,26 @@ def test_clear_errors_for_bad_shapes(pool):
     assert pool.run(_too_many_tokens) == [[True, True]] * pool.num_ranks
 
 
+def _checked_bf16_round(buffer, rank, seed, shape, after):
+    """One BF16 low-latency dispatch + combine of fresh inputs on every rank, both compared with the
+    reference; shape: (tokens per rank, m, hidden, num_experts, topk)."""
+    tokens, m, hidden, num_experts, topk = shape
+    xs, idxs, ws = _inputs(seed, len(tokens), tokens, hidden, num_experts, topk, True, buffer.device)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+        xs[rank], idxs[rank], m, num_experts, use_fp8=False
+    )
+    combined = buffer.low_latency_combine(_expert_outputs(recv_x, None, False), idxs[rank], ws[rank], handle)[
+        0
+    ]
+    _sync(buffer)
+    want, rows = _reference(rank, xs, idxs, m, num_experts, False)
+    got = (recv_x, None, recv_count, handle.packed_recv_src_info, handle.packed_recv_layout_range)
+    _assert_dispatch_equal(rank, got, want, False)
+    assert torch.equal(combined, _expected_combine(rank, rows, idxs[rank], ws[rank], num_experts)), (
+        f"rank {rank}: combine {after}"
+    )
+
+
 def _one_bad_rank(rank, num_ranks, group, bad_first_call, backend="cuda"):
     """The last rank passes x as float32 to low_latency_dispatch (a TypeError there), the others valid
     inputs. It still takes part, with no tokens, and its experts return NaN rows, so nobody waits: the
@@ -521,20 +541,8 @@ def _one_bad_rank(rank, num_ranks, group, bad_first_call, backend="cuda"):
     tokens = [m - 3 * r for r in range(num_ranks)]
 
     def valid_round(seed):
-        xs, idxs, ws = _inputs(seed, num_ranks, tokens, hidden, num_experts, topk, True, device)
-        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
-            xs[rank], idxs[rank], m, num_experts, use_fp8=False
-        )
-        combined = buffer.low_latency_combine(
-            _expert_outputs(recv_x, None, False), idxs[rank], ws[rank], handle
-        )[0]
-        _sync(buffer)
-        want, rows = _reference(rank, xs, idxs, m, num_experts, False)
-        got = (recv_x, None, recv_count, handle.packed_recv_src_info, handle.packed_recv_layout_range)
-        _assert_dispatch_equal(rank, got, want, False)
-        assert torch.equal(combined, _expected_combine(rank, rows, idxs[rank], ws[rank], num_experts)), (
-            f"rank {rank}: combine after the rejected round"
-        )
+        shape = (tokens, m, hidden, num_experts, topk)
+        _checked_bf16_round(buffer, rank, seed, shape, "after the rejected round")
 
     try:
         if not bad_first_call:
@@ -591,6 +599,145 @@ def test_one_bad_rank_makes_every_rank_raise_and_nobody_waits(pool, bad_first_ca
         else:
             assert where in ("combine", "check"), f"rank {rank} raised at {where}: {message}"
             assert f"rank {bad} rejected" in message and "low-latency" in message, f"rank {rank}: {message}"
+
+
+# What the last rank passes wrong to low_latency_combine (the others valid): (argument, error type).
+BAD_COMBINE_ARGUMENTS = {
+    "x": ("x", "TypeError"),  # float32 expert outputs
+    "topk_weights": ("topk_weights", "TypeError"),  # float64 weights
+    "out": ("out", "ValueError"),  # one row too few
+}
+
+
+def _one_bad_rank_in_combine(rank, num_ranks, group, argument, backend="cuda"):
+    """Every rank dispatches validly; the last rank then passes `argument` wrong to low_latency_combine. It
+    still takes part (NaN rows from its experts, and it waits for its own tokens' rows), so nobody waits:
+    the peers' combine completes, NaN exactly for the tokens routed to its experts and as the reference
+    for the others, and every peer that had a token routed to it raises naming it (at the combine, its
+    check(), or the next call), the bad rank its own error. Then a valid round is correct on every rank."""
+    m, hidden, num_experts, topk = 32, 2048, 4 * num_ranks, 4
+    bad = num_ranks - 1
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    device = buffer.device
+    tokens = [m - 3 * r for r in range(num_ranks)]
+
+    def dispatched(seed):
+        xs, idxs, ws = _inputs(seed, num_ranks, tokens, hidden, num_experts, topk, True, device)
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+            xs[rank], idxs[rank], m, num_experts, use_fp8=False
+        )
+        return xs, idxs, ws, recv_x, handle
+
+    def valid_round(seed):
+        shape = (tokens, m, hidden, num_experts, topk)
+        _checked_bf16_round(buffer, rank, seed, shape, "after the rejected combine")
+
+    try:
+        valid_round(60)
+        xs, idxs, ws, recv_x, handle = dispatched(61)
+        expert_out = _expert_outputs(recv_x, None, False)
+        weights, out = ws[rank], None
+        if rank == bad and argument == "x":
+            expert_out = expert_out.float()
+        if rank == bad and argument == "topk_weights":
+            weights = weights.double()
+        if rank == bad and argument == "out":
+            out = torch.empty(max(0, tokens[rank] - 1), hidden, dtype=torch.bfloat16, device=device)
+        raised, where, combined = None, "combine", None
+        try:
+            combined = buffer.low_latency_combine(expert_out, idxs[rank], weights, handle, out=out)[0]
+            _sync(buffer)
+            where = "check"
+            buffer.check()
+        except (TypeError, ValueError) as e:
+            raised = (type(e).__name__, str(e), where)
+        _sync(buffer)
+        owner = torch.where(idxs[rank] >= 0, idxs[rank] // (num_experts // num_ranks), -1)
+        routed_to_bad = bool((owner == bad).any()) if rank != bad else False
+        if combined is not None:
+            _, rows = _reference(rank, xs, idxs, m, num_experts, False)
+            expected = _expected_combine(rank, rows, idxs[rank], ws[rank], num_experts)
+            routed = (owner == bad).any(dim=1)
+            nan_rows = torch.isnan(combined.float()).any(dim=1)
+            assert torch.equal(nan_rows, routed), f"rank {rank}: NaN rows {nan_rows} vs {routed}"
+            assert torch.equal(combined[~routed], expected[~routed]), f"rank {rank}: rows not routed to {bad}"
+        # Every rank makes the same calls: a peer whose GPU reported the rejection after its host left the
+        # combine raises at the next one (that round's outputs are fine, but its check is skipped); nobody
+        # raises twice.
+        late = None
+        try:
+            valid_round(62)
+        except (TypeError, ValueError) as e:
+            late = (type(e).__name__, str(e), "next call")
+        assert raised is None or late is None, f"rank {rank} raised twice: {raised}, then {late}"
+        raised = raised or late
+        valid_round(63)
+    finally:
+        buffer.destroy()
+    return raised, routed_to_bad
+
+
+@pytest.mark.parametrize("argument", sorted(BAD_COMBINE_ARGUMENTS))
+def test_one_bad_rank_in_combine_takes_part_and_its_peers_raise(pool, argument):
+    bad = pool.num_ranks - 1
+    name, kind = BAD_COMBINE_ARGUMENTS[argument]
+    results = pool.run(_one_bad_rank_in_combine, argument)
+    for rank, (raised, routed_to_bad) in enumerate(results):
+        if rank == bad:
+            assert raised is not None and raised[2] == "combine", f"rank {rank}: {raised}"
+            assert raised[0] == kind and raised[1].startswith(f"{name}:"), f"rank {rank}: {raised}"
+        elif routed_to_bad:
+            assert raised is not None, f"rank {rank}: its tokens met rank {bad}'s NaN rows, nothing raised"
+            kind_seen, message, _ = raised
+            assert kind_seen == kind and message.startswith(
+                f"{name}: rank {bad} rejected a low_latency_combine"
+            ), f"rank {rank}: {raised}"
+        else:
+            assert raised is None, f"rank {rank} exchanged no rows with rank {bad} but raised {raised}"
+
+
+def _disagreeing_use_fp8(rank, num_ranks, group, backend="cuda"):
+    """The last rank dispatches with use_fp8=True, the others with False (the same buffer layout): every
+    rank's receive compares the call signatures its count words carry and every rank raises the same
+    ValueError naming use_fp8 and both ranks at the round's combine (or check()); nobody waits, and the
+    next round (all BF16) is correct."""
+    m, hidden, num_experts, topk = 32, 2048, 4 * num_ranks, 4
+    bad = num_ranks - 1
+    buffer = _make_buffer(group, num_ranks, m, hidden, num_experts, backend)
+    device = buffer.device
+    tokens = [m - 2 * r for r in range(num_ranks)]
+
+    try:
+        raised = None
+        use_fp8 = rank == bad
+        xs, idxs, ws = _inputs(70, num_ranks, tokens, hidden, num_experts, topk, True, device)
+        try:
+            recv, _, handle, _, _ = buffer.low_latency_dispatch(
+                xs[rank], idxs[rank], m, num_experts, use_fp8=use_fp8
+            )
+            recv_x, recv_scales = _split(recv, use_fp8)
+            buffer.low_latency_combine(
+                _expert_outputs(recv_x, recv_scales, use_fp8), idxs[rank], ws[rank], handle
+            )
+            _sync(buffer)
+            buffer.check()
+        except ValueError as e:
+            raised = str(e)
+        _sync(buffer)
+        shape = (tokens, m, hidden, num_experts, topk)
+        _checked_bf16_round(buffer, rank, 71, shape, "after the disagreement")
+    finally:
+        buffer.destroy()
+    return raised
+
+
+def test_ranks_that_disagree_on_use_fp8_raise_on_every_rank(pool):
+    bad = pool.num_ranks - 1
+    for rank, message in enumerate(pool.run(_disagreeing_use_fp8)):
+        assert message is not None, f"rank {rank}: nothing raised"
+        assert message.startswith(
+            f"use_fp8: ranks disagree on this low-latency dispatch (rank 0: False, rank {bad}: True;"
+        ), f"rank {rank}: {message}"
 
 
 def _timeout(rank, num_ranks, group, op, backend="cuda"):

@@ -72,6 +72,10 @@ enum GpuVerdict : int {
     // value (its `limit`); `rank` is the lowest one that passed another (`value`). Fields:
     // InternodeCallSignature.
     kSignatureDiffers = 3 << 16,
+    // Low-latency ranks that disagree on the dispatch (LowLatencySignature), found alike by every rank from
+    // the signatures in its count words: code kLowLatencySignatureDiffers + the lowest rank that sent one
+    // (the reference, whose signature is `limit`); `rank` is the lowest one that sent another (`value`).
+    kLowLatencySignatureDiffers = 4 << 16,
 };
 inline constexpr int kGpuVerdictMask = 0xff << 16;
 

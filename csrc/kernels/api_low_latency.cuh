@@ -27,10 +27,13 @@ inline constexpr int kLowLatencySupportedHidden[] = {2048, 2560, 4096, 5120, 716
 ///                   first out-of-range expert id of the source's topk_idx (never 0: such an id is < -1
 ///                   or >= E), stored before the count; its reader resets it. Bit 31 of the low half:
 ///                   the source rejected the call (its argument checks failed; it sends no rows); the
-///                   high half of its local expert 0 words then holds its rejection code.
+///                   high half of its local expert 0 words then holds its rejection code. With two or
+///                   more local experts, the high half of the last one's words holds the source's call
+///                   signature (LowLatencySignature); its reader compares it with rank 0's and resets it.
 ///                   combine_counters [E] uint64, per global expert: +1 per row that expert's rank
-///                   returns; the receiver knows how many to expect from its own topk_idx; the last block
-///                   of the receiving kernel resets them.
+///                   returns (bits 0-15); the receiver knows how many to expect from its own topk_idx; a
+///                   rank that rejected the combine adds its rejection code << 16 once per (expert,
+///                   receiver); the last block of the receiving kernel resets them.
 ///   send region     dispatch: [M] rows this rank casts once and sends to each selected expert;
 ///                   combine: [L][R*M] expert outputs staged for puts (the zero-copy buffer). Same bytes:
 ///                   a set serves one operation at a time.
@@ -118,14 +121,39 @@ struct LowLatencyDispatchArgs {
     // Nonzero: this rank's argument checks failed (Buffer::rejection_code); it takes part with no tokens
     // and this code in its count words, and receives into no recv_x (nullptr: rows are only drained).
     int rejected_code;
-    // Where a receiver reports the lowest rank that rejected the call, or nullptr.
+    // Where a receiver reports the lowest rank that rejected the call, or whose signature differs from
+    // rank 0's, or nullptr.
     RejectionReport* rejection;
+    // What every rank of the call must agree on (LowLatencySignature::of), sent in the high half of the
+    // count word to each rank's last local expert when a rank has two or more (the first carries bad ids).
+    int signature;
     int rank;
     int num_blocks;
     bool conservative_loads;
     cudaStream_t stream;
 };
 void launch_low_latency_dispatch(const LowLatencyDispatchArgs& args);
+
+/// A low-latency dispatch's call signature in 32 bits, nonzero: bit 31 set, use_fp8 (bit 30), the index of
+/// hidden among kLowLatencySupportedHidden (bits 26-29), num_max_dispatch_tokens_per_rank (bits 12-25) and
+/// num_experts - 1 (bits 0-11). Ranks whose dispatch layouts differ address different words, so the check
+/// sees only what still lands where its receivers look; a differing use_fp8 (the same layout) always.
+struct LowLatencySignature {
+    enum Field : int { kUseFp8, kHidden, kNumMaxTokens, kNumExperts, kNumFields };
+    static constexpr int kShift[kNumFields] = {30, 26, 12, 0};
+    static constexpr int kMask[kNumFields] = {0x1, 0xf, 0x3fff, 0xfff};
+
+    __host__ __device__ static int of(bool use_fp8, int hidden_index, int64_t num_max_tokens, int64_t num_experts) {
+        const uint32_t value = (1u << 31) | (static_cast<uint32_t>(use_fp8) << kShift[kUseFp8]) |
+                               (static_cast<uint32_t>(hidden_index) << kShift[kHidden]) |
+                               (static_cast<uint32_t>(num_max_tokens) << kShift[kNumMaxTokens]) |
+                               static_cast<uint32_t>(num_experts - 1);
+        return static_cast<int>(value);
+    }
+    static int field(int signature, Field f) { return (signature >> kShift[f]) & kMask[f]; }
+};
+static_assert(kLowLatencyMaxTokensPerRank <= 0x3fff && kLowLatencyMaxExperts <= 0x1000,
+              "the signature's fields must hold every supported value");
 
 /// Combine: with do_send, each received row (expert output, bf16) returns to its source token's rank;
 /// with do_recv, this rank waits for its tokens' rows and reduces sum_k w[t,k] * row in float32.
@@ -150,6 +178,13 @@ struct LowLatencyCombineArgs {
     WaitContext wait;
     // Ids outside [-1, num_experts) are combined as -1. Not flagged: the combine takes its dispatch's
     // topk_idx, whose bad ids that dispatch already reported to every rank.
+
+    // Nonzero: this rank's argument checks failed (Buffer::rejection_code, below 1 << 15); it sends NaN rows
+    // (zero copy from a 0xff-filled send region) and this code with the first row of each (expert, source)
+    // range, and waits for its own tokens' rows only to leave the counters clean (topk_weights may be null).
+    int rejected_code;
+    // Where a receiver reports the lowest rank whose rows carried a rejection, or nullptr.
+    RejectionReport* rejection;
     int rank;
     int num_blocks;
     bool conservative_loads;

@@ -40,6 +40,32 @@ int64_t checked_hidden(int64_t hidden, const char* name) {
                                  " is not supported in low-latency mode (supported: (" + list + "))");
 }
 
+/// hidden's position among kLowLatencySupportedHidden (for the call signature); hidden was checked.
+int hidden_index(int64_t hidden) {
+    int index = 0;
+    while (kLowLatencySupportedHidden[index] != hidden)
+        ++index;
+    return index;
+}
+
+/// Runs `check`; when it throws an argument error, first calls `take_part(message, is_type_error)`, so that
+/// this rank still takes part in the round and no peer waits for it, then rethrows the error.
+template <typename Check, typename TakePart>
+auto checked_or_taking_part(Check&& check, TakePart&& take_part) -> decltype(check()) {
+    try {
+        return check();
+    } catch (const pybind11::type_error& error) {
+        take_part(error.what(), true);
+        throw;
+    } catch (const pybind11::value_error& error) {
+        take_part(error.what(), false);
+        throw;
+    } catch (const std::invalid_argument& error) {
+        take_part(error.what(), false);
+        throw;
+    }
+}
+
 int64_t checked_num_experts(pybind11::handle obj, int64_t num_ranks) {
     const int64_t num_experts = arguments::num_experts(obj, num_ranks);
     if (num_experts > kLowLatencyMaxExperts)
@@ -230,6 +256,25 @@ std::optional<LowLatencyLayout> rejection_layout(const runtime::Buffer& buffer,
     }
 }
 
+/// A combine that returns NaN rows for every row this rank's experts received (per the dispatch's src_info
+/// and layout_range), taking the next set: the send region it sends from, zero copy, is set to 0xff first.
+/// Sends and receives in one launch; the caller fills the receive side (topk_idx, out) and launches it.
+LowLatencyCombineArgs nan_rows_combine(const runtime::Buffer& buffer, runtime::SymmetricBuffer& symmetric,
+                                       const LowLatencyLayout& layout, const torch::Tensor& src_info,
+                                       const torch::Tensor& layout_range, cudaStream_t stream) {
+    LowLatencyCombineArgs combine{};
+    fill_common(combine, buffer, symmetric, layout, symmetric.take_set(), stream);
+    // All bytes 0xff: BF16 NaN in every staged row, sent as they are (zero copy).
+    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric.base) + layout.send_region(combine.buffer_set), 0xff,
+                                       layout.num_experts * layout.num_max_tokens * layout.combine_row_bytes(), stream));
+    combine.do_send = combine.do_recv = true;
+    combine.zero_copy = true;
+    combine.src_info = src_info.data_ptr<int>();
+    combine.layout_range = layout_range.data_ptr<int64_t>();
+    combine.done_blocks = symmetric.combine_done_blocks.data_ptr<int>();
+    return combine;
+}
+
 /// A rank whose dispatch checks failed still takes part in the round, so that no peer waits for it: a
 /// dispatch with no tokens that carries `code` to every rank (each records the lowest rejecting rank) and
 /// drains what the peers sent it, then a combine that returns NaN rows for every row its experts got.
@@ -255,17 +300,8 @@ void take_part_rejected(runtime::Buffer& buffer, runtime::SymmetricBuffer& symme
     dispatch.recv_layout_range = layout_range.data_ptr<int64_t>();
     launch_low_latency_dispatch(dispatch);
 
-    LowLatencyCombineArgs combine{};
-    fill_common(combine, buffer, symmetric, layout, symmetric.take_set(), stream);
-    // All bytes 0xff: BF16 NaN in every staged row, sent as they are (zero copy).
-    DEEP_EP_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric.base) + layout.send_region(combine.buffer_set), 0xff,
-                                       layout.num_experts * layout.num_max_tokens * layout.combine_row_bytes(), stream));
-    combine.do_send = combine.do_recv = true;
-    combine.zero_copy = true;
-    combine.src_info = src_info.data_ptr<int>();
-    combine.layout_range = layout_range.data_ptr<int64_t>();
+    LowLatencyCombineArgs combine = nan_rows_combine(buffer, symmetric, layout, src_info, layout_range, stream);
     combine.num_topk = 1;
-    combine.done_blocks = symmetric.combine_done_blocks.data_ptr<int>();
     launch_low_latency_combine(combine);
 }
 
@@ -280,26 +316,20 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
                                      bool return_recv_hook) {
     buffer.require_usable();
     runtime::SymmetricBuffer& symmetric = buffer.symmetric("low_latency_dispatch");
-    const auto reject = [&](const char* message, bool type_error) {
-        const std::optional<LowLatencyLayout> layout =
-            rejection_layout(buffer, symmetric, x_arg, num_max_tokens_arg, num_experts_arg);
-        if (layout.has_value())
-            take_part_rejected(buffer, symmetric, *layout, runtime::Buffer::rejection_code(message, type_error, true));
-    };
-    LowLatencyDispatchCall call;
-    try {
-        call = checked_low_latency_dispatch(buffer, symmetric, x_arg, topk_idx_arg, num_max_tokens_arg, num_experts_arg,
-                                            cumulative_stats_arg, wait_cost_stats_arg, use_fp8, round_scale, use_ue8m0);
-    } catch (const pybind11::type_error& error) {
-        reject(error.what(), true);
-        throw;
-    } catch (const pybind11::value_error& error) {
-        reject(error.what(), false);
-        throw;
-    } catch (const std::invalid_argument& error) {
-        reject(error.what(), false);
-        throw;
-    }
+    const LowLatencyDispatchCall call = checked_or_taking_part(
+        [&] {
+            return checked_low_latency_dispatch(buffer, symmetric, x_arg, topk_idx_arg, num_max_tokens_arg,
+                                                num_experts_arg, cumulative_stats_arg, wait_cost_stats_arg, use_fp8,
+                                                round_scale, use_ue8m0);
+        },
+        [&](const char* message, bool type_error) {
+            const std::optional<LowLatencyLayout> layout =
+                rejection_layout(buffer, symmetric, x_arg, num_max_tokens_arg, num_experts_arg);
+            if (layout.has_value())
+                take_part_rejected(buffer, symmetric, *layout,
+                                   runtime::Buffer::rejection_code(message, type_error,
+                                                                   runtime::Buffer::RejectedOp::kLowLatencyDispatch));
+        });
     const torch::Tensor& x = call.x;
     const torch::Tensor& topk_idx = call.topk_idx;
     const OptionalTensor& cumulative_stats = call.cumulative_stats;
@@ -354,6 +384,7 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
     args.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     args.cumulative_local_expert_recv_stats = cumulative_stats.has_value() ? cumulative_stats->data_ptr<int>() : nullptr;
     args.dispatch_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
+    args.signature = LowLatencySignature::of(use_fp8, hidden_index(hidden), m, num_experts);
     launch_low_latency_dispatch(args);
 
     std::vector<torch::Tensor> keep_alive{x, topk_idx, recv_x, recv_count, recv_src_info, recv_layout_range};
@@ -392,38 +423,110 @@ LowLatencyHandleTensors checked_handle(pybind11::handle handle, int64_t num_rank
     return h;
 }
 
-/// Returns (combined_x (`out` when given), event or None, hook or None).
+/// A low-latency combine whose arguments passed every check.
+struct LowLatencyCombineCall {
+    LowLatencyHandleTensors handle;
+    torch::Tensor x, topk_idx, topk_weights;
+    OptionalTensor out, wait_cost_stats;
+    LowLatencyLayout layout;
+};
+
+/// What a rank whose combine checks fail needs to take part anyway, each set once it passed its check.
+struct CombineParticipation {
+    std::optional<LowLatencyHandleTensors> handle;
+    std::optional<torch::Tensor> topk_idx;
+};
+
+LowLatencyCombineCall checked_low_latency_combine(runtime::Buffer& buffer, runtime::SymmetricBuffer& symmetric,
+                                                  pybind11::handle x_arg, pybind11::handle topk_idx_arg,
+                                                  pybind11::handle topk_weights_arg, pybind11::handle handle_arg,
+                                                  pybind11::handle out_arg, pybind11::handle wait_cost_stats_arg,
+                                                  CombineParticipation& participation) {
+    const int device = buffer.device();
+    const int64_t num_ranks = buffer.num_ranks();
+    LowLatencyCombineCall call;
+    call.handle = checked_handle(handle_arg, num_ranks, device);
+    participation.handle = call.handle;
+    const int64_t m = call.handle.num_max_tokens, hidden = call.handle.hidden, num_experts = call.handle.num_experts;
+    call.x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {num_experts / num_ranks, num_ranks * m, hidden}},
+                               device);
+    call.topk_idx = arguments::topk_idx(topk_idx_arg, kAny, runtime::size_hints::kLowLatencyMaxNumTopk, device);
+    if (buffer.host_expert_id_check())
+        arguments::check_expert_ids_on_host(call.topk_idx, num_experts);
+    const int64_t num_tokens = call.topk_idx.size(0), num_topk = call.topk_idx.size(1);
+    if (num_tokens > m)
+        arguments::raise_value_error("topk_idx: " + std::to_string(num_tokens) +
+                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
+    participation.topk_idx = call.topk_idx;
+    call.topk_weights =
+        arguments::tensor(topk_weights_arg, "topk_weights", {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
+    call.out = arguments::optional_tensor(out_arg, "out", {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
+    call.wait_cost_stats = arguments::optional_tensor(
+        wait_cost_stats_arg, "combine_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
+    call.layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
+    return call;
+}
+
+/// A rank whose combine checks failed still takes part, so that no peer waits for it, when its handle and
+/// topk_idx passed theirs and the handle's layout is the Buffer's current one: it sends NaN rows for every
+/// row its experts received (each (expert, receiver) range's first one carrying `code`) and waits for its
+/// own tokens' rows, which leaves every counter clean for the next op on this set.
+void take_part_in_combine_rejected(runtime::Buffer& buffer, runtime::SymmetricBuffer& symmetric,
+                                   const CombineParticipation& participation, int code) {
+    if (!participation.handle.has_value() || !participation.topk_idx.has_value() || !symmetric.has_shape)
+        return;
+    const LowLatencyHandleTensors& handle = *participation.handle;
+    const std::array<int64_t, 3> shape{handle.num_max_tokens, handle.hidden, handle.num_experts};
+    if (shape != symmetric.shape)  // another layout's words: taking part would need a collective clean
+        return;
+    const LowLatencyLayout layout{handle.num_max_tokens, handle.hidden, buffer.num_ranks(), handle.num_experts};
+    if (layout.total_bytes() > symmetric.num_bytes)
+        return;
+    const torch::Tensor& topk_idx = *participation.topk_idx;
+    const cudaStream_t stream = current_stream(buffer);
+    // The combined rows of this rank's tokens: NaN, and discarded (the call raises).
+    const torch::Tensor scratch =
+        torch::empty({topk_idx.size(0), layout.hidden}, topk_idx.options().dtype(torch::kBFloat16));
+    LowLatencyCombineArgs args =
+        nan_rows_combine(buffer, symmetric, layout, handle.src_info, handle.layout_range, stream);
+    args.topk_idx = topk_idx.data_ptr();
+    args.topk_idx_is_int64 = topk_idx.scalar_type() == torch::kInt64;
+    args.num_tokens = static_cast<int>(topk_idx.size(0));
+    args.num_topk = static_cast<int>(topk_idx.size(1));
+    args.out = scratch.data_ptr();
+    args.rejected_code = code;
+    launch_low_latency_combine(args);
+}
+
+/// Returns (combined_x (`out` when given), event or None, hook or None). A rank whose checks fail takes part
+/// in the round where it can (take_part_in_combine_rejected) and raises its error; the peers that received
+/// its rows raise naming it at this combine (or its hook, or check()), or at their next call.
 pybind11::tuple low_latency_combine(runtime::Buffer& buffer, pybind11::handle x_arg, pybind11::handle topk_idx_arg,
                                     pybind11::handle topk_weights_arg, pybind11::handle handle_arg, bool zero_copy,
                                     bool async_finish, bool return_recv_hook, pybind11::handle out_arg,
                                     pybind11::handle wait_cost_stats_arg) {
     buffer.require_usable();
     runtime::SymmetricBuffer& symmetric = buffer.symmetric("low_latency_combine");
-    const int device = buffer.device();
-    const int64_t num_ranks = buffer.num_ranks();
-    const LowLatencyHandleTensors handle = checked_handle(handle_arg, num_ranks, device);
-    const int64_t m = handle.num_max_tokens, hidden = handle.hidden, num_experts = handle.num_experts;
-    const torch::Tensor& x = arguments::tensor(
-        x_arg, "x", {{c10::ScalarType::BFloat16}, {num_experts / num_ranks, num_ranks * m, hidden}}, device);
-    const torch::Tensor& topk_idx =
-        arguments::topk_idx(topk_idx_arg, kAny, runtime::size_hints::kLowLatencyMaxNumTopk, device);
-    if (buffer.host_expert_id_check())
-        arguments::check_expert_ids_on_host(topk_idx, num_experts);
+    CombineParticipation participation;
+    const LowLatencyCombineCall call = checked_or_taking_part(
+        [&] {
+            return checked_low_latency_combine(buffer, symmetric, x_arg, topk_idx_arg, topk_weights_arg, handle_arg,
+                                               out_arg, wait_cost_stats_arg, participation);
+        },
+        [&](const char* message, bool type_error) {
+            take_part_in_combine_rejected(
+                buffer, symmetric, participation,
+                runtime::Buffer::rejection_code(message, type_error, runtime::Buffer::RejectedOp::kLowLatencyCombine));
+        });
+    const LowLatencyHandleTensors& handle = call.handle;
+    const LowLatencyLayout& layout = call.layout;
+    const torch::Tensor &x = call.x, &topk_idx = call.topk_idx, &topk_weights = call.topk_weights;
+    const OptionalTensor &out = call.out, &wait_cost_stats = call.wait_cost_stats;
     const int64_t num_tokens = topk_idx.size(0), num_topk = topk_idx.size(1);
-    if (num_tokens > m)
-        arguments::raise_value_error("topk_idx: " + std::to_string(num_tokens) +
-                                     " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
-    const torch::Tensor& topk_weights =
-        arguments::tensor(topk_weights_arg, "topk_weights", {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
-    const OptionalTensor out =
-        arguments::optional_tensor(out_arg, "out", {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);
-    const OptionalTensor wait_cost_stats = arguments::optional_tensor(
-        wait_cost_stats_arg, "combine_wait_recv_cost_stats", {{c10::ScalarType::Long}, {num_ranks}}, device);
-    const LowLatencyLayout layout = checked_layout(symmetric, "x", m, hidden, num_ranks, num_experts);
 
     const cudaStream_t stream = current_stream(buffer);
     use_layout(symmetric, layout, stream);
-    const torch::Tensor combined = out.has_value() ? *out : torch::empty({num_tokens, hidden}, x.options());
+    const torch::Tensor combined = out.has_value() ? *out : torch::empty({num_tokens, layout.hidden}, x.options());
 
     LowLatencyCombineArgs args{};
     fill_common(args, buffer, symmetric, layout, symmetric.take_set(), stream);
@@ -441,6 +544,7 @@ pybind11::tuple low_latency_combine(runtime::Buffer& buffer, pybind11::handle x_
     args.out = combined.data_ptr();
     args.done_blocks = symmetric.combine_done_blocks.data_ptr<int>();
     args.combine_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
+    args.rejection = buffer.rejection_report_device();
     launch_low_latency_combine(args);
 
     std::vector<torch::Tensor> keep_alive{x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined};

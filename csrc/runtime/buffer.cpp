@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <iterator>
 #include <sstream>
 
 #include "runtime/errors.hpp"
@@ -379,11 +380,13 @@ constexpr const char* kRejectableArguments[] = {
     "x", "handle", "num_tokens_per_rank", "num_tokens_per_rdma_rank", "is_token_in_rank", "num_tokens_per_expert",
     "topk_idx", "topk_weights", "expert_alignment", "num_worst_tokens", "bias", "config", "previous_event", "num_sms",
     "num_max_dispatch_tokens_per_rank", "num_experts", "cumulative_local_expert_recv_stats",
-    "dispatch_wait_recv_cost_stats", "use_ue8m0"};
+    "dispatch_wait_recv_cost_stats", "use_ue8m0", "out", "combine_wait_recv_cost_stats"};
 constexpr int kNumRejectableArguments = sizeof(kRejectableArguments) / sizeof(kRejectableArguments[0]);
 constexpr int kUnnamedArgument = 0xff;
 constexpr int kTypeErrorBit = 1 << 8;
 constexpr int kLowLatencyBit = 1 << 9;
+constexpr int kLowLatencyCombineBit = 1 << 10;
+static_assert(kLowLatencyCombineBit < (1 << 15), "low-latency combine counters carry the code in 15 bits");
 
 }  // namespace
 
@@ -404,14 +407,17 @@ std::string shown_signature_field(int field, int value) {
 
 }  // namespace
 
-int Buffer::rejection_code(const std::string& message, bool type_error, bool low_latency) {
+int Buffer::rejection_code(const std::string& message, bool type_error, RejectedOp op) {
     // "x[1]: ...", "handle.send_head: ..." name x and handle.
     const std::string name = message.substr(0, message.find_first_of(":.[ "));
     int index = kUnnamedArgument;
     for (int i = 0; i < kNumRejectableArguments; ++i)
         if (name == kRejectableArguments[i])
             index = i + 1;
-    return index | (type_error ? kTypeErrorBit : 0) | (low_latency ? kLowLatencyBit : 0);
+    const int op_bit = op == RejectedOp::kLowLatencyDispatch  ? kLowLatencyBit
+                       : op == RejectedOp::kLowLatencyCombine ? kLowLatencyCombineBit
+                                                              : 0;
+    return index | (type_error ? kTypeErrorBit : 0) | op_bit;
 }
 
 void Buffer::raise_if_rejected_by_peer() {
@@ -444,6 +450,33 @@ void Buffer::raise_if_rejected_by_peer() {
                                     "; compared on the GPU before anything moved); every rank must pass the same" +
                                     skipped);
     }
+    if ((code & kGpuVerdictMask) == kLowLatencySignatureDiffers) {
+        const int reference = code & 0xffff;
+        int field = 0;
+        while (field + 1 < LowLatencySignature::kNumFields &&
+               LowLatencySignature::field(value, static_cast<LowLatencySignature::Field>(field)) ==
+                   LowLatencySignature::field(limit, static_cast<LowLatencySignature::Field>(field)))
+            ++field;
+        const auto shown = [&](int signature) {
+            const int v = LowLatencySignature::field(signature, static_cast<LowLatencySignature::Field>(field));
+            switch (field) {
+                case LowLatencySignature::kUseFp8: return std::string(v != 0 ? "True" : "False");
+                case LowLatencySignature::kHidden:
+                    return std::to_string(v < static_cast<int>(std::size(kLowLatencySupportedHidden))
+                                              ? kLowLatencySupportedHidden[v]
+                                              : -1);
+                case LowLatencySignature::kNumExperts: return std::to_string(v + 1);
+                default: return std::to_string(v);
+            }
+        };
+        static const char* const kFields[] = {"use_fp8", "x", "num_max_dispatch_tokens_per_rank", "num_experts"};
+        static const char* const kShownAs[] = {"", " (hidden size)", "", ""};
+        throw std::invalid_argument(std::string(kFields[field]) + ": ranks disagree on this low-latency dispatch" +
+                                    kShownAs[field] + " (rank " + std::to_string(reference) + ": " + shown(limit) +
+                                    ", rank " + std::to_string(rank) + ": " + shown(value) +
+                                    "; compared on the GPU by every rank from the count words); every rank must "
+                                    "pass the same, and this round's outputs are not valid");
+    }
     const int index = code & 0xff;
     const bool type_error = (code & kTypeErrorBit) != 0;
     std::ostringstream message;
@@ -453,6 +486,11 @@ void Buffer::raise_if_rejected_by_peer() {
         message << " rejected the low-latency dispatch of this round (" << (type_error ? "TypeError" : "ValueError")
                 << " there, with the details): it took part with no tokens and its experts returned NaN rows, so "
                    "this round's low_latency_combine outputs are NaN for the tokens routed to rank "
+                << rank << "'s experts";
+    else if ((code & kLowLatencyCombineBit) != 0)
+        message << " rejected a low_latency_combine this rank took part in (" << (type_error ? "TypeError" : "ValueError")
+                << " there, with the details): its experts returned NaN rows, so that combine's outputs are NaN "
+                   "for the tokens routed to rank "
                 << rank << "'s experts";
     else
         message << " rejected an inter-node operation this rank took part in ("

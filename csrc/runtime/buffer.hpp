@@ -164,9 +164,11 @@ class Buffer {
     // exchange on every rank that did not raise already, raised like a flagged expert id.
     RejectionReport* rejection_report_device() const { return rejection_report_device_; }
     void raise_if_rejected_by_peer();
+    // The ops a rank can reject and still take part in, so that its peers raise instead of waiting.
+    enum class RejectedOp { kNormal, kLowLatencyDispatch, kLowLatencyCombine };
     // What a rank that rejects an op tells its peers: the argument its error names (the message's
-    // "name: ..." prefix), whether it is a TypeError, and whether the op is a low-latency dispatch. Never 0.
-    static int rejection_code(const std::string& message, bool type_error, bool low_latency = false);
+    // "name: ..." prefix), whether it is a TypeError, and which op. Never 0, below 1 << 15.
+    static int rejection_code(const std::string& message, bool type_error, RejectedOp op = RejectedOp::kNormal);
     // What every op checks after queuing its work: a timeout (sticky), then a flagged expert id, then a
     // rejected op.
     void raise_pending_errors() {

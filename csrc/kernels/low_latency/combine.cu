@@ -6,6 +6,8 @@
 // row belongs to, the handle's src_info which token).
 // Receive phase (source rank): one block per token at a time; one thread per top-k entry waits for the
 // slot's flag and resets it, then all threads reduce sum_k w[t,k] * row(e_k, t) in float32 and store bf16.
+// A rank whose combine checks failed still sends (NaN rows) and receives, so nobody waits; the rejection
+// code rides in its counters' high bits, and each receiver that got its rows records it (RejectionReport).
 #include <cuda_bf16.h>
 
 #include "kernels/api.cuh"
@@ -13,6 +15,7 @@
 #include "kernels/common/peer.cuh"
 #include "kernels/common/poison.cuh"
 #include "kernels/common/ptx.cuh"
+#include "kernels/common/rejection.cuh"
 #include "kernels/common/sync.cuh"
 #include "runtime/errors.hpp"
 
@@ -22,6 +25,11 @@ namespace {
 constexpr int kNumThreads = 512;
 constexpr int kNumWarps = kNumThreads / 32;
 constexpr int kMaxRanks = 1024;
+// A combine counter's low 16 bits count rows (at most kLowLatencyMaxTokensPerRank); a rejecting sender adds
+// its rejection code above them once per (expert, source) range, with that range's first row.
+constexpr int kRowCountBits = 16;
+constexpr int kRowCountMask = (1 << kRowCountBits) - 1;
+static_assert(kLowLatencyMaxTokensPerRank <= kRowCountMask, "rows per combine counter must fit its count bits");
 
 /// All warps of the grid share all rows: flat row f of this rank's [L][rows of l] maps to (l, r) through
 /// a prefix over the experts' row totals that every block computes from the handle's ranges. Consecutive
@@ -80,6 +88,8 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             --src;
         const int64_t row = local_expert * rows_per_expert + r;
         const int token = args.src_info[row];
+        const bool first_of_range = static_cast<int>(args.layout_range[int64_t{local_expert} * num_ranks + src] >> 32) == r;
+        const int signal = 1 + (args.rejected_code != 0 && first_of_range ? args.rejected_code << kRowCountBits : 0);
         const int expert = args.rank * num_local_experts + local_expert;
         const char* staged_row = staged + row * row_bytes;
         const void* source = args.zero_copy ? static_cast<const void*>(staged_row)
@@ -94,7 +104,7 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             source = staged_row;
         }
         peer::warp_send_with_signal(view, src, layout.combine_recv_row(args.buffer_set, expert, token), source,
-                                    row_bytes, layout.combine_counter(args.buffer_set, expert), 1,
+                                    row_bytes, layout.combine_counter(args.buffer_set, expert), signal,
                                     peer::SignalOp::kAdd, lane);
     }
     if (!args.symmetric.all_ranks_mapped && lane == 0)
@@ -137,7 +147,7 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             const int64_t pair = int64_t{token} * args.num_topk + threadIdx.x;
             const int expert = load_topk(args, pair);
             experts[threadIdx.x] = expert;
-            weights[threadIdx.x] = args.topk_weights[pair];
+            weights[threadIdx.x] = args.topk_weights != nullptr ? args.topk_weights[pair] : 0.0f;
             if (expert >= 0) {
                 // All of the expert's rows for this rank, not only this token's: one counter per expert
                 // keeps the signal region at two words per expert.
@@ -145,10 +155,15 @@ __device__ void recv_phase(const LowLatencyCombineArgs& args, const peer::Symmet
                 const int expected = histogram[expert];
                 const uint64_t wait_start_ns =
                     args.combine_wait_recv_cost_stats != nullptr ? ptx::mov_u64_globaltimer() : 0;
+                int value = 0;
                 if (!wait_until(
                         args.wait, WaitSite::kLowLatencyFlag, expert, expected,
-                        [=] { return peer::load_signal_acquire(counter); }, [=](int v) { return v == expected; }))
+                        [&] { return value = peer::load_signal_acquire(counter); },
+                        [=](int v) { return (v & kRowCountMask) == expected; }))
                     *failed = 1;
+                else if ((value >> kRowCountBits) != 0)  // the expert's rank rejected this combine
+                    rejection::report(args.rejection, expert / static_cast<int>(layout.num_local_experts()),
+                                      value >> kRowCountBits, 0, 0);
                 if (args.combine_wait_recv_cost_stats != nullptr) {
                     const int src_rank = expert / static_cast<int>(layout.num_local_experts());
                     atomicAdd(reinterpret_cast<unsigned long long*>(args.combine_wait_recv_cost_stats + src_rank),

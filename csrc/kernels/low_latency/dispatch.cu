@@ -13,7 +13,9 @@
 // that receives expert 0 sees every source's and records the lowest source rank's in the Buffer's
 // InvalidExpertIdWord, once per call: every rank of the call raises the same error. A rank whose argument
 // checks failed takes part with no tokens, a rejected bit in its count words and its code where a bad id
-// would ride; the same block records the lowest such rank in the Buffer's RejectionReport.
+// would ride; the same block records the lowest such rank in the Buffer's RejectionReport. With two or more
+// local experts, each source's call signature rides in its words for the last one, and the block receiving
+// them reports the lowest source whose signature differs from the lowest source's (rank 0's) likewise.
 // No grid-wide barrier: a block only ever waits for rows other blocks (or ranks) have already been able
 // to send, and the launcher keeps the grid small enough for all blocks of all ranks to be resident.
 #include "kernels/api.cuh"
@@ -105,9 +107,9 @@ __device__ void send_phase(const LowLatencyDispatchArgs& args, const peer::Symme
     const int report = rejecting ? args.rejected_code : bad_expert_id;
     for (int e = blockIdx.x * kNumThreads + threadIdx.x; e < num_experts; e += gridDim.x * kNumThreads) {
         const int dst_rank = e / num_local_experts, local_expert = e % num_local_experts;
+        const int high_word = local_expert == 0 ? report : local_expert == num_local_experts - 1 ? args.signature : 0;
         peer::signal_add(view, dst_rank, layout.dispatch_word(args.buffer_set, local_expert, args.rank),
-                         (histogram[e] << kCountShift) + kCountSetBit + (rejecting ? kRejectedBit : 0),
-                         local_expert == 0 ? report : 0);
+                         (histogram[e] << kCountShift) + kCountSetBit + (rejecting ? kRejectedBit : 0), high_word);
     }
 
     // 2. Cast this block's tokens (t = blockIdx.x + i * gridDim.x) into their send rows, half a warp per
@@ -240,13 +242,34 @@ __device__ void poison_expert(const LowLatencyDispatchArgs& args, int local_expe
         args.recv_count[local_expert] = -1;
 }
 
+/// Every receiver compares each source's signature with the lowest source's that sent one (rank 0's unless
+/// it rejected the call), so that all reach the same verdict, and reports the lowest source that differs.
+/// Block-uniform.
+__device__ void report_signature_mismatch(const LowLatencyDispatchArgs& args, const int* signatures, int num_ranks) {
+    __shared__ int reference, mismatch;
+    if (threadIdx.x == 0)
+        reference = mismatch = INT_MAX;
+    __syncthreads();
+    for (int src = threadIdx.x; src < num_ranks; src += kNumThreads)
+        if (signatures[src] != 0)
+            atomicMin(&reference, src);
+    __syncthreads();
+    for (int src = threadIdx.x; reference != INT_MAX && src < num_ranks; src += kNumThreads)
+        if (signatures[src] != 0 && signatures[src] != signatures[reference])
+            atomicMin(&mismatch, src);
+    __syncthreads();
+    if (threadIdx.x == 0 && mismatch != INT_MAX)
+        rejection::report(args.rejection, mismatch, kLowLatencySignatureDiffers + reference, signatures[mismatch],
+                          signatures[reference]);
+}
+
 /// The block takes its local experts (l = blockIdx.x + i * gridDim.x) in chunks that fit the shared
 /// arrays: wait for every (expert, source) word of the chunk, lay each expert's sources out in rank order,
 /// then all warps copy the chunk's rows together.
 template <ptx::LoadKind kLoadKind>
 __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::SymmetricView& view, int* counts,
-                           int* begins, int* chunk_row_start, int* failed, unsigned long long* first_bad_source,
-                           unsigned long long* first_rejecting_source) {
+                           int* begins, int* chunk_row_start, int* signatures, int* failed,
+                           unsigned long long* first_bad_source, unsigned long long* first_rejecting_source) {
     const auto& layout = args.layout;
     const int num_ranks = static_cast<int>(layout.num_ranks);
     const int num_local_experts = static_cast<int>(layout.num_local_experts());
@@ -256,6 +279,13 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
                                       ? (num_local_experts - blockIdx.x + gridDim.x - 1) / gridDim.x
                                       : 0;
     const int chunk_experts = kMaxRanks / num_ranks;
+    // The block and chunk that receive the last local expert's words, whose high halves carry signatures.
+    const int last_expert = num_local_experts - 1;
+    const bool checks_signatures = num_local_experts > 1 && last_expert % static_cast<int>(gridDim.x) == blockIdx.x;
+    const int signature_chunk = last_expert / static_cast<int>(gridDim.x) / chunk_experts * chunk_experts;
+    for (int src = threadIdx.x; checks_signatures && src < num_ranks; src += kNumThreads)
+        signatures[src] = 0;  // a rejecting source sends none
+    __syncthreads();
 
     for (int chunk = 0; chunk < num_block_experts; chunk += chunk_experts) {
         const int num_chunk = min(chunk_experts, num_block_experts - chunk);
@@ -280,6 +310,9 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
                               (static_cast<unsigned long long>(src) << 32) | static_cast<uint32_t>(high));
                     peer::clear_signal_high_word(word);
                 }
+            } else if (expert_of(i) == num_local_experts - 1 && (value & kRejectedBit) == 0) {
+                signatures[src] = peer::load_signal_high_word(word);  // compared below, with rank 0's
+                peer::clear_signal_high_word(word);
             }
             counts[w] = value & kArrivedMask;
             if (args.dispatch_wait_recv_cost_stats != nullptr)
@@ -293,6 +326,8 @@ __device__ void recv_phase(const LowLatencyDispatchArgs& args, const peer::Symme
         if (chunk == 0 && blockIdx.x == 0 && threadIdx.x == 0 && *first_rejecting_source != kNoBadSource)
             rejection::report(args.rejection, static_cast<int>(*first_rejecting_source >> 32),
                               static_cast<int>(static_cast<uint32_t>(*first_rejecting_source)), 0, 0);
+        if (checks_signatures && chunk == signature_chunk && !*failed)
+            report_signature_mismatch(args, signatures, num_ranks);
         if (*failed) {  // uniform across the block: every thread read the shared flag after the barrier
             for (int i = chunk; i < num_block_experts; ++i)
                 poison_expert(args, expert_of(i));
@@ -348,6 +383,7 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispa
     __shared__ int failed, first_bad_pair;
     __shared__ unsigned long long first_bad_source;  // (source rank << 32 | its first bad id), min over sources
     __shared__ unsigned long long first_rejecting_source;  // (source rank << 32 | its rejection code), likewise
+    __shared__ int signatures[kMaxRanks];  // per source, from the last local expert's words (0: none)
     const peer::SymmetricView view{static_cast<char*>(args.symmetric.local_base), args.symmetric.mapped_bases};
     if (threadIdx.x == 0) {
         failed = 0;
@@ -361,8 +397,8 @@ __global__ void __launch_bounds__(kNumThreads, 1) dispatch(const LowLatencyDispa
                    &first_bad_pair);
     __syncthreads();
     if (args.do_recv)
-        recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, &failed,
-                              &first_bad_source, &first_rejecting_source);
+        recv_phase<kLoadKind>(args, view, shared_ints, shared_ints + kMaxRanks, shared_ints + 2 * kMaxRanks, signatures,
+                              &failed, &first_bad_source, &first_rejecting_source);
 }
 
 }  // namespace low_latency
