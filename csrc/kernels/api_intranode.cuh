@@ -44,6 +44,8 @@ struct IntranodeBarrierArgs {
 void launch_intranode_barrier(const IntranodeBarrierArgs& args);
 
 /// Count exchange of a (non-cached) dispatch: one block. Also opens the op (its barrier is the op's first).
+inline constexpr int64_t kNotifyCheckedTopkEntries = 4096;
+
 struct IntranodeNotifyArgs {
     NvlPeers peers;
     NvlBarrier barrier;
@@ -59,6 +61,15 @@ struct IntranodeNotifyArgs {
     // receive more rows makes every rank reject the dispatch alike (layout::dispatch_verdict), reported here.
     int num_worst_tokens;               // 0: none
     RejectionReport* rejection;         // host-mapped, or nullptr
+    // The dispatch's topk_idx [num_topk_entries] (int64 or int32), or nullptr: range-checked here, one
+    // launch fewer than a kernel of its own, and flagged in `invalid` before the counts are published, so
+    // that a host waiting for them raises a bad id in the same call. Only up to kNotifyCheckedTopkEntries:
+    // one block checks them in about a memory round trip; larger batches, whose time is the GPU's rather
+    // than the launches', are checked by launch_check_expert_ids' wider grid before the notify.
+    const void* topk_idx;
+    bool topk_idx_is_int64;
+    int64_t num_topk_entries;
+    InvalidExpertIdWord* invalid;
     // Host-mapped counters, or nullptr (num_worst_tokens mode: the host does not wait). Layout:
     // [0] = mapped_tag written last, [1] = received rows, [2 + e] = aligned count of local expert e.
     int* mapped_counters;

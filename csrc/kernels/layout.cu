@@ -17,11 +17,8 @@ constexpr int kCheckThreads = 256;
 // tables under a mangled name that contains its file's name, and tools look kernels up by name.
 namespace routing {
 
-template <typename IndexT>
 __global__ void __launch_bounds__(kCheckThreads) check_expert_ids(CheckExpertIdsArgs args) {
-    const auto* ids = static_cast<const IndexT*>(args.topk_idx);
-    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < args.numel; i += int64_t{gridDim.x} * blockDim.x)
-        expert_ids::is_valid(static_cast<int64_t>(ids[i]), args.num_experts, args.invalid);
+    expert_ids::check_range(args.topk_idx, args.topk_idx_is_int64, args.numel, args.num_experts, args.invalid);
 }
 
 // One thread per token. Counts go to shared-memory histograms first, so each block touches global memory
@@ -114,10 +111,7 @@ void launch_check_expert_ids(const CheckExpertIdsArgs& args) {
     if (args.numel == 0)
         return;
     const int blocks = static_cast<int>(std::min<int64_t>((args.numel + kCheckThreads - 1) / kCheckThreads, 32));
-    if (args.topk_idx_is_int64)
-        routing::check_expert_ids<int64_t><<<blocks, kCheckThreads, 0, args.stream>>>(args);
-    else
-        routing::check_expert_ids<int><<<blocks, kCheckThreads, 0, args.stream>>>(args);
+    routing::check_expert_ids<<<blocks, kCheckThreads, 0, args.stream>>>(args);
     DEEP_EP_LAUNCH_CHECK();
 }
 

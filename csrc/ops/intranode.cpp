@@ -183,9 +183,11 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
     int num_recv_capacity = 0, notify_tag = 0;
     std::vector<int> num_recv_tokens_per_expert_list;
     if (!cached) {
-        // The id range is checked on the GPU (a host check would drain the stream first); what this flags is
-        // raised once the op is queued, so peers are never left waiting.
-        if (topk_idx.has_value())
+        // The id range is checked on the GPU (a host check would drain the stream first): by the notify for a
+        // small batch, else by a kernel of its own first; what is flagged is raised once the op is queued, so
+        // peers are never left waiting.
+        const bool notify_checks_ids = topk_idx.has_value() && topk_idx->numel() <= kNotifyCheckedTopkEntries;
+        if (topk_idx.has_value() && !notify_checks_ids)
             launch_check_expert_ids(CheckExpertIdsArgs{topk_idx->data_ptr(), topk_idx->scalar_type() == torch::kInt64,
                                                        topk_idx->numel(), static_cast<int>(num_experts),
                                                        buffer.invalid_expert_id_device(), stream});
@@ -217,6 +219,12 @@ pybind11::tuple intranode_dispatch(runtime::Buffer& buffer, pybind11::handle x_a
         notify.recv_first_row = recv_channel_prefix_matrix->data_ptr<int>();
         notify.num_worst_tokens = static_cast<int>(call.num_worst_tokens);
         notify.rejection = buffer.rejection_report_device();
+        if (notify_checks_ids) {
+            notify.topk_idx = topk_idx->data_ptr();
+            notify.topk_idx_is_int64 = topk_idx->scalar_type() == torch::kInt64;
+            notify.num_topk_entries = topk_idx->numel();
+            notify.invalid = buffer.invalid_expert_id_device();
+        }
         // With num_worst_tokens nobody waits for the counts, and a late write could be mistaken for a
         // later dispatch's: only the waited-for notify touches the host-mapped counters.
         notify.mapped_counters = call.num_worst_tokens > 0 ? nullptr : buffer.mapped_counters_device();

@@ -46,6 +46,24 @@ __device__ __forceinline__ int64_t raw(const void* topk_idx, bool is_int64, int6
     return is_int64 ? static_cast<const int64_t*>(topk_idx)[index] : static_cast<const int*>(topk_idx)[index];
 }
 
+/// Flags the first out-of-range id of topk_idx[0, numel) (int64 or int32), every thread of the calling grid
+/// striding over it with kUnroll loads in flight: the check an op makes in a kernel of its own, or inside
+/// one it launches anyway.
+__device__ __forceinline__ void check_range(const void* topk_idx, bool is_int64, int64_t numel, int num_experts,
+                                            InvalidExpertIdWord* invalid) {
+    constexpr int kUnroll = 8;
+    const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+    for (int64_t base = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; base < numel; base += kUnroll * stride) {
+        int64_t ids[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            ids[u] = base + u * stride < numel ? raw(topk_idx, is_int64, base + u * stride) : -1;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            is_valid(ids[u], num_experts, invalid);
+    }
+}
+
 /// topk_idx[index] (int64 or int32), -1 if it is out of range.
 __device__ __forceinline__ int load(const void* topk_idx, bool is_int64, int64_t index, int num_experts,
                                     InvalidExpertIdWord* invalid) {

@@ -1,11 +1,12 @@
 // Dispatch step 0: every rank tells every other rank how many tokens it sends there (per rank and per
-// the receiver's local experts), then each rank derives rank_prefix_matrix and its receive counts. One
-// block; its barrier is also the one that opens the dispatch.
+// the receiver's local experts), then each rank derives rank_prefix_matrix and its receive counts, and
+// range-checks its own topk_idx. One block; its barrier is also the one that opens the dispatch.
 #include <climits>
 
 #include "kernels/api.cuh"
 #include "kernels/common/barrier.cuh"
 #include "kernels/common/buffer_layout.cuh"
+#include "kernels/common/expert_ids.cuh"
 #include "kernels/common/receive_counts.cuh"
 #include "kernels/common/rejection.cuh"
 #include "runtime/errors.hpp"
@@ -69,6 +70,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify(IntranodeNotifyArgs 
             before += ptx::ld_volatile_global(layout::CountArea::tokens_per_rank(own, i) + rank);
         args.recv_first_row[j] = before;
     }
+    if (args.topk_idx != nullptr)
+        expert_ids::check_range(args.topk_idx, args.topk_idx_is_int64, args.num_topk_entries, args.num_experts,
+                                args.invalid);
     store_expert_counts(
         num_local_experts, num_ranks, args.expert_alignment,
         [&](int src, int e) { return ptx::ld_volatile_global(layout::CountArea::tokens_per_local_expert(own, src) + e); },
