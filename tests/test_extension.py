@@ -122,3 +122,99 @@ def test_python_constants_equal_the_cpp_ones():
     assert tuple(config.LOW_LATENCY_SUPPORTED_HIDDEN) == tuple(_C.layout.LOW_LATENCY_SUPPORTED_HIDDEN)
     if hasattr(_C.layout, "MAX_LOCAL_EXPERTS"):  # exported with the inter-node layout
         assert config.MAX_LOCAL_EXPERTS == _C.layout.MAX_LOCAL_EXPERTS
+
+
+# --- the words of agreed errors (kernels fill a RejectionReport; the host raises it): testable without a GPU
+
+HAS_REJECTIONS = HAS_EXTENSION and hasattr(deep_ep._C.testing, "raise_rejection")
+needs_rejections = pytest.mark.skipif(not HAS_REJECTIONS, reason="an older build lacks the testing bindings")
+
+
+@needs_rejections
+@pytest.mark.parametrize(
+    "other, field, shown",
+    [
+        (dict(use_fp8=True), "use_fp8", ("False", "True")),
+        (dict(hidden=4096), "x", ("7168", "4096")),
+        (dict(num_max_tokens=64), "num_max_dispatch_tokens_per_rank", ("128", "64")),
+        (dict(num_experts=256), "num_experts", ("288", "256")),
+    ],
+)
+def test_a_low_latency_signature_that_differs_names_the_field_and_both_values(other, field, shown):
+    from deep_ep import _C  # noqa: PLC0415
+
+    call = dict(use_fp8=False, hidden=7168, num_max_tokens=128, num_experts=288)
+    reference = _C.testing.low_latency_signature(**call)
+    differing = _C.testing.low_latency_signature(**{**call, **other})
+    assert reference != differing and reference != 0 and differing != 0
+    # Rank 3 differs from rank 0, the lowest rank that sent one (the reference).
+    code = _C.testing.low_latency_signature_differs + 0
+    with pytest.raises(ValueError) as raised:
+        _C.testing.raise_rejection(3, code, differing, reference)
+    message = str(raised.value)
+    assert message.startswith(f"{field}: ranks disagree on this low-latency dispatch"), message
+    assert f"(rank 0: {shown[0]}, rank 3: {shown[1]};" in message, message
+
+
+@needs_rejections
+def test_the_signature_holds_the_largest_supported_values():
+    from deep_ep import _C, config  # noqa: PLC0415
+
+    biggest = dict(
+        use_fp8=True,
+        hidden=max(config.LOW_LATENCY_SUPPORTED_HIDDEN),
+        num_max_tokens=config.LOW_LATENCY_MAX_TOKENS_PER_RANK,
+        num_experts=config.LOW_LATENCY_MAX_EXPERTS,
+    )
+    signatures = {_C.testing.low_latency_signature(**biggest)}
+    for name, value in (("use_fp8", False), ("num_max_tokens", 1), ("num_experts", 1)):
+        signatures.add(_C.testing.low_latency_signature(**{**biggest, name: value}))
+    assert len(signatures) == 4, "each field changes the signature without spilling into another"
+    with pytest.raises(RuntimeError, match="not a low-latency hidden size"):
+        _C.testing.low_latency_signature(True, 1000, 1, 2)
+
+
+@needs_rejections
+@pytest.mark.parametrize(
+    "op, error, message, expected",
+    [
+        (
+            "low_latency_combine",
+            TypeError,
+            "x: expected dtype torch.bfloat16, got torch.float32",
+            "x: rank 2 rejected a low_latency_combine this rank took part in (TypeError there",
+        ),
+        (
+            "low_latency_combine",
+            ValueError,
+            "out: expected shape [31, 2048], got [30, 2048]",
+            "out: rank 2 rejected a low_latency_combine this rank took part in (ValueError there",
+        ),
+        (
+            "low_latency_combine",
+            TypeError,
+            "combine_wait_recv_cost_stats: expected dtype torch.int64, got torch.int32",
+            "combine_wait_recv_cost_stats: rank 2 rejected a low_latency_combine",
+        ),
+        (
+            "low_latency_dispatch",
+            TypeError,
+            "x: expected dtype torch.bfloat16, got torch.float32",
+            "x: rank 2 rejected the low-latency dispatch of this round (TypeError there",
+        ),
+        (
+            "normal",
+            ValueError,
+            "topk_weights: expected shape [4, 8], got [4, 7]",
+            "topk_weights: rank 2 rejected an inter-node operation this rank took part in (ValueError there",
+        ),
+    ],
+)
+def test_a_peer_rejection_names_the_rank_the_argument_and_the_op(op, error, message, expected):
+    from deep_ep import _C  # noqa: PLC0415
+
+    code = _C.testing.rejection_code(message, error is TypeError, op)
+    assert 0 < code < 1 << 15, "low-latency combine counters carry the code in 15 bits"
+    with pytest.raises(error) as raised:
+        _C.testing.raise_rejection(2, code, 0, 0)
+    assert str(raised.value).startswith(expected), str(raised.value)

@@ -143,7 +143,11 @@ struct LowLatencySignature {
     static constexpr int kShift[kNumFields] = {30, 26, 12, 0};
     static constexpr int kMask[kNumFields] = {0x1, 0xf, 0x3fff, 0xfff};
 
-    __host__ __device__ static int of(bool use_fp8, int hidden_index, int64_t num_max_tokens, int64_t num_experts) {
+    // hidden must be one of kLowLatencySupportedHidden.
+    static int of(bool use_fp8, int64_t hidden, int64_t num_max_tokens, int64_t num_experts) {
+        int hidden_index = 0;
+        while (kLowLatencySupportedHidden[hidden_index] != hidden)
+            ++hidden_index;
         const uint32_t value = (1u << 31) | (static_cast<uint32_t>(use_fp8) << kShift[kUseFp8]) |
                                (static_cast<uint32_t>(hidden_index) << kShift[kHidden]) |
                                (static_cast<uint32_t>(num_max_tokens) << kShift[kNumMaxTokens]) |

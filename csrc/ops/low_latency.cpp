@@ -40,14 +40,6 @@ int64_t checked_hidden(int64_t hidden, const char* name) {
                                  " is not supported in low-latency mode (supported: (" + list + "))");
 }
 
-/// hidden's position among kLowLatencySupportedHidden (for the call signature); hidden was checked.
-int hidden_index(int64_t hidden) {
-    int index = 0;
-    while (kLowLatencySupportedHidden[index] != hidden)
-        ++index;
-    return index;
-}
-
 /// Runs `check`; when it throws an argument error, first calls `take_part(message, is_type_error)`, so that
 /// this rank still takes part in the round and no peer waits for it, then rethrows the error.
 template <typename Check, typename TakePart>
@@ -384,7 +376,7 @@ pybind11::tuple low_latency_dispatch(runtime::Buffer& buffer, pybind11::handle x
     args.recv_layout_range = recv_layout_range.data_ptr<int64_t>();
     args.cumulative_local_expert_recv_stats = cumulative_stats.has_value() ? cumulative_stats->data_ptr<int>() : nullptr;
     args.dispatch_wait_recv_cost_stats = wait_cost_stats.has_value() ? wait_cost_stats->data_ptr<int64_t>() : nullptr;
-    args.signature = LowLatencySignature::of(use_fp8, hidden_index(hidden), m, num_experts);
+    args.signature = LowLatencySignature::of(use_fp8, hidden, m, num_experts);
     launch_low_latency_dispatch(args);
 
     std::vector<torch::Tensor> keep_alive{x, topk_idx, recv_x, recv_count, recv_src_info, recv_layout_range};

@@ -5,7 +5,9 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <initializer_list>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -227,6 +229,32 @@ void register_testing_apis(pybind11::module_& m) {
             py::arg("consumer_rank"), py::arg("variant"), py::arg("placement"), py::arg("num_blocks"),
             py::arg("slice_bytes"), py::arg("num_rounds"), py::arg("seq_base"), py::arg("counters"),
             py::arg("stream"));
+    // What a RejectionReport raises, from the codes and signatures kernels fill it with (no GPU): the
+    // agreed errors' words, tested on the CPU (tests/test_extension.py).
+    sub.attr("low_latency_signature_differs") = static_cast<int>(kLowLatencySignatureDiffers);
+    sub.def("raise_rejection", &runtime::Buffer::raise_rejection, py::arg("rank"), py::arg("code"), py::arg("value"),
+            py::arg("limit"));
+    sub.def(
+        "rejection_code",
+        [](const std::string& message, bool type_error, const std::string& op) {
+            using Op = runtime::Buffer::RejectedOp;
+            DEEP_EP_CHECK(op == "normal" || op == "low_latency_dispatch" || op == "low_latency_combine",
+                          "op: normal, low_latency_dispatch or low_latency_combine, got '" << op << "'");
+            const Op rejected = op == "low_latency_dispatch"  ? Op::kLowLatencyDispatch
+                                : op == "low_latency_combine" ? Op::kLowLatencyCombine
+                                                              : Op::kNormal;
+            return runtime::Buffer::rejection_code(message, type_error, rejected);
+        },
+        py::arg("message"), py::arg("type_error"), py::arg("op"));
+    sub.def(
+        "low_latency_signature",
+        [](bool use_fp8, int64_t hidden, int64_t num_max_tokens, int64_t num_experts) {
+            const auto& supported = kLowLatencySupportedHidden;
+            DEEP_EP_CHECK(std::find(std::begin(supported), std::end(supported), hidden) != std::end(supported),
+                          "hidden " << hidden << " is not a low-latency hidden size");
+            return LowLatencySignature::of(use_fp8, hidden, num_max_tokens, num_experts);
+        },
+        py::arg("use_fp8"), py::arg("hidden"), py::arg("num_max_tokens"), py::arg("num_experts"));
     // The call agreement over a bare host exchange (no GPU): tests/test_call_agreement.py runs it in
     // several CPU processes.
     py::class_<runtime::HostExchange>(sub, "HostExchange")

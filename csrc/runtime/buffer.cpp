@@ -428,6 +428,10 @@ void Buffer::raise_if_rejected_by_peer() {
     std::atomic_thread_fence(std::memory_order_acquire);
     const int rank = word->rank, code = word->code, value = word->value, limit = word->limit;
     word->found = 0;
+    raise_rejection(rank, code, value, limit);
+}
+
+void Buffer::raise_rejection(int rank, int code, int value, int limit) {
     // The same words on every rank.
     const std::string skipped = "; every rank skipped the operation: its outputs are NaN";
     if (code == kTooFewWorstTokens)

@@ -164,6 +164,8 @@ class Buffer {
     // exchange on every rank that did not raise already, raised like a flagged expert id.
     RejectionReport* rejection_report_device() const { return rejection_report_device_; }
     void raise_if_rejected_by_peer();
+    // The error a RejectionReport's fields stand for (the same words on every rank), raised.
+    [[noreturn]] static void raise_rejection(int rank, int code, int value, int limit);
     // The ops a rank can reject and still take part in, so that its peers raise instead of waiting.
     enum class RejectedOp { kNormal, kLowLatencyDispatch, kLowLatencyCombine };
     // What a rank that rejects an op tells its peers: the argument its error names (the message's
