@@ -440,8 +440,7 @@ LowLatencyCombineCall checked_low_latency_combine(runtime::Buffer& buffer, runti
     call.handle = checked_handle(handle_arg, num_ranks, device);
     participation.handle = call.handle;
     const int64_t m = call.handle.num_max_tokens, hidden = call.handle.hidden, num_experts = call.handle.num_experts;
-    call.x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {num_experts / num_ranks, num_ranks * m, hidden}},
-                               device);
+    // topk_idx before the rest: with it and the handle a rank can take part whatever else is wrong.
     call.topk_idx = arguments::topk_idx(topk_idx_arg, kAny, runtime::size_hints::kLowLatencyMaxNumTopk, device);
     if (buffer.host_expert_id_check())
         arguments::check_expert_ids_on_host(call.topk_idx, num_experts);
@@ -450,6 +449,8 @@ LowLatencyCombineCall checked_low_latency_combine(runtime::Buffer& buffer, runti
         arguments::raise_value_error("topk_idx: " + std::to_string(num_tokens) +
                                      " tokens exceed num_max_dispatch_tokens_per_rank=" + std::to_string(m));
     participation.topk_idx = call.topk_idx;
+    call.x = arguments::tensor(x_arg, "x", {{c10::ScalarType::BFloat16}, {num_experts / num_ranks, num_ranks * m, hidden}},
+                               device);
     call.topk_weights =
         arguments::tensor(topk_weights_arg, "topk_weights", {{c10::ScalarType::Float}, {num_tokens, num_topk}}, device);
     call.out = arguments::optional_tensor(out_arg, "out", {{c10::ScalarType::BFloat16}, {num_tokens, hidden}}, device);

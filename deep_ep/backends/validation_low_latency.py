@@ -136,6 +136,12 @@ def validate_low_latency_combine(
 ) -> LowLatencyHandle:
     handle = validate_low_latency_handle(handle, num_ranks=num_ranks, device=device)
     m, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+    # In the CUDA backend's order: with the handle and topk_idx checked, a rank can take part in the round
+    # whatever else is wrong (docs/errors.md).
+    check_topk_idx(topk_idx, None, num_experts, LOW_LATENCY_MAX_NUM_TOPK, device)
+    num_tokens, num_topk = topk_idx.shape
+    if num_tokens > m:
+        raise ValueError(f"topk_idx: {num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={m}")
     check_tensor(
         "x",
         x,
@@ -143,10 +149,6 @@ def validate_low_latency_combine(
         shape=(num_experts // num_ranks, num_ranks * m, hidden),
         device=device,
     )
-    check_topk_idx(topk_idx, None, num_experts, LOW_LATENCY_MAX_NUM_TOPK, device)
-    num_tokens, num_topk = topk_idx.shape
-    if num_tokens > m:
-        raise ValueError(f"topk_idx: {num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={m}")
     check_tensor(
         "topk_weights", topk_weights, dtypes=(torch.float32,), shape=(num_tokens, num_topk), device=device
     )
