@@ -515,9 +515,8 @@ def _checked_bf16_round(buffer, rank, seed, shape, after):
     recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(
         xs[rank], idxs[rank], m, num_experts, use_fp8=False
     )
-    combined = buffer.low_latency_combine(_expert_outputs(recv_x, None, False), idxs[rank], ws[rank], handle)[
-        0
-    ]
+    expert_out = _expert_outputs(recv_x, None, False)
+    combined, _, _ = buffer.low_latency_combine(expert_out, idxs[rank], ws[rank], handle)
     _sync(buffer)
     want, rows = _reference(rank, xs, idxs, m, num_experts, False)
     got = (recv_x, None, recv_count, handle.packed_recv_src_info, handle.packed_recv_layout_range)
