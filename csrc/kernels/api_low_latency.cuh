@@ -13,6 +13,14 @@ inline constexpr int kLowLatencyMaxExperts = 4096;         // shared-memory hist
 // Hidden sizes low-latency ops accept (DeepEP V1's instantiations, kept for compatibility).
 inline constexpr int kLowLatencySupportedHidden[] = {2048, 2560, 4096, 5120, 7168, 8192};
 
+/// hidden's position among kLowLatencySupportedHidden, or -1 when low-latency ops do not support it.
+inline int low_latency_hidden_index(int64_t hidden) {
+    for (int i = 0; i < static_cast<int>(sizeof(kLowLatencySupportedHidden) / sizeof(int)); ++i)
+        if (kLowLatencySupportedHidden[i] == hidden)
+            return i;
+    return -1;
+}
+
 /// Offsets in each rank's symmetric (NVSHMEM) buffer, for host and device, so that the size hint
 /// (runtime/size_hints.cpp, asked by deep_ep.config), the host's checks and the kernels' addresses cannot
 /// disagree.
@@ -145,9 +153,7 @@ struct LowLatencySignature {
 
     // hidden must be one of kLowLatencySupportedHidden.
     static int of(bool use_fp8, int64_t hidden, int64_t num_max_tokens, int64_t num_experts) {
-        int hidden_index = 0;
-        while (kLowLatencySupportedHidden[hidden_index] != hidden)
-            ++hidden_index;
+        const int hidden_index = low_latency_hidden_index(hidden);
         const uint32_t value = (1u << 31) | (static_cast<uint32_t>(use_fp8) << kShift[kUseFp8]) |
                                (static_cast<uint32_t>(hidden_index) << kShift[kHidden]) |
                                (static_cast<uint32_t>(num_max_tokens) << kShift[kNumMaxTokens]) |

@@ -30,9 +30,8 @@ using arguments::kAny;
 #ifdef DEEP_EP_WITH_NVSHMEM
 
 int64_t checked_hidden(int64_t hidden, const char* name) {
-    for (const int supported : kLowLatencySupportedHidden)
-        if (hidden == supported)
-            return hidden;
+    if (low_latency_hidden_index(hidden) >= 0)
+        return hidden;
     std::string list;
     for (const int supported : kLowLatencySupportedHidden)
         list += (list.empty() ? "" : ", ") + std::to_string(supported);

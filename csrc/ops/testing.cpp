@@ -5,9 +5,7 @@
 
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <initializer_list>
-#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -249,9 +247,7 @@ void register_testing_apis(pybind11::module_& m) {
     sub.def(
         "low_latency_signature",
         [](bool use_fp8, int64_t hidden, int64_t num_max_tokens, int64_t num_experts) {
-            const auto& supported = kLowLatencySupportedHidden;
-            DEEP_EP_CHECK(std::find(std::begin(supported), std::end(supported), hidden) != std::end(supported),
-                          "hidden " << hidden << " is not a low-latency hidden size");
+            DEEP_EP_CHECK(low_latency_hidden_index(hidden) >= 0, "hidden " << hidden << " is not a low-latency hidden size");
             return LowLatencySignature::of(use_fp8, hidden, num_max_tokens, num_experts);
         },
         py::arg("use_fp8"), py::arg("hidden"), py::arg("num_max_tokens"), py::arg("num_experts"));

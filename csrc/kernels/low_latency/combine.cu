@@ -88,8 +88,11 @@ __device__ void send_phase(const LowLatencyCombineArgs& args, const peer::Symmet
             --src;
         const int64_t row = local_expert * rows_per_expert + r;
         const int token = args.src_info[row];
-        const bool first_of_range = static_cast<int>(args.layout_range[int64_t{local_expert} * num_ranks + src] >> 32) == r;
-        const int signal = 1 + (args.rejected_code != 0 && first_of_range ? args.rejected_code << kRowCountBits : 0);
+        // A rejection code rides with the first row of each (expert, source) range only.
+        const bool carries_code =
+            args.rejected_code != 0 &&
+            static_cast<int>(args.layout_range[int64_t{local_expert} * num_ranks + src] >> 32) == r;
+        const int signal = 1 + (carries_code ? args.rejected_code << kRowCountBits : 0);
         const int expert = args.rank * num_local_experts + local_expert;
         const char* staged_row = staged + row * row_bytes;
         const void* source = args.zero_copy ? static_cast<const void*>(staged_row)
